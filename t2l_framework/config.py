@@ -1,0 +1,341 @@
+"""Recipe schema (OmegaConf structured dataclasses), loading, overrides and validation.
+
+A recipe is YAML merged onto these defaults, then command-line overrides in dotlist form
+(``hypernet.head=chunked trainer.max_steps=10``). Every problem becomes one ``T2LError``
+that names the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from t2l_framework.errors import T2LError, did_you_mean
+
+
+def _help(text: str, default: Any = None, factory: Any = None) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class BaseModelConfig:
+    """The frozen LLM the generated LoRAs adapt."""
+
+    name_or_path: str = _help("Hub id, local folder, GGUF file, or 'smollm2-135m-instruct' (offline)", "smollm2-135m-instruct")
+    gguf_file: Optional[str] = _help("GGUF file name inside name_or_path (transformers' gguf_file=)", None)
+    family: str = _help("Model family plugin name, or 'auto' to pick it from the model config", "auto")
+    dtype: str = _help("Weights dtype: float32 | bfloat16 | float16", "float32")
+    trust_remote_code: bool = _help("Allow custom modelling code from the hub", False)
+    chat_template: bool = _help("Format prompts with the model's chat template", True)
+
+
+@dataclass
+class EncoderConfig:
+    """The text encoder that embeds task descriptions."""
+
+    name: str = _help("Encoder plugin name (transformers | sentence_transformers | ...)", "sentence_transformers")
+    model: str = _help("Hub id or local folder; 'all-MiniLM-L6-v2' uses the offline pip package", "all-MiniLM-L6-v2")
+    pooling: str = _help("mean | cls (transformers encoder)", "mean")
+    prefix: str = _help("Instruction prefix prepended to every description", "")
+    normalize: bool = _help("L2-normalise embeddings", True)
+    max_length: int = _help("Tokens per description", 512)
+    batch_size: int = _help("Descriptions per encoder forward", 64)
+    trust_remote_code: bool = _help("Allow custom modelling code (gte-large-en-v1.5 needs it)", False)
+    trainable: bool = _help("Fine-tune the encoder with the hypernetwork (paper: frozen)", False)
+
+
+@dataclass
+class HypernetConfig:
+    """The hypernetwork: trunk MLP and output head."""
+
+    head: str = _help("per_layer (L) | shared (M) | chunked (S) | plugin name | 'pkg.module:Class'", "per_layer")
+    task_dim: int = _help("Width of the projected task embedding", 64)
+    layer_emb_dim: int = _help("Width of the learned layer-depth embedding", 32)
+    module_emb_dim: int = _help("Width of the learned module-type embedding", 32)
+    latent_size: int = _help("Width of the trunk output = head input", 512)
+    n_residual_blocks: int = _help("Residual MLP blocks in the trunk", 2)
+    dropout: float = _help("Dropout inside the trunk", 0.0)
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapters the hypernetwork generates (PEFT's convention)."""
+
+    rank: int = _help("LoRA rank r", 8)
+    alpha: float = _help("LoRA alpha; scaling = alpha / r", 16.0)
+    target_modules: list[str] = _help("Linear layers that get a LoRA", factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class DataConfig:
+    """Where tasks, descriptions and instances come from."""
+
+    tasks_file: str = _help("JSONL of task records (task, descriptions, eval_descriptions, ...)", "data/sni/tasks.jsonl")
+    instances_file: str = _help("JSONL of instances (task, split, input, output)", "data/sni/instances.jsonl")
+    train_tasks: list[str] = _help("Task ids to train on; empty = every task whose role includes 'train'", factory=list)
+    eval_tasks: list[str] = _help("Never-trained task ids to evaluate on", factory=list)
+    exclude_tasks: list[str] = _help("Task ids never used (decontamination)", factory=list)
+    n_tasks_per_batch: int = _help("Distinct tasks per training step", 8)
+    n_samples_per_task: int = _help("Instances per task per step", 1)
+    holdout_descriptions: int = _help("Descriptions per training task held back for validation", 3)
+    max_prompt_tokens: int = _help("Prompt tokens kept (truncated from the left)", 200)
+    max_answer_tokens: int = _help("Answer tokens kept", 32)
+    max_train_instances: int = _help("Training instances used per task (0 = all)", 0)
+    max_eval_instances: int = _help("Held-out instances per task for evaluation (0 = all)", 16)
+    system_prompt: str = _help("System message added to every chat prompt", "")
+    num_workers: int = _help("DataLoader workers", 0)
+    lora_library: str = _help("Folder of PEFT adapters, one sub-folder per task (recon mode)", "")
+
+
+@dataclass
+class TrainingConfig:
+    """What is optimised and how (the math; hardware lives in `trainer`)."""
+
+    mode: str = _help("sft | recon | lora", "sft")
+    lr: float = _help("Peak learning rate", 2.5e-5)
+    weight_decay: float = _help("AdamW weight decay", 0.01)
+    warmup_steps: int = _help("Linear warm-up steps", 100)
+    scheduler: str = _help("cosine | linear | constant", "cosine")
+    label_smoothing: float = _help("Cross-entropy label smoothing", 0.1)
+    l2_penalty: float = _help("L2 penalty on generated LoRA weights", 1e-3)
+    neftune_alpha: float = _help("NEFTune noise on input embeddings (0 = off)", 5.0)
+    seed: int = _help("Random seed", 42)
+    output_dir: str = _help("Runs are written to output_dir/run_name", "runs")
+    run_name: str = _help("Run folder name; empty = recipe name + timestamp", "")
+    checkpoint_every_n_steps: int = _help("Checkpoint interval (optimizer steps)", 100)
+    lora_tasks: list[str] = _help("lora mode: tasks to train one LoRA on (empty = all training tasks)", factory=list)
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to ``lightning.Trainer``."""
+
+    accelerator: str = _help("cpu | gpu | auto", "auto")
+    devices: Any = _help("Device count or list, or 'auto'", "auto")
+    num_nodes: int = _help("Nodes", 1)
+    precision: str = _help("32-true | bf16-mixed | 16-mixed | bf16-true", "32-true")
+    strategy: str = _help("auto | ddp | deepspeed_stage_1 | deepspeed_stage_2 | deepspeed_stage_2_offload | deepspeed_stage_3 | deepspeed_stage_3_offload", "auto")
+    max_steps: int = _help("Optimizer steps", 1000)
+    max_time: Optional[str] = _help("Wall-clock limit 'DD:HH:MM:SS'", None)
+    accumulate_grad_batches: int = _help("Gradient accumulation", 1)
+    gradient_clip_val: Optional[float] = _help("Gradient norm clip", 1.0)
+    val_check_interval: Optional[int] = _help("Validate every N training batches (None = each epoch)", 200)
+    limit_val_batches: Optional[float] = _help("Validation batches per check", 8)
+    log_every_n_steps: int = _help("Logging interval", 10)
+    enable_progress_bar: bool = _help("Show a progress bar", True)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings (`t2l eval`, end-of-training tables)."""
+
+    benchmarks: list[str] = _help("Benchmark names", factory=list)
+    limit: int = _help("Examples per benchmark (0 = all)", 0)
+    batch_size: int = _help("Examples per forward", 8)
+    max_new_tokens: int = _help("Greedy decoding length for generated answers", 32)
+    n_descriptions: int = _help("Descriptions averaged per benchmark", 3)
+
+
+@dataclass
+class Recipe:
+    """A complete T2L recipe."""
+
+    description: str = _help("One line shown by `t2l recipes`", "")
+    base_model: BaseModelConfig = field(default_factory=BaseModelConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    hypernet: HypernetConfig = field(default_factory=HypernetConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "base_model.dtype": ("float32", "bfloat16", "float16"),
+    "encoder.pooling": ("mean", "cls"),
+    "training.mode": ("sft", "recon", "lora"),
+    "training.scheduler": ("cosine", "linear", "constant"),
+    "trainer.strategy": (
+        "auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
+        "deepspeed_stage_3", "deepspeed_stage_3_offload",
+    ),
+    "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true"),
+}
+POSITIVE_INTS = (
+    "lora.rank", "hypernet.latent_size", "hypernet.task_dim", "hypernet.layer_emb_dim",
+    "hypernet.module_emb_dim", "data.n_tasks_per_batch", "data.n_samples_per_task",
+    "data.max_prompt_tokens", "data.max_answer_tokens", "encoder.batch_size", "encoder.max_length",
+)
+# Data paths are checked only when the recipe's mode needs them.
+PATH_KEYS = {"sft": ("data.tasks_file", "data.instances_file"), "lora": ("data.tasks_file", "data.instances_file"),
+             "recon": ("data.tasks_file", "data.lora_library")}
+
+
+def project_root() -> Path:
+    """Folder holding ``recipes/`` and ``data/`` (the repo root for an editable install)."""
+    env = os.environ.get("T2L_HOME")
+    return Path(env) if env else Path(__file__).resolve().parent.parent
+
+
+def recipes_dir() -> Path:
+    return project_root() / "recipes"
+
+
+def resolve_path(path: str, recipe_file: Optional[Path] = None) -> Path:
+    """Relative paths are tried against the cwd, the recipe's folder's parent, then the project root."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    candidates = [Path.cwd() / p]
+    if recipe_file is not None:
+        candidates += [recipe_file.resolve().parent / p, recipe_file.resolve().parent.parent / p]
+    candidates.append(project_root() / p)
+    for c in candidates:
+        if c.exists():
+            return c
+    return candidates[0]
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe file path, or the name of a shipped recipe (with or without .yaml)."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    shipped = {f.stem: f for f in recipes_dir().glob("*.yaml")}
+    stem = p.stem if p.suffix in (".yaml", ".yml") else p.name
+    if p.parent == Path(".") and stem in shipped:
+        return shipped[stem]
+    raise T2LError(
+        f"recipe '{name_or_path}' not found: no such file and no shipped recipe of that name"
+        f"{did_you_mean(stem, shipped)}. `t2l recipes` lists the shipped ones."
+    )
+
+
+def read_yaml(path: Path) -> dict:
+    """Parse a YAML file; a syntax error names the file and line."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise T2LError(f"cannot read recipe {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise T2LError(f"{where}: malformed YAML: {exc.problem or exc.context}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise T2LError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _valid_keys(cfg: DictConfig, parent: str) -> list[str]:
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _explain(exc: OmegaConfBaseException, cfg: DictConfig, origin: str) -> T2LError:
+    key = getattr(exc, "full_key", None) or ""
+    parent, _, leaf = key.rpartition(".")
+    if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc) or "Key '" in str(exc) and "not in" in str(exc):
+        valid = _valid_keys(cfg, parent)
+        section = f"section '{parent}'" if parent else "the recipe's top level"
+        return T2LError(
+            f"{origin}: unknown key '{key}'{did_you_mean(leaf, valid)}; {section} accepts: {', '.join(valid)}"
+        )
+    if isinstance(exc, ValidationError):
+        current = OmegaConf.select(cfg, key) if key else None
+        expected = _TYPE_WORDS.get(type(current).__name__, type(current).__name__)
+        value = getattr(exc, "msg", str(exc)).split("\n")[0]
+        return T2LError(f"{origin}: wrong type for '{key}': expected {expected} ({value})")
+    return T2LError(f"{origin}: invalid value for '{key}': {str(exc).splitlines()[0]}")
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "ListConfig": "a list", "DictConfig": "a mapping", "NoneType": "a value"}
+
+
+def _merge(cfg: DictConfig, other: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, other)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, cfg, origin) from None
+
+
+def load_recipe(path_or_name: str | Path | None = None, overrides: list[str] | None = None,
+                check_files: bool = True, check_plugins: bool = True) -> DictConfig:
+    """Defaults <- recipe file <- overrides, then every value checked. Returns a read-only config."""
+    cfg = OmegaConf.structured(Recipe)
+    recipe_file = None
+    if path_or_name is not None:
+        recipe_file = find_recipe(str(path_or_name))
+        data = read_yaml(recipe_file)
+        cfg = _merge(cfg, data, str(recipe_file))
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise T2LError(f"override '{item}' is not of the form key=value (for example trainer.max_steps=10)")
+        try:
+            dot = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as exc:
+            raise T2LError(f"command-line overrides: {str(exc).splitlines()[0]}") from None
+        cfg = _merge(cfg, dot, "command-line override")
+    validate(cfg, recipe_file, check_files=check_files, check_plugins=check_plugins)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def validate(cfg: DictConfig, recipe_file: Optional[Path] = None, check_files: bool = True,
+             check_plugins: bool = True) -> None:
+    """Value checks the schema's types cannot express: choices, ranges, plugin names, files."""
+    origin = str(recipe_file) if recipe_file else "recipe"
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if str(value) not in choices:
+            raise T2LError(f"{origin}: {key}: '{value}' is not allowed{did_you_mean(value, choices)}; expected one of: {', '.join(choices)}")
+    for key in POSITIVE_INTS:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise T2LError(f"{origin}: {key}: expected a positive integer, got {OmegaConf.select(cfg, key)}")
+    if not cfg.lora.target_modules:
+        raise T2LError(f"{origin}: lora.target_modules: expected at least one module name")
+    if check_plugins:
+        from t2l_framework.plugins import registry
+
+        reg = registry()
+        try:
+            reg.get("heads", cfg.hypernet.head, key=f"{origin}: hypernet.head")
+            reg.get("encoders", cfg.encoder.name, key=f"{origin}: encoder.name")
+            if cfg.base_model.family != "auto":
+                reg.get("base_models", cfg.base_model.family, key=f"{origin}: base_model.family")
+        except T2LError:
+            raise
+    if check_files:
+        for key in PATH_KEYS[cfg.training.mode]:
+            value = OmegaConf.select(cfg, key)
+            if not value:
+                raise T2LError(f"{origin}: {key}: training.mode={cfg.training.mode} needs a path here")
+            if not resolve_path(value, recipe_file).exists():
+                raise T2LError(f"{origin}: {key}: file or folder '{value}' does not exist")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def recipe_description(path: Path) -> str:
+    """The recipe's one-line ``description:`` value (read without validating)."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return "(malformed YAML)"
+    return str(data.get("description", "")).strip() if isinstance(data, dict) else ""

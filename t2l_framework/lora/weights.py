@@ -1,0 +1,81 @@
+"""The hand-off format between the hypernetwork and the LoRA code.
+
+A ``LoraWeights`` holds, for each targeted module type (``q_proj``, ``v_proj``, ...), the
+per-sample LoRA factors of every layer, in PEFT's convention delta W = (alpha / r) * B @ A.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModuleShapes:
+    """What a hypernetwork must generate for one base model.
+
+    n_layers: number of transformer layers carrying a LoRA.
+    shapes: module type -> (in_features, out_features), in target order.
+    """
+
+    n_layers: int
+    shapes: dict[str, tuple[int, int]]
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.shapes)
+
+    def to_dict(self) -> dict:
+        return {"n_layers": self.n_layers, "shapes": {k: list(v) for k, v in self.shapes.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModuleShapes":
+        return cls(int(d["n_layers"]), {k: (int(v[0]), int(v[1])) for k, v in d["shapes"].items()})
+
+
+@dataclass
+class LoraWeights:
+    """Per-sample LoRA factors for every targeted module.
+
+    A[m]: [batch, n_layers, rank, in_m]; B[m]: [batch, n_layers, out_m, rank].
+    """
+
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.A)
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.A.values())).shape[0]
+
+    @property
+    def n_layers(self) -> int:
+        return next(iter(self.A.values())).shape[1]
+
+    def select(self, index: int | slice | torch.Tensor) -> "LoraWeights":
+        """A sub-batch (``index`` int keeps a batch dim of 1)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return LoraWeights({m: a[index] for m, a in self.A.items()}, {m: b[index] for m, b in self.B.items()},
+                           self.rank, self.alpha)
+
+    def to(self, *args, **kwargs) -> "LoraWeights":
+        return LoraWeights({m: a.to(*args, **kwargs) for m, a in self.A.items()},
+                           {m: b.to(*args, **kwargs) for m, b in self.B.items()}, self.rank, self.alpha)
+
+    @staticmethod
+    def cat(items: list["LoraWeights"]) -> "LoraWeights":
+        """Concatenate along the batch dimension (used to mix adapters in one batch)."""
+        first = items[0]
+        return LoraWeights({m: torch.cat([w.A[m] for w in items]) for m in first.A},
+                           {m: torch.cat([w.B[m] for w in items]) for m in first.B}, first.rank, first.alpha)

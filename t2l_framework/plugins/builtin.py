@@ -1,0 +1,28 @@
+"""The built-in components, registered through the same hooks as third-party plugins."""
+
+from t2l_framework.plugins.hookspecs import hookimpl
+
+
+@hookimpl
+def t2l_register_encoders(register):
+    from t2l_framework.encoders import SentenceTransformersEncoder, TransformersEncoder
+
+    register("transformers", TransformersEncoder.from_config)
+    register("sentence_transformers", SentenceTransformersEncoder.from_config)
+
+
+@hookimpl
+def t2l_register_heads(register):
+    from t2l_framework.hypernet.heads import ChunkedHead, PerLayerHead, SharedHead
+
+    register("per_layer", PerLayerHead)
+    register("shared", SharedHead)
+    register("chunked", ChunkedHead)
+
+
+@hookimpl
+def t2l_register_base_models(register):
+    from t2l_framework.llm.families import BUILTIN_FAMILIES
+
+    for family in BUILTIN_FAMILIES:
+        register(family.name, family)
