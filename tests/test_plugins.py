@@ -1,0 +1,80 @@
+"""Plugin discovery through the `t2l` entry-point group."""
+
+import sys
+
+import pytest
+
+from t2l_framework.config import load_recipe
+from t2l_framework.errors import T2LError
+from t2l_framework.plugins import manager
+from tests.plugin_factory import BROKEN_PLUGIN, CLASHING_PLUGIN, GOOD_PLUGIN, make_plugin
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("T2L_PLUGINS", raising=False)
+    yield site
+    manager.registry(reload=True)  # later tests get the registry without the fake plugins
+    for name in ("t2l_fake_plugin", "t2l_broken_plugin", "t2l_clash_plugin"):
+        sys.modules.pop(name, None)
+
+
+def test_builtins_register_every_kind():
+    reg = manager.registry(reload=True)
+    assert {"per_layer", "shared", "chunked"} <= set(reg.names("heads"))
+    assert {"transformers", "sentence_transformers"} <= set(reg.names("encoders"))
+    assert {"llama", "mistral", "gemma", "qwen"} <= set(reg.names("base_models"))
+    builtin = reg.plugins[0]
+    assert builtin.name == "builtin" and builtin.source == "built-in"
+
+
+def test_entry_point_plugin_is_discovered_and_usable_in_a_recipe(site, tmp_path):
+    make_plugin(site, "t2l-fake-plugin", "t2l_fake_plugin", GOOD_PLUGIN, entry_name="fake")
+    reg = manager.registry(reload=True)
+    assert "fake_encoder" in reg.names("encoders")
+    info = next(p for p in reg.plugins if p.name == "fake")
+    assert info.version == "1.0" and info.source.startswith("entry point")
+    assert info.registered == {"encoders": ["fake_encoder"]}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("encoder:\n  name: fake_encoder\n")
+    cfg = load_recipe(recipe, check_files=False)
+    assert cfg.encoder.name == "fake_encoder"
+
+
+def test_broken_plugin_is_reported_once_and_others_keep_working(site, capsys):
+    make_plugin(site, "t2l-fake-plugin", "t2l_fake_plugin", GOOD_PLUGIN, entry_name="fake")
+    make_plugin(site, "t2l-broken-plugin", "t2l_broken_plugin", BROKEN_PLUGIN, entry_name="broken")
+    reg = manager.registry(reload=True)
+    err = capsys.readouterr().err
+    assert err.count("plugin 'broken' failed to load") == 1
+    assert "broken on purpose" in err
+    assert "fake_encoder" in reg.names("encoders") and "per_layer" in reg.names("heads")
+    broken = next(p for p in reg.plugins if p.name == "broken")
+    assert "ImportError" in broken.error
+
+
+def test_t2l_plugins_env_limits_what_loads(site, monkeypatch):
+    make_plugin(site, "t2l-fake-plugin", "t2l_fake_plugin", GOOD_PLUGIN, entry_name="fake")
+    make_plugin(site, "t2l-broken-plugin", "t2l_broken_plugin", BROKEN_PLUGIN, entry_name="broken")
+    monkeypatch.setenv("T2L_PLUGINS", "fake")
+    reg = manager.registry(reload=True)
+    assert [p.name for p in reg.plugins] == ["builtin", "fake"]
+    monkeypatch.setenv("T2L_PLUGINS", "")
+    reg = manager.registry(reload=True)
+    assert [p.name for p in reg.plugins] == ["builtin"]
+    assert "fake_encoder" not in reg.names("encoders")
+
+
+def test_registering_a_name_twice_names_both_plugins(site):
+    make_plugin(site, "t2l-clash-plugin", "t2l_clash_plugin", CLASHING_PLUGIN, entry_name="clash")
+    with pytest.raises(T2LError, match="'transformers' is registered twice: by plugin 'builtin' and by plugin 'clash'"):
+        manager.registry(reload=True)
+
+
+def test_unknown_plugin_name_suggests_close_match():
+    reg = manager.registry(reload=True)
+    with pytest.raises(T2LError, match="unknown head 'per_layr'.*did you mean 'per_layer'"):
+        reg.get("heads", "per_layr")
