@@ -1,0 +1,19 @@
+"""Text encoders: task description -> task embedding (``TextEncoder`` protocol and built-ins)."""
+
+from t2l_framework.encoders.base import BaseEncoder, TextEncoder, minilm_path, resolve_model
+from t2l_framework.encoders.cache import EmbeddingCache, cache_key
+from t2l_framework.encoders.hf import TransformersEncoder
+from t2l_framework.encoders.st import SentenceTransformersEncoder
+
+__all__ = [
+    "TextEncoder", "BaseEncoder", "TransformersEncoder", "SentenceTransformersEncoder",
+    "EmbeddingCache", "cache_key", "minilm_path", "resolve_model", "build_encoder",
+]
+
+
+def build_encoder(cfg) -> TextEncoder:
+    """The encoder an ``EncoderConfig`` names, through the plugin registry."""
+    from t2l_framework.plugins import registry
+
+    factory = registry().get("encoders", cfg.name, key="encoder.name")
+    return factory(cfg)

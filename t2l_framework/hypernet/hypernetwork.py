@@ -1,0 +1,156 @@
+"""``HyperNetwork``: task embeddings -> LoRA factors of every targeted module of every layer.
+
+One forward computes all (sample, module type, layer) rows in a single trunk pass, then
+calls the head once per module type (module types differ in shape; layers and samples never
+go through a Python loop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields, is_dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from t2l_framework.config import HypernetConfig, LoraConfig
+from t2l_framework.errors import T2LError
+from t2l_framework.hypernet.heads import HypernetHead
+from t2l_framework.hypernet.trunk import Trunk
+from t2l_framework.lora.weights import LoraWeights, ModuleShapes
+
+HYPERNET_KEYS = [f.name for f in fields(HypernetConfig)]
+
+
+def _as_dict(cfg: Any, keys: list[str], defaults: Any) -> dict:
+    """A plain dict of ``keys`` from a dataclass, OmegaConf node, dict or None (missing -> defaults)."""
+    base = asdict(defaults)
+    if cfg is None:
+        return {k: base[k] for k in keys}
+    if is_dataclass(cfg):
+        cfg = asdict(cfg)
+    elif not isinstance(cfg, dict):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return {k: cfg.get(k, base[k]) for k in keys}
+
+
+def build_head(name: str, latent_size: int, shapes: ModuleShapes, rank: int) -> HypernetHead:
+    """The head a recipe names: a registered name or a ``pkg.module:Class`` import path."""
+    from t2l_framework.plugins import registry
+
+    cls = registry().get("heads", name, key="hypernet.head")
+    if not (isinstance(cls, type) and issubclass(cls, HypernetHead)):
+        raise T2LError(
+            f"hypernet.head: '{name}' resolves to {cls!r}, which is not a subclass of "
+            "t2l_framework.HypernetHead"
+        )
+    return cls(latent_size, shapes, rank)
+
+
+class HyperNetwork(nn.Module):
+    """Trunk + head, generating a whole adapter per task embedding.
+
+    shapes: which modules get LoRAs and their (in, out) features; enc_dim: task-embedding
+    width. hypernet_cfg / lora_cfg: ``HypernetConfig`` / ``LoraConfig`` (dataclass, OmegaConf
+    node or dict). base_model, encoder: recorded in checkpoints so generation uses the same
+    base model and encoder (encoder: dict with name, model, prefix, normalize, pooling).
+    """
+
+    def __init__(self, shapes: ModuleShapes, enc_dim: int, hypernet_cfg: Any = None, lora_cfg: Any = None,
+                 base_model: str = "", encoder: dict | None = None):
+        super().__init__()
+        self.shapes = shapes
+        self.enc_dim = int(enc_dim)
+        self.hypernet_cfg = _as_dict(hypernet_cfg, HYPERNET_KEYS, HypernetConfig())
+        lora = _as_dict(lora_cfg, ["rank", "alpha", "target_modules"], LoraConfig())
+        self.rank, self.alpha = int(lora["rank"]), float(lora["alpha"])
+        self.target_modules = list(lora["target_modules"])
+        if set(self.target_modules) != set(shapes.modules):
+            raise T2LError(
+                f"lora.target_modules {self.target_modules} do not match the base model's targeted "
+                f"modules {shapes.modules}"
+            )
+        self.base_model = base_model
+        self.encoder_meta = dict(encoder or {})
+        hc = self.hypernet_cfg
+        self.head_name = str(hc["head"])
+        self.trunk = Trunk.from_config(_Attrs(hc), self.enc_dim, shapes.n_layers, len(shapes.modules))
+        self.head = build_head(self.head_name, hc["latent_size"], shapes, self.rank)
+        self.register_buffer("layer_idx", torch.arange(shapes.n_layers), persistent=False)
+        self.register_buffer("module_idx", torch.arange(len(shapes.modules)), persistent=False)
+
+    @classmethod
+    def from_recipe(cls, recipe: Any, shapes: ModuleShapes, enc_dim: int) -> "HyperNetwork":
+        """Build from a loaded recipe (``load_recipe``) for a base model with ``shapes``."""
+        enc = recipe.encoder
+        encoder = {"name": enc.name, "model": enc.model, "prefix": enc.prefix,
+                   "normalize": bool(enc.normalize), "pooling": enc.pooling}
+        return cls(shapes, enc_dim, recipe.hypernet, recipe.lora, base_model=recipe.base_model.name_or_path,
+                   encoder=encoder)
+
+    @property
+    def metadata(self) -> dict:
+        """What this hypernetwork generates for, and from what."""
+        return {"base_model": self.base_model, "encoder": self.encoder_meta, "head": self.head_name,
+                "target_modules": self.target_modules, "rank": self.rank, "alpha": self.alpha}
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def forward(self, task_emb: torch.Tensor) -> LoraWeights:
+        """task_emb: [batch, enc_dim] -> LoraWeights with A[m]: [batch, n_layers, r, in_m] and
+        B[m]: [batch, n_layers, out_m, r] for every targeted module type m."""
+        if task_emb.dim() != 2 or task_emb.shape[1] != self.enc_dim:
+            raise T2LError(f"task embeddings must be [batch, {self.enc_dim}], got {list(task_emb.shape)}")
+        dtype = self.trunk.task_proj[0].weight.dtype
+        feats = self.trunk(task_emb.to(dtype), self.layer_idx, self.module_idx)  # [M, batch, L, latent]
+        batch, n_layers = feats.shape[1], feats.shape[2]
+        A, B = {}, {}
+        for i, module in enumerate(self.shapes.modules):
+            a, b = self.head(feats[i].flatten(0, 1), module)  # rows = batch * n_layers
+            A[module], B[module] = a.unflatten(0, (batch, n_layers)), b.unflatten(0, (batch, n_layers))
+        return LoraWeights(A, B, self.rank, self.alpha)
+
+    @torch.inference_mode()
+    def generate(self, descriptions: Sequence[str] | torch.Tensor, encoder=None) -> LoraWeights:
+        """Adapters for task descriptions (embedded with ``encoder``) or precomputed
+        embeddings ``[batch, enc_dim]``, without autograd."""
+        if isinstance(descriptions, str):
+            descriptions = [descriptions]
+        if torch.is_tensor(descriptions):
+            emb = descriptions
+        else:
+            if encoder is None:
+                raise T2LError("generate() got descriptions but no encoder to embed them")
+            emb = encoder.encode(list(descriptions))
+        return self(emb.to(self.layer_idx.device))
+
+    def save_pretrained(self, directory) -> None:
+        """Write ``hypernet.safetensors`` + ``hypernet_config.json`` to ``directory``."""
+        from t2l_framework.hypernet.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, expect_base_model: str | None = None, expect_rank: int | None = None,
+                        device: str | torch.device = "cpu") -> "HyperNetwork":
+        """Load a checkpoint written by ``save_pretrained``; refuse one made for another base
+        model or rank when ``expect_base_model`` / ``expect_rank`` are given."""
+        from t2l_framework.hypernet.checkpoint import load_pretrained
+
+        return load_pretrained(cls, directory, expect_base_model, expect_rank, device)
+
+    def load_weights(self, path) -> None:
+        """Load a ``hypernet.safetensors`` file; missing, unexpected or mis-shaped keys -> T2LError."""
+        from t2l_framework.hypernet.checkpoint import load_weights
+
+        load_weights(self, path)
+
+
+class _Attrs:
+    """Attribute access over a dict (``Trunk.from_config`` reads config attributes)."""
+
+    def __init__(self, d: dict):
+        self.__dict__.update(d)
