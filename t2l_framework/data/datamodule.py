@@ -1,0 +1,260 @@
+"""Where T2L's batches come from: a LightningDataModule over many tasks and their descriptions.
+
+Training follows the paper: each batch samples ``n_tasks_per_batch`` distinct training tasks,
+``n_samples_per_task`` instances of each, and one random *training* description per sample.
+Batch i is a pure function of (seed, i), so a resumed run continues the stream exactly.
+
+Every batch carries ``desc_idx`` into ``T2LDataModule.descriptions`` (all descriptions any
+batch can reference, deduplicated) so the training module can embed them once, and
+``task_idx`` into ``T2LDataModule.task_ids``.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from t2l_framework.config import DataConfig, resolve_path
+from t2l_framework.data.encoding import FormatPrompt, encode_examples, encode_prompt, pad_batch, pad_id
+from t2l_framework.data.tasks import Instance, Task, expand_task_ids, load_tasks, split_descriptions
+from t2l_framework.errors import T2LError, did_you_mean
+
+Example = tuple[list[int], list[int]]  # (input_ids, labels)
+
+
+class TrainBatches(Dataset):
+    """Map-style dataset whose item i is the whole training batch i (use batch_size=None)."""
+
+    def __init__(self, examples: list[list[Example]], desc_idx: list[list[int]], n_tasks: int,
+                 n_samples: int, seed: int, length: int, pad_token_id: int):
+        self.examples, self.desc_idx = examples, desc_idx
+        self.n_tasks, self.n_samples, self.seed = n_tasks, n_samples, seed
+        self.length, self.pad_token_id = length, pad_token_id
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        # A fresh generator per batch: batch i never depends on which batches came before it.
+        rng = random.Random(self.seed * 1_000_003 + i)
+        rows, descs, task_idx = [], [], []
+        for t in rng.sample(range(len(self.examples)), self.n_tasks):
+            pool = self.examples[t]
+            if len(pool) >= self.n_samples:
+                picks = rng.sample(range(len(pool)), self.n_samples)
+            else:
+                picks = [rng.randrange(len(pool)) for _ in range(self.n_samples)]
+            for j in picks:
+                rows.append(pool[j])
+                descs.append(rng.choice(self.desc_idx[t]))
+                task_idx.append(t)
+        batch = pad_batch(rows, self.pad_token_id)
+        batch["desc_idx"] = torch.tensor(descs, dtype=torch.long)
+        batch["task_idx"] = torch.tensor(task_idx, dtype=torch.long)
+        return batch
+
+
+class StreamSampler(Sampler[int]):
+    """Indices start, start+1, ..., stop-1: a resumed run picks the stream up where it stopped."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def _collate_eval(items: list[dict], pad_token_id: int) -> dict:
+    batch = pad_batch([it["example"] for it in items], pad_token_id)
+    batch["desc_idx"] = torch.tensor([it["desc_idx"] for it in items], dtype=torch.long)
+    batch["task_idx"] = torch.tensor([it["task_idx"] for it in items], dtype=torch.long)
+    batch["answers"] = [it["answers"] for it in items]
+    return batch
+
+
+def _round_robin(per_task: list[list]) -> list:
+    """Interleave the tasks' lists, so a validation limited to a few batches still spans many tasks."""
+    out, k = [], 0
+    while any(k < len(lst) for lst in per_task):
+        out += [lst[k] for lst in per_task if k < len(lst)]
+        k += 1
+    return out
+
+
+class T2LDataModule(L.LightningDataModule):
+    """Training batches, validation batches and end-of-training evaluation items.
+
+    ``format_prompt(user, system) -> str`` applies the base model's chat format; the user turn
+    is the instance input alone (the task is described to the hypernetwork, not in the prompt).
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, format_prompt: FormatPrompt, seed: int,
+                 recipe_file: Optional[Path] = None, total_batches: int = 10**6):
+        super().__init__()
+        self.cfg, self.tokenizer, self.format_prompt = cfg, tokenizer, format_prompt
+        self.seed, self.recipe_file, self.total_batches = seed, recipe_file, total_batches
+        self.tasks: dict[str, Task] = {}
+        self.task_ids: list[str] = []
+        self.train_task_ids: list[str] = []
+        self.eval_task_ids: list[str] = []
+        self.descriptions: list[str] = []
+        self.train_desc_idx: dict[str, list[int]] = {}
+        self.heldout_desc_idx: dict[str, list[int]] = {}
+        self._ready = False
+
+    # ---- setup -------------------------------------------------------------------------
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Load and select tasks, split descriptions, pre-tokenise (once; later calls do nothing)."""
+        if self._ready:
+            return
+        cfg = self.cfg
+        self._select_tasks()
+        desc_index: dict[str, int] = {}
+
+        def index(texts: Sequence[str]) -> list[int]:
+            return [desc_index.setdefault(d, len(desc_index)) for d in texts]
+
+        for tid in self.train_task_ids:
+            train_d, held_d = split_descriptions(self.tasks[tid], cfg.holdout_descriptions, self.seed)
+            self.train_desc_idx[tid] = index(train_d)
+            # A one-description task has nothing to hold out; validate it on its training one.
+            self.heldout_desc_idx[tid] = index(held_d) if held_d else self.train_desc_idx[tid]
+        for tid in self.eval_task_ids:
+            task = self.tasks[tid]
+            self.heldout_desc_idx[tid] = index(task.eval_descriptions or task.descriptions)
+        self.descriptions = list(desc_index)
+        self.task_ids = self.train_task_ids + self.eval_task_ids
+
+        self.pad_token_id = pad_id(self.tokenizer)
+        self._train_examples = []
+        for tid in self.train_task_ids:
+            instances = self.tasks[tid].train
+            if cfg.max_train_instances > 0:
+                instances = instances[: cfg.max_train_instances]
+            self._train_examples.append(self._encode(instances))
+        self._seen = self._eval_pairs(self.train_task_ids)
+        self._unseen = self._eval_pairs(self.eval_task_ids)
+        self._val_items = [
+            {"example": ex, "desc_idx": d, "task_idx": t, "answers": inst.outputs}
+            for (t, inst, d), ex in zip(self._seen, self._encode([inst for _, inst, _ in self._seen]))
+        ]
+        self._ready = True
+
+    def _select_tasks(self) -> None:
+        cfg = self.cfg
+        exclude = expand_task_ids(cfg.exclude_tasks, self.recipe_file)
+        train_ids = expand_task_ids(cfg.train_tasks, self.recipe_file)
+        eval_ids = expand_task_ids(cfg.eval_tasks, self.recipe_file)
+        both = sorted(set(train_ids) & set(eval_ids))
+        if both:
+            raise T2LError(f"data.eval_tasks must be never-trained tasks, but {both} are also in data.train_tasks")
+        tasks_file = resolve_path(cfg.tasks_file, self.recipe_file)
+        instances_file = resolve_path(cfg.instances_file, self.recipe_file)
+        tasks = load_tasks(tasks_file, instances_file, include=(train_ids + eval_ids) if train_ids else None,
+                           exclude=exclude)
+        for tid in eval_ids:
+            if tid not in tasks:
+                raise T2LError(f"data.eval_tasks: task '{tid}' is not in {tasks_file} (or is excluded)"
+                               f"{did_you_mean(tid, tasks)}")
+        if not train_ids:
+            # Defaults follow the T2L split: train on every training-role task, evaluate the unseen ones.
+            train_ids = [t for t, task in tasks.items() if "train" in task.role and t not in eval_ids]
+            eval_ids = eval_ids or [t for t, task in tasks.items() if task.role == "eval_unseen"]
+        for tid in train_ids:
+            if not tasks[tid].train:
+                raise T2LError(f"training task '{tid}' has no 'train' instances in {instances_file}")
+        for tid in eval_ids:
+            if not tasks[tid].test:
+                raise T2LError(f"evaluation task '{tid}' has no 'test' instances in {instances_file}")
+        if cfg.n_tasks_per_batch > len(train_ids):
+            raise T2LError(f"data.n_tasks_per_batch = {cfg.n_tasks_per_batch}, but there are only "
+                           f"{len(train_ids)} training tasks (each batch draws distinct tasks)")
+        self.tasks, self.train_task_ids, self.eval_task_ids = tasks, train_ids, eval_ids
+
+    def _encode(self, instances: Sequence[Instance]) -> list[Example]:
+        prompts = [self.format_prompt(inst.input, self.cfg.system_prompt) for inst in instances]
+        answers = [inst.outputs[0] for inst in instances]
+        return encode_examples(self.tokenizer, prompts, answers, self.cfg.max_prompt_tokens, self.cfg.max_answer_tokens)
+
+    def _eval_pairs(self, task_ids: list[str]) -> list[tuple[int, Instance, int]]:
+        """(task_idx, held-out instance, held-out desc_idx), tasks interleaved, fixed order."""
+        limit = self.cfg.max_eval_instances
+        per_task = []
+        for tid in task_ids:
+            t, descs = self.task_ids.index(tid), self.heldout_desc_idx[tid]
+            test = self.tasks[tid].test[:limit] if limit > 0 else self.tasks[tid].test
+            per_task.append([(t, inst, descs[k % len(descs)]) for k, inst in enumerate(test)])
+        return _round_robin(per_task)
+
+    # ---- loaders -------------------------------------------------------------------------
+    def train_dataset(self) -> TrainBatches:
+        self.setup()
+        return TrainBatches(
+            self._train_examples,
+            [self.train_desc_idx[t] for t in self.train_task_ids],
+            self.cfg.n_tasks_per_batch, self.cfg.n_samples_per_task, self.seed, self.total_batches,
+            self.pad_token_id,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches start after the ones a restored run already consumed (global_step x accumulation)."""
+        start = 0
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            start = int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+        return DataLoader(self.train_dataset(), batch_size=None, sampler=StreamSampler(start, self.total_batches),
+                          num_workers=self.cfg.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        """Held-out instances of the training tasks, each with a held-out description."""
+        self.setup()
+        return DataLoader(self._val_items, batch_size=self.cfg.n_tasks_per_batch * self.cfg.n_samples_per_task,
+                          shuffle=False, collate_fn=partial(_collate_eval, pad_token_id=self.pad_token_id),
+                          num_workers=self.cfg.num_workers)
+
+    # ---- end-of-training evaluation ------------------------------------------------------
+    def eval_items(self, split: str) -> list[dict]:
+        """Prompts and answers for the evaluation table.
+
+        split "seen": held-out instances of training tasks with held-out descriptions;
+        "unseen": test instances of ``eval_tasks`` with their eval descriptions. Each item has
+        task, desc_idx, prompt_text, input_ids (prompt only), answers, other_desc_idx (a
+        description of a different task, for the wrong-description control) and
+        prompt_with_description_ids (description + blank line + input as the user turn).
+        """
+        self.setup()
+        if split not in ("seen", "unseen"):
+            raise T2LError(f"eval split '{split}' must be 'seen' or 'unseen'")
+        pairs = self._seen if split == "seen" else self._unseen
+        group = self.train_task_ids if split == "seen" else self.eval_task_ids
+        others = group if len(group) > 1 else self.task_ids
+        cfg, items = self.cfg, []
+        for k, (t, inst, d) in enumerate(pairs):
+            tid = self.task_ids[t]
+            rng = random.Random(f"{self.seed}-control-{split}-{k}")
+            other = rng.choice([o for o in others if o != tid] or [tid])
+            other_desc = rng.choice(self.heldout_desc_idx[other])
+            prompt_text = self.format_prompt(inst.input, cfg.system_prompt)
+            description = self.descriptions[d]
+            # The description must survive left-truncation, so it gets its own token budget.
+            extra = len(self.tokenizer(description, add_special_tokens=False)["input_ids"]) + 8
+            with_desc = self.format_prompt(f"{description}\n\n{inst.input}", cfg.system_prompt)
+            items.append({
+                "task": tid,
+                "desc_idx": d,
+                "prompt_text": prompt_text,
+                "input_ids": encode_prompt(self.tokenizer, prompt_text, cfg.max_prompt_tokens),
+                "answers": list(inst.outputs),
+                "other_desc_idx": other_desc,
+                "prompt_with_description_ids": encode_prompt(self.tokenizer, with_desc, cfg.max_prompt_tokens + extra),
+            })
+        return items
