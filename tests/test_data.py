@@ -152,6 +152,8 @@ def test_resume_sampler_starts_after_consumed_batches(files, tokenizer):
     first = next(iter(loader))
     assert torch.equal(first["input_ids"], dm.train_dataset()[10]["input_ids"])
     assert torch.equal(first["desc_idx"], dm.train_dataset()[10]["desc_idx"])
+    dm.trainer = SimpleNamespace(global_step=5, accumulate_grad_batches=2, world_size=2)  # DDP: both ranks consumed
+    assert next(iter(dm.train_dataloader().sampler)) == 20
 
 
 def test_heldout_descriptions_never_in_training(files, tokenizer):

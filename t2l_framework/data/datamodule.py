@@ -206,11 +206,16 @@ class T2LDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Batches start after the ones a restored run already consumed (global_step x accumulation)."""
+        """Batches start after the ones a restored run already consumed.
+
+        That is global_step x accumulation x world size: under DDP, Lightning deals this stream
+        out to the ranks (every world_size-th index each), so all ranks consumed batches.
+        """
         start = 0
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
-            start = int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+            start = (int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+                     * int(getattr(trainer, "world_size", 1) or 1))
         return DataLoader(self.train_dataset(), batch_size=None, sampler=StreamSampler(start, self.total_batches),
                           num_workers=self.cfg.num_workers)
 
