@@ -121,6 +121,15 @@ def test_gradients_reach_factors_not_base(tiny_llama):
         injection.model(ids()).logits.logsumexp(-1).mean().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in [*w.A.values(), *w.B.values()])
     assert all(p.grad is None and not p.requires_grad for p in injection.model.parameters())
+    # Each sample's loss depends on its own adapter only: batched grads = per-sample grads.
+    one = w.select(1)
+    one = LoraWeights({m: a.detach().requires_grad_(True) for m, a in one.A.items()},
+                      {m: b.detach().requires_grad_(True) for m, b in one.B.items()}, w.rank, w.alpha)
+    with injection.use(one):
+        injection.model(ids()[1:2]).logits.logsumexp(-1).mean().mul(1 / 3).backward()
+    for m in TARGETS:
+        assert torch.allclose(one.A[m].grad[0], w.A[m].grad[1], atol=1e-6)
+        assert torch.allclose(one.B[m].grad[0], w.B[m].grad[1], atol=1e-6)
 
 
 def test_factors_cast_to_input_dtype(tiny_llama):

@@ -50,21 +50,24 @@ class BatchedLoraLinear(nn.Module):
         y = self.base_layer(x)
         if self.lora_A is None:
             return y
+        y = y.contiguous()  # a no-op for nn.Linear; the in-place add below needs a plain view
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         n, b = x.shape[0], A.shape[0]
+        # The LoRA path is added into the base output in place: Linear's backward does not
+        # need its output, and this saves a pass over the largest tensor of the layer.
         if b == 1:  # one adapter for the whole batch: plain 2-D matmuls, like PEFT
-            h = torch.nn.functional.linear(x, A[0]) * self.scaling
-            return torch.nn.functional.linear(h, B[0]) + y
+            h = torch.nn.functional.linear(x, A[0]) * self.scaling  # [..., r]: small, so scale here
+            y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B[0].t())
+            return y
         if n != b:
             if n % b:
                 raise T2LError(f"LoRA weights carry {b} adapters but the input batch has {n} rows")
             # generate(num_beams=k / num_return_sequences=k) expands each prompt into k
             # consecutive rows (and beam reordering stays inside those groups).
             A, B = A.repeat_interleave(n // b, 0), B.repeat_interleave(n // b, 0)
-        x3 = x.reshape(n, -1, x.shape[-1])
-        h = torch.bmm(x3, A.transpose(1, 2)) * self.scaling  # [n, seq, r]: small, so scale here
-        out = torch.baddbmm(y.reshape(n, -1, y.shape[-1]), h, B.transpose(1, 2))  # fused add
-        return out.view(y.shape)
+        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), A.transpose(1, 2)) * self.scaling  # [n, seq, r]
+        y.view(n, -1, y.shape[-1]).baddbmm_(h, B.transpose(1, 2))
+        return y
 
 
 @dataclass
