@@ -77,6 +77,21 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+# --- fit --------------------------------------------------------------------------------
+
+def cmd_fit(args) -> int:
+    from t2l_framework.training.run import fit
+
+    try:
+        fit(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
+    except Exception as exc:
+        if type(exc).__name__ == "SIGTERMException":
+            print("stopped by SIGTERM; a checkpoint was written: continue with --resume", file=sys.stderr)
+            return 143
+        raise
+    return 0
+
+
 # --- main ---------------------------------------------------------------------------------
 
 
@@ -111,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "T2L_PLUGINS=e5 t2l plugins")
     p.set_defaults(func=cmd_plugins)
 
+    p = _parser_for(sub, "fit", "Train a hypernetwork (or a LoRA baseline) from a recipe.",
+                    "t2l fit smollm2_demo trainer.max_steps=50   # or: t2l fit recipes/mistral_L.yaml --resume")
+    p.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, key=value")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run folder of the same name first")
+    p.set_defaults(func=cmd_fit)
     return parser
 
 

@@ -26,8 +26,7 @@ def tiny_bert_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-bert")
     words = sorted({w.strip(".,").lower() for t in TEXTS for w in t.split()} | {"task", "the"})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
@@ -67,6 +66,7 @@ def test_tiny_bert_through_transformers_encoder(tiny_bert_dir):
     assert all(not p.requires_grad for p in enc.parameters())
     emb = enc.encode(TEXTS)
     assert emb.shape == (3, 32) and not emb.requires_grad
+    assert not torch.allclose(emb[0], emb[1]), "different texts must give different embeddings"
     # Batching does not change the rows.
     torch.testing.assert_close(emb[2:], enc.encode(TEXTS[2:]), atol=1e-5, rtol=1e-4)
     enc.train()

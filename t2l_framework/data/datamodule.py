@@ -61,7 +61,12 @@ class TrainBatches(Dataset):
 
 
 class StreamSampler(Sampler[int]):
-    """Indices start, start+1, ..., stop-1: a resumed run picks the stream up where it stopped."""
+    """Indices start, start+1, ..., stop-1: a resumed run picks the stream up where it stopped.
+
+    The whole stream is one epoch, and ``len`` is the length of the *whole* stream: Lightning
+    restores how many batches of the epoch were done and stops the epoch when that count
+    reaches ``len``, so counting only the remaining batches would end a resumed epoch early.
+    """
 
     def __init__(self, start: int, stop: int):
         self.start, self.stop = start, stop
@@ -70,7 +75,7 @@ class StreamSampler(Sampler[int]):
         return iter(range(self.start, self.stop))
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return self.stop
 
 
 def _collate_eval(items: list[dict], pad_token_id: int) -> dict:

@@ -1,0 +1,1 @@
+"""Evaluation: batched greedy generation with per-sample adapters, metrics and reports."""

@@ -1,0 +1,98 @@
+"""The end-of-training table on held-out SNI items, comparing how the model is adapted.
+
+Conditions: (a) the base model; (b) the base model with the description in the prompt;
+(c) T2L, adapter generated from the held-out description; (d) control: T2L adapter from a
+*different* task's description; (e) a trained LoRA baseline (multi-task LoRA), if given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+from t2l_framework.eval.generation import greedy_generate
+from t2l_framework.eval.text_metrics import exact_match, rouge_l
+from t2l_framework.lora.weights import LoraWeights
+
+CONDITIONS = {
+    "base": "(a) base model",
+    "base+description": "(b) base + description in prompt",
+    "t2l": "(c) T2L, held-out description",
+    "t2l_other_task_description": "(d) T2L, another task's description",
+    "mt_lora": "(e) multi-task LoRA",
+}
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def evaluate_conditions(model, tokenizer, injection, items: list[dict],
+                        make_weights: Callable[[list[int]], LoraWeights] | None,
+                        baseline: LoraWeights | None = None, batch_size: int = 16,
+                        max_new_tokens: int = 16, progress: Callable | None = None) -> dict:
+    """Score every condition on ``items`` (from ``T2LDataModule.eval_items``).
+
+    make_weights(desc_indices) -> LoraWeights with one adapter per index (the hypernetwork).
+    Returns {condition: {"n", "em", "em_se", "rouge_l", "rouge_l_se", "predictions"}}.
+    """
+    plans: dict[str, tuple[str, Callable | None]] = {"base": ("input_ids", None),
+                                                     "base+description": ("prompt_with_description_ids", None)}
+    if make_weights is not None:
+        plans["t2l"] = ("input_ids", lambda chunk: make_weights([it["desc_idx"] for it in chunk]))
+        plans["t2l_other_task_description"] = (
+            "input_ids", lambda chunk: make_weights([it["other_desc_idx"] for it in chunk]))
+    if baseline is not None:
+        plans["mt_lora"] = ("input_ids", lambda chunk: baseline)
+    # Similar lengths share a batch, so little compute goes to padding.
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
+    results = {}
+    for name, (field, weights_for) in plans.items():
+        preds: list[str] = [""] * len(items)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            chunk = [items[i] for i in idx]
+            weights = weights_for(chunk) if weights_for else None
+            outs = greedy_generate(model, tokenizer, [it[field] for it in chunk], injection, weights, max_new_tokens)
+            for i, out in zip(idx, outs):
+                preds[i] = out
+            if progress:
+                progress(name, min(start + batch_size, len(order)), len(order))
+        em = [exact_match(p, it["answers"]) for p, it in zip(preds, items)]
+        rl = [rouge_l(p, it["answers"]) for p, it in zip(preds, items)]
+        (em_m, em_se), (rl_m, rl_se) = _mean_se(em), _mean_se(rl)
+        results[name] = {"n": len(items), "em": em_m, "em_se": em_se, "rouge_l": rl_m, "rouge_l_se": rl_se,
+                         "predictions": preds}
+    return results
+
+
+def markdown_table(title: str, results: dict) -> str:
+    lines = [f"**{title}**", "", "| condition | items | exact match | ROUGE-L |", "|---|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {CONDITIONS.get(name, name)} | {r['n']} | {r['em']:.3f} ± {r['em_se']:.3f} | "
+                     f"{r['rouge_l']:.3f} ± {r['rouge_l_se']:.3f} |")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, tables: dict[str, dict], items: dict[str, list[dict]]) -> str:
+    """Write report.md and report.json (with per-item predictions); return the Markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = "\n\n".join(markdown_table(title, res) for title, res in tables.items())
+    (out_dir / "report.md").write_text(md + "\n\n(± is one standard error over items)\n")
+    payload = {}
+    for title, res in tables.items():
+        payload[title] = {
+            name: {k: v for k, v in r.items() if k != "predictions"} for name, r in res.items()}
+        payload[title]["items"] = [
+            {"task": it["task"], "answers": it["answers"], **{n: r["predictions"][i] for n, r in res.items()}}
+            for i, it in enumerate(items[title])]
+    (out_dir / "report.json").write_text(json.dumps(payload, indent=1))
+    return md
+
