@@ -142,6 +142,7 @@ class EvalConfig:
     batch_size: int = _help("Examples per forward", 8)
     max_new_tokens: int = _help("Greedy decoding length for generated answers", 32)
     n_descriptions: int = _help("Descriptions averaged per benchmark", 3)
+    val_generation_batches: int = _help("Validation batches also scored by ROUGE-L of greedy answers", 1)
     final_report: bool = _help("After `t2l fit`, print the held-out SNI table (base / +description / T2L / control)", False)
     report_max_items: int = _help("Items per split in that table (0 = all)", 0)
     baseline_adapter: str = _help("PEFT adapter folder (e.g. a multi-task LoRA run's adapter/) added to the table", "")

@@ -40,6 +40,8 @@ def test_sft_lowers_the_loss_and_writes_a_run_folder(world):
     train = _series(_metrics(run), "train/ce")
     assert len(val) == 4 and val[-1] < val[0] * 0.85, val
     assert sum(train[-4:]) / 4 < sum(train[:4]) / 4
+    rouge = _series(_metrics(run), "val/rougeL")
+    assert len(rouge) == 4 and all(0.0 <= r <= 1.0 for r in rouge)
     assert (run / "recipe.yaml").is_file() and (run / "hypernet" / "hypernet.safetensors").is_file()
     ckpt = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 24

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
+from torchmetrics.text import ROUGEScore
 
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
 
@@ -71,7 +72,7 @@ class T2LModule(L.LightningModule):
 
     def __init__(self, recipe: Any, generator: nn.Module, base_model: nn.Module | None = None,
                  injection: Any = None, desc_embeddings: torch.Tensor | None = None,
-                 recon_targets: tuple[dict, dict] | None = None):
+                 recon_targets: tuple[dict, dict] | None = None, tokenizer: Any = None):
         super().__init__()
         self.recipe = recipe
         self.mode = recipe.training.mode
@@ -83,6 +84,8 @@ class T2LModule(L.LightningModule):
         self.recon_stats = self._recon_stats(recon_targets) if recon_targets else None
         self.val_loss = MeanMetric()
         self.val_token_acc = MeanMetric()
+        self.val_rouge = ROUGEScore(rouge_keys="rougeL")
+        object.__setattr__(self, "tokenizer", tokenizer)
 
     # --- device placement of the hidden pieces ----------------------------------------
     def on_fit_start(self) -> None:
@@ -196,6 +199,17 @@ class T2LModule(L.LightningModule):
         self.val_loss.update(logs.get("ce", loss), n)
         if "token_acc" in logs:
             self.val_token_acc.update(logs["token_acc"], n)
+        if self.tokenizer is not None and batch_idx < int(self.recipe.eval.val_generation_batches) and "answers" in batch:
+            self._update_rouge(batch)
+
+    def _update_rouge(self, batch: dict) -> None:
+        """Greedy answers with each sample's own generated adapter, scored by ROUGE-L."""
+        from t2l_framework.eval.generation import greedy_generate, prompt_ids_from_batch
+
+        weights = self.generate_weights(batch["desc_idx"]) if self.mode == "sft" else self.generator()
+        preds = greedy_generate(self.base_model, self.tokenizer, prompt_ids_from_batch(batch), self.injection,
+                                weights, int(self.recipe.eval.max_new_tokens))
+        self.val_rouge.update(preds, [list(a) for a in batch["answers"]])
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)
@@ -203,6 +217,9 @@ class T2LModule(L.LightningModule):
         if self.mode != "recon":
             self.log("val/token_acc", self.val_token_acc.compute(), prog_bar=True)
             self.val_token_acc.reset()
+        if self.val_rouge.update_count:
+            self.log("val/rougeL", self.val_rouge.compute()["rougeL_fmeasure"], prog_bar=True)
+            self.val_rouge.reset()
 
     def configure_optimizers(self):
         t = self.recipe.training

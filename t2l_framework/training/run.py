@@ -155,7 +155,8 @@ def fit(recipe: str, overrides: list[str] | None = None, resume: bool = False, o
 
     base, injection, dm, embeddings, encoder, generator = build_components(cfg, recipe_file)
     recon_targets = (dm.targets.A, dm.targets.B) if cfg.training.mode == "recon" else None
-    module = T2LModule(cfg, generator, base.model if base else None, injection, embeddings, recon_targets)
+    module = T2LModule(cfg, generator, base.model if base else None, injection, embeddings, recon_targets,
+                       tokenizer=base.tokenizer if base else None)
     trainer = _trainer(cfg, run_dir, list(callbacks or []))
     t0 = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
