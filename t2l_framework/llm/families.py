@@ -8,7 +8,7 @@ through that same hook, so ``find_family`` sees third-party families too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,6 +25,10 @@ class ModelFamily:
     template_kwargs: extra variables for ``apply_chat_template`` (e.g. Qwen3's
         ``enable_thinking``).
     load_kwargs: extra ``from_pretrained`` arguments (e.g. an attention implementation).
+    fused_targets: logical target -> (physical layer, ``slice_fn``) for models whose attention
+        uses one fused projection, e.g. GPT-2's ``c_attn`` (q|k|v): ``{"q_proj": ("c_attn",
+        lambda cfg: slice(0, cfg.n_embd))}``. ``slice_fn(text_config)`` gives the output columns
+        of the physical layer that the logical target owns; its LoRA delta is added there only.
     Subclass and override ``load_model`` / ``load_tokenizer`` for models that need more.
     """
 
@@ -34,6 +38,7 @@ class ModelFamily:
     system_role: bool = True
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     load_kwargs: dict[str, Any] = field(default_factory=dict)
+    fused_targets: dict[str, tuple[str, Callable[[Any], slice]]] = field(default_factory=dict)
 
     def load_model(self, source: str, dtype: torch.dtype, trust_remote_code: bool = False, **kwargs):
         from transformers import AutoModelForCausalLM

@@ -1,7 +1,8 @@
 """Finding the targeted linear layers of a decoder-only model.
 
 Module paths are derived from the model itself (its decoder-layer list), never hard-coded,
-so the same code serves Llama, Mistral, Gemma, Qwen and multimodal wrappers.
+so the same code serves Llama, Mistral, Gemma, Qwen and multimodal wrappers. Linear layers
+are ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2; weight stored ``[in, out]``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from t2l_framework.errors import T2LError
+from t2l_framework.lora.batched import layer_features, unwrap
 from t2l_framework.lora.weights import ModuleShapes
 
 
@@ -31,11 +33,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def _is_linear(module: nn.Module) -> bool:
     # Wrapped layers (ours or PEFT's) keep the original in ``base_layer``.
-    return isinstance(module, nn.Linear) or isinstance(getattr(module, "base_layer", None), nn.Linear)
-
-
-def _base_linear(module: nn.Module) -> nn.Linear:
-    return module if isinstance(module, nn.Linear) else module.base_layer
+    return layer_features(unwrap(module)) is not None
 
 
 def linear_names(layer: nn.Module) -> list[str]:
@@ -47,35 +45,72 @@ def linear_names(layer: nn.Module) -> list[str]:
     return names
 
 
-def find_targets(model: nn.Module, target_modules: list[str]) -> dict[str, list[tuple[str, nn.Module]]]:
+def fused_targets(model: nn.Module, family=None) -> dict[str, tuple[str, slice]]:
+    """Logical target -> (physical layer name, output slice) for a model with fused projections.
+
+    ``family`` defaults to the registered family of ``model.config.model_type``; a model no
+    family covers simply has no fused targets.
+    """
+    from t2l_framework.llm.families import find_family
+
+    config = getattr(model, "config", None)
+    if family is None:
+        try:
+            family = find_family(getattr(config, "model_type", None))
+        except T2LError:
+            return {}
+    if not family.fused_targets:
+        return {}
+    text_config = config.get_text_config()
+    return {t: (name, fn(text_config)) for t, (name, fn) in family.fused_targets.items()}
+
+
+def find_targets(model: nn.Module, target_modules: list[str], family=None) -> dict[str, list[tuple[str, nn.Module]]]:
     """target -> [(full module path, module)] for every decoder layer, in layer order.
 
     A target matches the layer-relative path (``self_attn.q_proj``) or its last part
-    (``q_proj``); it must match exactly one linear layer in each decoder layer.
+    (``q_proj``); it must match exactly one linear layer in each decoder layer. A fused
+    target (see ``ModelFamily.fused_targets``) resolves to its physical layer, so two
+    targets may share one path; ``target_slices`` says which output columns each owns.
     """
     prefix, layers = decoder_layers(model)
+    fused = fused_targets(model, family)
     found: dict[str, list[tuple[str, nn.Module]]] = {t: [] for t in target_modules}
     for i, layer in enumerate(layers):
         names = linear_names(layer)
         for target in target_modules:
-            hits = [n for n in names if n == target or n.split(".")[-1] == target]
+            physical = fused[target][0] if target in fused else target
+            hits = [n for n in names if n == physical or n.split(".")[-1] == physical]
             if len(hits) != 1:
                 short = list(dict.fromkeys(n.split(".")[-1] for n in names))
                 problem = "not found" if not hits else f"ambiguous ({', '.join(hits)})"
+                via = f" (fused into '{physical}')" if physical != target else ""
                 raise T2LError(
-                    f"lora.target_modules: '{target}' {problem} in {type(model).__name__}"
+                    f"lora.target_modules: '{target}'{via} {problem} in {type(model).__name__}"
                     f"{f' layer {i}' if hits else ''}; linear modules per layer: {', '.join(short)}"
                 )
             found[target].append((f"{prefix}.{i}.{hits[0]}", layer.get_submodule(hits[0])))
     return found
 
 
-def target_shapes(model: nn.Module, target_modules: list[str]) -> ModuleShapes:
-    """What a hypernetwork must generate: (in_features, out_features) per target."""
-    found = find_targets(model, target_modules)
+def target_slices(model: nn.Module, target_modules: list[str], family=None) -> dict[str, slice | None]:
+    """target -> the output slice of its physical layer it owns (None: the whole output)."""
+    fused = fused_targets(model, family)
+    return {t: fused[t][1] if t in fused else None for t in target_modules}
+
+
+def target_shapes(model: nn.Module, target_modules: list[str], family=None) -> ModuleShapes:
+    """What a hypernetwork must generate: (in_features, out_features) per target.
+
+    A fused target's out_features is the width of its slice, not of the physical layer.
+    """
+    found = find_targets(model, target_modules, family)
+    slices = target_slices(model, target_modules, family)
     n_layers = len(next(iter(found.values()))) if found else 0
     shapes = {}
     for target, mods in found.items():
-        lin = _base_linear(mods[0][1])
-        shapes[target] = (lin.in_features, lin.out_features)
+        in_f, out_f = layer_features(unwrap(mods[0][1]))
+        if slices[target] is not None:
+            out_f = len(range(out_f)[slices[target]])
+        shapes[target] = (in_f, out_f)
     return ModuleShapes(n_layers, shapes)

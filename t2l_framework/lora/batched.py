@@ -1,6 +1,6 @@
 """Batched per-sample LoRA on a frozen model: each sample of a batch may carry its own adapter.
 
-``inject_lora`` wraps the targeted ``nn.Linear`` layers once; ``injection.use(weights)`` sets
+``inject_lora`` wraps the targeted linear layers (``nn.Linear`` or transformers' ``Conv1D``) once; ``injection.use(weights)`` sets
 the per-sample factors for the forward passes (or ``generate``) inside the ``with`` block:
 
     y = base(x) + scaling * (x @ A^T) @ B^T,   x: [batch, seq, in], A: [batch, r, in], B: [batch, out, r]
@@ -8,12 +8,15 @@ the per-sample factors for the forward passes (or ``generate``) inside the ``wit
 computed with batched matmuls on [batch, seq, features]; the weights are never repeated per
 token and the base weights are neither copied nor unfrozen. Gradients flow to A and B (and so
 to the hypernetwork that produced them).
+
+A fused projection (GPT-2's ``c_attn`` = q|k|v) carries one wrapper per logical target, nested,
+each adding its delta to its own output slice only: ``y[..., slice] += scaling * x A^T B^T``.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -23,14 +26,41 @@ from t2l_framework.errors import T2LError
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
 
 
-class BatchedLoraLinear(nn.Module):
-    """An ``nn.Linear`` plus a per-sample LoRA path; exactly the base layer when none is set."""
+def unwrap(module: nn.Module) -> nn.Module:
+    """The original layer under any LoRA wrappers (ours nest; PEFT's keep ``base_layer`` too)."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
 
-    def __init__(self, base_layer: nn.Linear):
+
+def layer_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a linear layer, or None for anything else.
+
+    transformers' ``Conv1D`` (GPT-2, GPT-J's ancestors) is a linear layer whose weight is
+    stored transposed, ``[in, out]``; its output is ``x @ W + b``.
+    """
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf
+    return None
+
+
+class BatchedLoraLinear(nn.Module):
+    """A linear layer plus a per-sample LoRA path; exactly the base layer when none is set.
+
+    out_slice: the output columns the LoRA delta is added to (a fused layer's q or v part);
+        None means the whole output, as in PEFT. B is then ``[b, len(slice), r]``.
+    """
+
+    def __init__(self, base_layer: nn.Module, out_slice: slice | None = None):
         super().__init__()
         self.base_layer = base_layer
+        self.out_slice = out_slice
         self.lora_A: torch.Tensor | None = None  # [b, r, in]
-        self.lora_B: torch.Tensor | None = None  # [b, out, r]
+        self.lora_B: torch.Tensor | None = None  # [b, out (of the slice), r]
         self.scaling = 1.0
 
     @property
@@ -39,11 +69,11 @@ class BatchedLoraLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return layer_features(unwrap(self))[0]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return layer_features(unwrap(self))[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [n, ..., in] -> [n, ..., out]."""
@@ -52,12 +82,12 @@ class BatchedLoraLinear(nn.Module):
             return y
         y = y.contiguous()  # a no-op for nn.Linear; the in-place add below needs a plain view
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        n, b = x.shape[0], A.shape[0]
+        n, b, cols = x.shape[0], A.shape[0], self.out_slice or slice(None)
         # The LoRA path is added into the base output in place: Linear's backward does not
         # need its output, and this saves a pass over the largest tensor of the layer.
         if b == 1:  # one adapter for the whole batch: plain 2-D matmuls, like PEFT
             h = torch.nn.functional.linear(x, A[0]) * self.scaling  # [..., r]: small, so scale here
-            y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B[0].t())
+            y.view(-1, y.shape[-1])[:, cols].addmm_(h.reshape(-1, h.shape[-1]), B[0].t())
             return y
         if n != b:
             if n % b:
@@ -66,7 +96,7 @@ class BatchedLoraLinear(nn.Module):
             # consecutive rows (and beam reordering stays inside those groups).
             A, B = A.repeat_interleave(n // b, 0), B.repeat_interleave(n // b, 0)
         h = torch.bmm(x.reshape(n, -1, x.shape[-1]), A.transpose(1, 2)) * self.scaling  # [n, seq, r]
-        y.view(n, -1, y.shape[-1]).baddbmm_(h, B.transpose(1, 2))
+        y.view(n, -1, y.shape[-1])[..., cols].baddbmm_(h, B.transpose(1, 2))
         return y
 
 
@@ -76,12 +106,14 @@ class LoraInjection:
 
     layers: target -> one ``BatchedLoraLinear`` per decoder layer.
     paths: target -> module path per decoder layer (``model.layers.0.self_attn.q_proj``).
+    slices: target -> output slice of its (fused) layer, None for a whole layer.
     """
 
     model: nn.Module
     layers: dict[str, list[BatchedLoraLinear]]
     paths: dict[str, list[str]]
     shapes: ModuleShapes
+    slices: dict[str, slice | None] = field(default_factory=dict)
 
     def set(self, weights: LoraWeights | None) -> None:
         """Set (or clear, with None) the per-sample adapters; prefer the ``use`` context."""
@@ -109,11 +141,11 @@ class LoraInjection:
             self.set(None)
 
     def remove(self) -> nn.Module:
-        """Put the original ``nn.Linear`` modules back; returns the model."""
-        for target, mods in self.layers.items():
-            for path, mod in zip(self.paths[target], mods):
+        """Put the original linear modules back; returns the model."""
+        for target in self.layers:
+            for path in self.paths[target]:  # fused targets share a path: unwrap every level
                 parent, _, child = path.rpartition(".")
-                setattr(self.model.get_submodule(parent), child, mod.base_layer)
+                setattr(self.model.get_submodule(parent), child, unwrap(self.model.get_submodule(path)))
         self.layers = {}
         return self.model
 
@@ -132,20 +164,26 @@ class LoraInjection:
                 )
 
 
-def inject_lora(model: nn.Module, target_modules: list[str]) -> LoraInjection:
-    """Wrap every targeted linear layer of ``model`` for batched per-sample LoRA."""
-    from t2l_framework.llm.targets import find_targets, target_shapes
+def inject_lora(model: nn.Module, target_modules: list[str], family=None) -> LoraInjection:
+    """Wrap every targeted linear layer of ``model`` for batched per-sample LoRA.
 
-    shapes = target_shapes(model, target_modules)
-    found = find_targets(model, target_modules)
-    if any(not isinstance(mod, nn.Linear) for mods in found.values() for _, mod in mods):
+    family: the ``ModelFamily`` whose ``fused_targets`` apply (default: found from the model type).
+    """
+    from t2l_framework.llm.targets import find_targets, target_shapes, target_slices
+
+    shapes = target_shapes(model, target_modules, family)
+    found = find_targets(model, target_modules, family)
+    slices = target_slices(model, target_modules, family)
+    if any(unwrap(mod) is not mod for mods in found.values() for _, mod in mods):
         raise T2LError("the model already carries LoRA wrappers; call remove() on the earlier injection first")
     layers: dict[str, list[BatchedLoraLinear]] = {}
     for target, mods in found.items():
         layers[target] = []
-        for path, linear in mods:
+        for path, _ in mods:
             parent, _, child = path.rpartition(".")
-            wrapped = BatchedLoraLinear(linear)
+            # Wrap what is there now: a second target of a fused layer wraps the first's wrapper.
+            wrapped = BatchedLoraLinear(model.get_submodule(path), slices[target])
             setattr(model.get_submodule(parent), child, wrapped)
             layers[target].append(wrapped)
-    return LoraInjection(model, layers, {t: [p for p, _ in mods] for t, mods in found.items()}, shapes)
+    paths = {t: [p for p, _ in mods] for t, mods in found.items()}
+    return LoraInjection(model, layers, paths, shapes, slices)

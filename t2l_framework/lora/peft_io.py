@@ -56,6 +56,7 @@ def export_peft_adapter(
         if model is None:
             raise T2LError("export_peft_adapter needs the base model (or module paths) to name the LoRA modules")
         paths = module_paths(model, weights.modules)
+    _refuse_fused(paths, weights.modules)
     tensors = {}
     for target in weights.modules:
         if len(paths[target]) != weights.n_layers:
@@ -80,6 +81,21 @@ def export_peft_adapter(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _refuse_fused(paths: dict[str, list[str]], targets: list[str]) -> None:
+    """A target whose module path is another layer's (a slice of a fused q|k|v projection)
+    has no PEFT form: a PEFT LoRA on a module adds B @ A to its whole output, and PEFT keys
+    name modules, so q and v on one ``c_attn`` would even collide on the same key."""
+    for target in targets:
+        path = paths[target][0]
+        if path != target and not path.endswith("." + target):
+            raise T2LError(
+                f"cannot export '{target}' as a PEFT adapter: it is an output slice of the fused layer "
+                f"'{path}', and a PEFT LoRA always adds its delta to a module's whole output "
+                "(PEFT has no per-slice LoRA). Keep the generated weights as LoraWeights, or target "
+                "unfused layers for an exportable adapter."
+            )
 
 
 def import_peft_adapter(adapter_dir: str | os.PathLike) -> LoraWeights:

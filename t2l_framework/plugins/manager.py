@@ -62,6 +62,10 @@ def import_object(path: str, key: str = "value") -> Any:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise T2LError(f"{key}: '{path}' is not an import path of the form 'package.module:ClassName'")
+    # Like `python -m`, resolve against the current folder too (the `t2l` script's sys.path
+    # lacks it), so `examples.factorized_head:FactorizedHead` works from a checkout's root.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # appended: never shadows an installed package
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's to see
