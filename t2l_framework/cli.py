@@ -1,4 +1,4 @@
-"""The `t2l` command: validate, recipes, plugins, fit, generate.
+"""The `t2l` command: validate, recipes, plugins, fit, generate, serve.
 
 Each sub-command is a small ``cmd_*`` function; a ``T2LError`` is printed as one line
 without a traceback and exits with status 2.
@@ -92,6 +92,75 @@ def cmd_fit(args) -> int:
     return 0
 
 
+# --- generate / serve -----------------------------------------------------------------------
+
+def _say(msg: str) -> None:
+    print(f"[t2l] {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    from t2l_framework.inference import load_run
+
+    descriptions = [d.strip() for d in args.descriptions]
+    if args.from_file:
+        path = Path(args.from_file)
+        if not path.is_file():
+            raise T2LError(f"--from-file: {path} does not exist")
+        descriptions += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not descriptions or not all(descriptions):
+        raise T2LError("give one or more non-empty task descriptions, or --from-file FILE with one per line")
+    out = Path(args.output or ("adapter" if len(descriptions) == 1 else "adapters"))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise T2LError(f"{out} already exists; pass --force to overwrite it, or -o DIR for another folder")
+    _say(f"loading {args.run} ...")
+    runtime = load_run(args.run)
+    weights = runtime.adapters(descriptions)  # one hypernetwork forward for all of them
+    folders = [out] if len(descriptions) == 1 else [out / f"adapter_{i:03d}" for i in range(len(descriptions))]
+    runtime.export(weights, folders)
+    if len(descriptions) > 1:
+        (out / "descriptions.json").write_text(json.dumps(
+            {"hypernetwork": runtime.name, "base_model": runtime.base_model_name,
+             "adapters": [{"folder": f.name, "description": d} for f, d in zip(folders, descriptions)]}, indent=2) + "\n")
+    for folder, desc in zip(folders, descriptions):
+        print(f"wrote {folder}  ({desc})")
+    if args.chat:
+        rows = [None] + [weights.select(i) for i in range(len(descriptions))]
+        answers = runtime.chat([args.chat] * len(rows), rows, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature)
+        labels = ["base model"] + (["adapted"] if len(folders) == 1 else [f.name for f in folders])
+        width = max(len(label) for label in labels)
+        print(f"\nprompt: {args.chat}")
+        for label, answer in zip(labels, answers):
+            print(f"  {label:<{width}}  {answer.text.strip()}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    try:
+        import uvicorn
+
+        from t2l_framework.serve import create_app
+    except ModuleNotFoundError as exc:
+        raise T2LError(f"t2l serve needs the 'serve' extra ({exc.name} is missing): "
+                       "pip install 't2l-framework[serve]'") from None
+    from t2l_framework.inference import load_run
+
+    if args.max_batch < 1 or args.cache_size < 1 or args.batch_window_ms < 0:
+        raise T2LError("--max-batch and --cache-size must be at least 1, --batch-window-ms at least 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        _say(f"binding to {args.host}: the API has no authentication; anyone who can reach this port can use it")
+    _say(f"loading {args.run} ...")
+    app = create_app(load_run(args.run), max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                     cache_size=args.cache_size)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
+    return 0
+
+
 # --- main ---------------------------------------------------------------------------------
 
 
@@ -133,6 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder of the same name first")
     p.set_defaults(func=cmd_fit)
+
+    p = _parser_for(sub, "generate", "Write PEFT adapters for task descriptions with a trained hypernetwork.",
+                    't2l generate runs/smollm2_demo "Classify the sentiment of a review" -o sentiment '
+                    '--chat "Great film!"')
+    p.add_argument("run", help="run folder (runs/NAME) or its hypernet/ folder")
+    p.add_argument("descriptions", nargs="*", help="task descriptions; several give DIR/adapter_000, ...")
+    p.add_argument("-o", "--output", metavar="DIR", help="adapter folder (default: adapter/, or adapters/ for several)")
+    p.add_argument("--from-file", metavar="FILE", help="more descriptions, one per line")
+    p.add_argument("--chat", metavar="PROMPT", help="also answer PROMPT with each adapter and with the base model")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length for --chat (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for --chat (0 = greedy)")
+    p.add_argument("--force", action="store_true", help="write into an existing output folder")
+    p.set_defaults(func=cmd_generate)
+
+    p = _parser_for(sub, "serve", "Serve a trained hypernetwork: adapter API, OpenAI-compatible chat, web page.",
+                    "t2l serve runs/smollm2_demo --port 8000   # then open http://127.0.0.1:8000/")
+    p.add_argument("run", help="run folder (runs/NAME) or its hypernet/ folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (1 = one at a time)")
+    p.add_argument("--batch-window-ms", type=float, default=30.0, help="how long a batch waits for more requests")
+    p.add_argument("--cache-size", type=int, default=128, help="generated adapters kept in memory (LRU)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

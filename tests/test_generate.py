@@ -1,0 +1,87 @@
+"""`t2l generate`: PEFT adapter folders from descriptions of a tiny trained run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from t2l_framework.cli import main
+from t2l_framework.training.run import fit
+from tests.tiny_world import build_world
+
+ROOT = Path(__file__).resolve().parents[1]
+DESCRIPTIONS = ["answer every input with the word apple", "answer every input with the word tiger",
+                "answer every input with the word piano"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    world = build_world(tmp_path_factory.mktemp("generate_world"))
+    world["run"] = fit(str(world["recipe"]), ["trainer.max_steps=2", "training.run_name=gen",
+                                              "eval.final_report=false"])
+    return world
+
+
+def _t2l(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "t2l_framework.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _peft_lora_b(world, folder: Path) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["llm"]), folder)
+    return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_B" in n])
+
+
+def test_one_description_writes_a_folder_peft_loads(world, tmp_path):
+    res = _t2l("generate", str(world["run"]), DESCRIPTIONS[0], "-o", "apple", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    folder = tmp_path / "apple"
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(world["llm"])
+    assert _peft_lora_b(world, folder).abs().sum() > 0  # generated, not PEFT's zero init
+
+
+def test_several_descriptions_write_numbered_folders_in_one_batch(world, tmp_path):
+    (tmp_path / "more.txt").write_text(f"{DESCRIPTIONS[1]}\n\n{DESCRIPTIONS[2]}\n")
+    res = _t2l("generate", str(world["run"]), DESCRIPTIONS[0], "--from-file", "more.txt", "-o", "out", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    index = json.loads((tmp_path / "out" / "descriptions.json").read_text())
+    assert [a["description"] for a in index["adapters"]] == DESCRIPTIONS
+    assert [a["folder"] for a in index["adapters"]] == ["adapter_000", "adapter_001", "adapter_002"]
+    loras = [_peft_lora_b(world, tmp_path / "out" / a["folder"]) for a in index["adapters"]]
+    assert not torch.allclose(loras[0], loras[1]) and not torch.allclose(loras[1], loras[2])
+
+
+def test_chat_prints_base_and_adapted_answers(world, tmp_path, capsys):
+    from t2l_framework.inference import load_run
+
+    assert main(["generate", str(world["run"]), DESCRIPTIONS[0], "-o", str(tmp_path / "a"),
+                 "--chat", "red blue small", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    runtime = load_run(world["run"])
+    base, adapted = runtime.chat(["red blue small"] * 2, [None, runtime.adapters(DESCRIPTIONS[:1])], max_new_tokens=5)
+    assert f"base model  {base.text.strip()}" in out
+    assert f"adapted     {adapted.text.strip()}" in out
+
+
+def test_errors_are_one_line_without_traceback(world, tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "a task"]) == 2
+    assert "not a T2L run folder" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    assert main(["generate", str(world["run"]), "a task", "-o", str(tmp_path / "taken")]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert main(["generate", str(world["run"])]) == 2
+    assert "task descriptions" in capsys.readouterr().err
+    assert main(["generate", str(world["run"]), "--from-file", str(tmp_path / "nope.txt")]) == 2
+    assert "--from-file" in capsys.readouterr().err

@@ -1,0 +1,359 @@
+"""`t2l serve` and the runtime behind it, on a tiny trained run: API, errors, streaming,
+adapter cache, batching across requests, PEFT zips, and the web page in a real browser."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from t2l_framework.errors import T2LError
+from t2l_framework.inference import load_run
+from t2l_framework.training.run import fit
+from tests.tiny_world import build_world
+
+fastapi_testclient = pytest.importorskip("fastapi.testclient", reason="the serve extra is not installed")
+from t2l_framework.serve import create_app  # noqa: E402
+from t2l_framework.serve.schemas import MAX_DESCRIPTION_CHARS, MAX_TOKENS  # noqa: E402
+
+APPLE = "answer every input with the word apple variant 1"
+TIGER = "answer every input with the word tiger variant 1"
+USER = [{"role": "user", "content": "red blue small"}]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    world = build_world(tmp_path_factory.mktemp("serve_world"))
+    world["run"] = fit(str(world["recipe"]), ["trainer.max_steps=2", "training.run_name=serve",
+                                              "eval.final_report=false"])
+    return world
+
+
+@pytest.fixture(scope="module")
+def runtime(world):
+    return load_run(world["run"])
+
+
+@pytest.fixture(scope="module")
+def client(runtime):
+    # A wide window so requests sent from several threads reliably meet in one batch.
+    with fastapi_testclient.TestClient(create_app(runtime, max_batch=8, batch_window_ms=250)) as c:
+        yield c
+
+
+def _chat(client, **body):
+    body.setdefault("messages", USER)
+    body.setdefault("max_tokens", 5)
+    return client.post("/v1/chat/completions", json=body)
+
+
+def _stats(client) -> dict:
+    return client.get("/v1/stats").json()
+
+
+# --- runtime ------------------------------------------------------------------------------
+
+def test_load_run_accepts_run_and_hypernet_folders_and_names_bad_ones(world, runtime, tmp_path):
+    assert load_run(world["run"] / "hypernet").identity == runtime.identity
+    with pytest.raises(T2LError, match="not a T2L run folder"):
+        load_run(tmp_path)
+    with pytest.raises(T2LError, match="no such folder"):
+        load_run(tmp_path / "missing")
+    (tmp_path / "lora" / "adapter").mkdir(parents=True)
+    (tmp_path / "lora" / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(T2LError, match="LoRA-baseline run"):
+        load_run(tmp_path / "lora")
+
+
+def test_mixed_batch_rows_match_each_row_alone(runtime):
+    weights = runtime.adapters([APPLE, TIGER])  # one hypernetwork forward for both
+    assert weights.batch_size == 2
+    prompts = ["red blue small", "green fast", "cold warm bright"]
+    rows, budgets = [weights.select(0), None, weights.select(1)], [5, 3, 6]
+    together = runtime.chat(prompts, rows, max_new_tokens=budgets)
+    alone = [runtime.chat([p], [w], max_new_tokens=m)[0] for p, w, m in zip(prompts, rows, budgets)]
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert [c.completion_tokens for c in together] == [5, 3, 6]  # per-row budgets, one generate
+    base = runtime.chat(prompts, None, max_new_tokens=budgets)
+    assert together[1].text == base[1].text  # a row without adapter is the base model
+    assert together[0].text != base[0].text or together[2].text != base[2].text  # adapters change answers
+
+
+def test_greedy_rows_stay_greedy_next_to_sampled_rows(runtime):
+    greedy = runtime.chat(["green fast"], None, max_new_tokens=6)[0].text
+    torch.manual_seed(0)
+    mixed = runtime.chat(["green fast"] * 3, None, max_new_tokens=6, temperature=[0.0, 2.0, 2.0])
+    assert mixed[0].text == greedy
+    assert any(m.text != greedy for m in mixed[1:])  # temperature 2 on a random model wanders
+
+
+# --- adapters -----------------------------------------------------------------------------
+
+def test_adapter_is_cached_by_description(client):
+    first = client.post("/v1/adapters", json={"description": APPLE})
+    assert first.status_code == 200, first.text
+    generated = _stats(client)["adapters"]["generated"]
+    second = client.post("/v1/adapters", json={"description": APPLE})
+    other = client.post("/v1/adapters", json={"description": TIGER}).json()
+    assert second.json()["id"] == first.json()["id"] and second.json()["cached"] is True
+    assert other["id"] != first.json()["id"]
+    assert _stats(client)["adapters"]["generated"] == generated + (0 if other["cached"] else 1)
+    info = first.json()
+    assert info["model"] == f"t2l:{info['id']}" and info["rank"] == 2 and info["target_modules"] == ["q_proj", "v_proj"]
+    models = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert "base" in models and info["model"] in models
+
+
+def test_lru_cache_evicts_the_oldest_adapter(runtime):
+    with fastapi_testclient.TestClient(create_app(runtime, cache_size=2, batch_window_ms=0)) as c:
+        ids = [c.post("/v1/adapters", json={"description": f"answer with the word {w}"}).json()["id"]
+               for w in ("apple", "river", "stone")]
+        assert c.get(f"/v1/adapters/{ids[0]}").status_code == 404
+        assert c.get(f"/v1/adapters/{ids[2]}").status_code == 200
+        assert c.get("/v1/stats").json()["adapters"]["evicted"] == 1
+
+
+def test_adapter_zip_loads_in_peft_with_the_same_logits(client, runtime, world, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    info = client.post("/v1/adapters", json={"description": TIGER}).json()
+    res = client.get(info["download_url"])
+    assert res.status_code == 200 and res.headers["content-type"] == "application/zip"
+    zipfile.ZipFile(io.BytesIO(res.content)).extractall(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "t2l_adapter.json").read_text())["description"] == TIGER
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["llm"]), tmp_path / "adapter").eval()
+    ids = torch.tensor([runtime.encode("red blue small")])
+    with torch.no_grad(), runtime.injection.use(runtime.adapters([TIGER])):
+        ours = runtime.model(ids).logits
+    with torch.no_grad():
+        theirs = peft(ids).logits
+        plain = runtime.model(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(plain, ours, atol=1e-4)
+
+
+# --- chat ---------------------------------------------------------------------------------
+
+def test_chat_base_adapter_id_and_description_agree_with_the_runtime(client, runtime):
+    base = _chat(client, model="base").json()
+    assert base["object"] == "chat.completion" and base["model"] == "base"
+    assert base["choices"][0]["message"]["content"] == runtime.chat([USER], max_new_tokens=5)[0].text
+    by_description = _chat(client, description=APPLE).json()
+    adapter = client.post("/v1/adapters", json={"description": APPLE}).json()
+    assert by_description["model"] == adapter["model"] and by_description["t2l"]["adapter_id"] == adapter["id"]
+    by_id = _chat(client, model=adapter["model"]).json()
+    expected = runtime.chat([USER], runtime.adapters([APPLE]), max_new_tokens=5)[0]
+    assert by_id["choices"][0]["message"]["content"] == by_description["choices"][0]["message"]["content"] == expected.text
+    assert by_id["usage"]["completion_tokens"] == expected.completion_tokens
+    assert by_id["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_streaming_sends_deltas_then_done(client):
+    whole = _chat(client, description=TIGER, max_tokens=6).json()
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"description": TIGER, "messages": USER, "max_tokens": 6, "stream": True}) as res:
+        assert res.status_code == 200 and res.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in res.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == whole["model"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert len([c for c in chunks if c["choices"][0]["delta"].get("content")]) >= 2  # streamed, not one blob
+    assert text == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["usage"] == whole["usage"]
+
+
+def test_concurrent_requests_with_different_adapters_share_one_batch(client, runtime):
+    descriptions = [f"answer every input with the word {w} variant 2" for w in ("apple", "river", "stone", "cloud")]
+    ids = [client.post("/v1/adapters", json={"description": d}).json()["model"] for d in descriptions]
+    before = _stats(client)["batching"]
+    results: dict[int, dict] = {}
+
+    def ask(i: int) -> None:
+        results[i] = _chat(client, model=ids[i], max_tokens=4).json()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)] + \
+              [threading.Thread(target=lambda: results.__setitem__(4, _chat(client, model="base", max_tokens=4).json()))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = _stats(client)["batching"]
+    assert after["requests"] - before["requests"] == 5
+    assert after["batches"] - before["batches"] == 1, after
+    assert {r["t2l"]["batch_size"] for r in results.values()} == {5}
+    weights = runtime.adapters(descriptions)
+    for i in range(4):  # every row decoded with its own adapter
+        alone = runtime.chat([USER], weights.select(i), max_new_tokens=4)[0].text
+        assert results[i]["choices"][0]["message"]["content"] == alone
+    assert results[4]["choices"][0]["message"]["content"] == runtime.chat([USER], max_new_tokens=4)[0].text
+
+
+def test_max_batch_1_serves_one_request_at_a_time(runtime):
+    with fastapi_testclient.TestClient(create_app(runtime, max_batch=1, batch_window_ms=250)) as c:
+        threads = [threading.Thread(target=_chat, args=(c,), kwargs={"model": "base"}) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = c.get("/v1/stats").json()["batching"]
+    assert stats["batches"] == 3 and stats["max_batch_size"] == 1
+
+
+class SlowRuntime:
+    """The real runtime, but every batch takes a second longer (as a big model would)."""
+
+    def __init__(self, runtime):
+        self._runtime = runtime
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+    def chat(self, *args, **kwargs):
+        time.sleep(1.0)
+        return self._runtime.chat(*args, **kwargs)
+
+
+def test_event_loop_answers_while_a_batch_decodes(runtime):
+    with fastapi_testclient.TestClient(create_app(SlowRuntime(runtime), batch_window_ms=0)) as c:
+        done = {}
+        worker = threading.Thread(target=lambda: done.setdefault("chat", (_chat(c, model="base"), time.perf_counter())))
+        worker.start()
+        time.sleep(0.2)  # the batch is now sleeping in the model thread
+        health = c.get("/healthz")
+        health_at = time.perf_counter()
+        worker.join()
+    assert health.status_code == 200 and done["chat"][0].status_code == 200
+    assert health_at < done["chat"][1] - 0.3, "the event loop was blocked by model work"
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    ("post", "/v1/adapters", {"description": ""}, 422, "description"),
+    ("post", "/v1/adapters", {"description": "   "}, 422, "must not be empty"),
+    ("post", "/v1/adapters", {"description": "x" * (MAX_DESCRIPTION_CHARS + 1)}, 422, f"at most {MAX_DESCRIPTION_CHARS}"),
+    ("post", "/v1/adapters", {}, 422, "description: Field required"),
+    ("get", "/v1/adapters/0123456789abcdef", None, 404, "unknown adapter id"),
+    ("chat", "", {"model": "base", "max_tokens": 0}, 422, "max_tokens"),
+    ("chat", "", {"model": "base", "max_tokens": MAX_TOKENS + 1}, 422, f"less than or equal to {MAX_TOKENS}"),
+    ("chat", "", {"model": "base", "temperature": -1}, 422, "temperature"),
+    ("chat", "", {"model": "t2l:0123456789abcdef"}, 404, "unknown adapter"),
+    ("chat", "", {"model": "gpt-4"}, 404, "unknown model 'gpt-4'"),
+    ("chat", "", {"model": "t2l"}, 400, "needs a 'description'"),
+    ("chat", "", {"model": "base", "description": APPLE}, 400, "conflicts"),
+    ("chat", "", {"description": " "}, 422, "must not be empty"),
+    ("chat", "", {"description": "y" * (MAX_DESCRIPTION_CHARS + 1)}, 422, "description"),
+    ("chat", "", {"model": "base", "messages": []}, 422, "messages"),
+    ("chat", "", {"model": "base", "messages": [{"role": "assistant", "content": "hi"}]}, 422, "role 'user'"),
+    ("chat", "", {"model": "base", "messages": [{"role": "robot", "content": "hi"}]}, 422, "role"),
+    ("chat", "", {"model": "base", "messages": [{"role": "user", "content": "red " * 300}]}, 400, "context"),
+]
+
+
+@pytest.mark.parametrize("method,path,body,status,words", BAD_REQUESTS,
+                         ids=[f"{b[0]}-{b[3]}-{b[4][:24]}" for b in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_json_error(client, method, path, body, status, words):
+    if method == "chat":
+        res = _chat(client, **body)
+    elif method == "get":
+        res = client.get(path)
+    else:
+        res = client.post(path, json=body)
+    assert res.status_code == status, res.text
+    error = res.json()["error"]
+    assert words in error["message"] and error["type"] in ("invalid_request_error", "not_found_error")
+
+
+def test_malformed_json_is_a_400(client):
+    for path in ("/v1/adapters", "/v1/chat/completions"):
+        res = client.post(path, content=b'{"description": ', headers={"content-type": "application/json"})
+        assert res.status_code == 400 and "malformed JSON" in res.json()["error"]["message"]
+
+
+def test_health_page_and_request_log(client, caplog):
+    with caplog.at_level("INFO", logger="t2l.serve"):
+        assert client.get("/healthz").json()["status"] == "ok"
+    assert any("GET /healthz 200" in r.getMessage() and "ms" in r.getMessage() for r in caplog.records)
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="description"' in page.text and 'id="prompt"' in page.text
+
+
+# --- live server + real browser -----------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(runtime):
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(runtime, batch_window_ms=50), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _chromium() -> str | None:
+    return next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and Path(p).exists()), None)
+
+
+def test_web_page_in_headless_chromium(live_server, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("/usr/bin/chromium is absent (apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1200,860", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    service = webdriver.ChromeService(executable_path=driver_path) if Path(driver_path).exists() else None
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        driver.get(live_server + "/")
+        driver.find_element(By.ID, "description").send_keys(APPLE)
+        driver.find_element(By.ID, "prompt").send_keys("red blue small")
+        driver.find_element(By.ID, "run").click()
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "base-time").text and d.find_element(By.ID, "t2l-time").text)
+        base = driver.find_element(By.ID, "base-answer").text
+        adapted = driver.find_element(By.ID, "t2l-answer").text
+        download = driver.find_element(By.ID, "download")
+        driver.save_screenshot(str(tmp_path / "t2l_web.png"))
+        print(f"screenshot: {tmp_path / 't2l_web.png'}")
+        assert base and adapted and base != "…" and adapted != "…"
+        for el in ("base-answer", "t2l-answer"):
+            assert "error" not in driver.find_element(By.ID, el).get_attribute("class")
+        assert driver.find_element(By.ID, "base-time").text.endswith(" s")
+        assert download.get_attribute("aria-disabled") == "false" and "/v1/adapters/" in download.get_attribute("href")
+    finally:
+        driver.quit()
+    assert (tmp_path / "t2l_web.png").stat().st_size > 10_000
