@@ -208,6 +208,8 @@ class T2LRuntime:
         from t2l_framework.eval.generation import left_pad
 
         n = len(prompts)
+        if n == 0:
+            return []
         per_row = lambda v: [v] * n if isinstance(v, (int, float)) else list(v)  # noqa: E731
         max_new, temps = per_row(max_new_tokens), per_row(temperature)
         ids = [list(p) if _is_ids(p) else self.encode(p, max(max_new)) for p in prompts]

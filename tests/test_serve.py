@@ -357,3 +357,15 @@ def test_web_page_in_headless_chromium(live_server, tmp_path):
     finally:
         driver.quit()
     assert (tmp_path / "t2l_web.png").stat().st_size > 10_000
+
+
+def test_a_failing_batch_fails_its_requests_with_json_500_and_the_server_goes_on(runtime):
+    class Broken(SlowRuntime):
+        def chat(self, *args, **kwargs):
+            raise RuntimeError("out of memory")
+
+    with fastapi_testclient.TestClient(create_app(Broken(runtime), batch_window_ms=0), raise_server_exceptions=False) as c:
+        res = _chat(c, model="base")
+        assert res.status_code == 500 and "out of memory" in res.json()["error"]["message"]
+        assert c.get("/healthz").status_code == 200
+        assert _chat(c, model="base").status_code == 500  # the batcher is still there to take it

@@ -169,6 +169,10 @@ def create_app(runtime, max_batch: int = 16, batch_window_ms: float = 30.0, cach
     async def on_t2l(request, exc):
         return _error(400, str(exc))
 
+    @app.exception_handler(Exception)
+    async def on_crash(request, exc):  # still logged with its traceback by Starlette
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
         return HTMLResponse((STATIC / "index.html").read_text())
