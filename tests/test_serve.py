@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -369,3 +373,32 @@ def test_a_failing_batch_fails_its_requests_with_json_500_and_the_server_goes_on
         assert res.status_code == 500 and "out of memory" in res.json()["error"]["message"]
         assert c.get("/healthz").status_code == 200
         assert _chat(c, model="base").status_code == 500  # the batcher is still there to take it
+
+
+def test_t2l_serve_command_binds_loopback_and_answers(world):
+    import httpx
+
+    from t2l_framework.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "RUN"]).host == "127.0.0.1"
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "t2l_framework.cli", "serve", str(world["run"]), "--port", str(port),
+                             "--max-batch", "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "t2l serve did not come up"
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        res = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                         json={"description": APPLE, "messages": USER, "max_tokens": 3})
+        assert res.status_code == 200 and res.json()["model"].startswith("t2l:")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, out
+    assert "POST /v1/chat/completions 200" in out and "batches of up to 4" in out
