@@ -402,3 +402,17 @@ def test_t2l_serve_command_binds_loopback_and_answers(world):
         out = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, out
     assert "POST /v1/chat/completions 200" in out and "batches of up to 4" in out
+
+
+def test_concurrent_posts_of_one_description_generate_it_once(client):
+    description = "answer every input with the word cloud variant 5"
+    before = _stats(client)["adapters"]["generated"]
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(client.post("/v1/adapters", json={"description": description})))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in out] == [200] * 3 and len({r.json()["id"] for r in out}) == 1
+    assert _stats(client)["adapters"]["generated"] == before + 1

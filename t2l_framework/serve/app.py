@@ -79,21 +79,21 @@ class Service:
         item = self.cache.get(key)
         if item is not None:
             return item, True
-        if key in self.pending:
-            return await asyncio.shield(self.pending[key]), True
-        future = asyncio.get_running_loop().create_future()
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # waiters may be gone
-        self.pending[key] = future
+        task = self.pending.get(key)
+        fresh = task is None
+        if fresh:
+            # A task of its own: a client that goes away must not cancel it under other waiters.
+            task = self.pending[key] = asyncio.create_task(self._generate(key, description))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # waiters may all be gone
+        return await asyncio.shield(task), not fresh
+
+    async def _generate(self, key: str, description: str) -> Adapter:
         try:
             t0 = time.perf_counter()
             weights = await self.batcher.run_model(self.runtime.adapters, [description])
             item = Adapter(key, description, weights, (time.perf_counter() - t0) * 1000)
             self.cache.put(item)
-            future.set_result(item)
-            return item, False
-        except Exception as exc:
-            future.set_exception(exc)
-            raise
+            return item
         finally:
             del self.pending[key]
 
