@@ -17,6 +17,7 @@ def site(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.delenv("T2L_PLUGINS", raising=False)
     yield site
+    monkeypatch.undo()  # drop the fake plugins from sys.path before reloading
     manager.registry(reload=True)  # later tests get the registry without the fake plugins
     for name in ("t2l_fake_plugin", "t2l_broken_plugin", "t2l_clash_plugin"):
         sys.modules.pop(name, None)

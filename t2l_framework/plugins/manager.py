@@ -125,7 +125,8 @@ def load_registry() -> Registry:
 
     for kind in KINDS:
         caller = getattr(pm.hook, f"t2l_register_{kind}")
-        for impl in reversed(caller.get_hookimpls()):  # registration order
+        order = list(infos)  # built-ins first, then entry points by name: the order names are claimed in
+        for impl in sorted(caller.get_hookimpls(), key=lambda i: order.index(i.plugin_name)):
             info = infos[impl.plugin_name]
             if info.error:
                 continue
