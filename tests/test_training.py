@@ -49,6 +49,7 @@ def test_sft_lowers_the_loss_and_writes_a_run_folder(world):
     assert ckpt["state_dict"] and all(k.startswith("generator.") for k in ckpt["state_dict"])
     report = (run / "report.md").read_text()
     assert "(c) T2L, held-out description" in report and "(d) T2L, another task's description" in report
+    assert "| (c) T2L minus |" in report
 
 
 def test_lora_mode_writes_a_peft_folder_that_peft_loads(world):

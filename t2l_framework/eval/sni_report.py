@@ -69,8 +69,28 @@ def evaluate_conditions(model, tokenizer, injection, items: list[dict],
         rl = [rouge_l(p, it["answers"]) for p, it in zip(preds, items)]
         (em_m, em_se), (rl_m, rl_se) = _mean_se(em), _mean_se(rl)
         results[name] = {"n": len(items), "em": em_m, "em_se": em_se, "rouge_l": rl_m, "rouge_l_se": rl_se,
-                         "predictions": preds}
+                         "predictions": preds, "em_items": em, "rouge_l_items": rl}
     return results
+
+
+def paired_differences(results: dict, reference: str = "t2l") -> dict[str, dict]:
+    """reference minus each other condition, item by item: {name: {em, em_se, rouge_l, rouge_l_se}}.
+
+    The conditions answer the same items, so the paired standard error is the right yardstick
+    for "does T2L beat X": it removes the spread in item difficulty that both share.
+    """
+    if reference not in results:
+        return {}
+    ref, out = results[reference], {}
+    for name, r in results.items():
+        if name == reference:
+            continue
+        row = {}
+        for key in ("em", "rouge_l"):
+            mean, se = _mean_se([a - b for a, b in zip(ref[f"{key}_items"], r[f"{key}_items"])])
+            row[key], row[f"{key}_se"] = mean, se
+        out[name] = row
+    return out
 
 
 def markdown_table(title: str, results: dict) -> str:
@@ -78,21 +98,58 @@ def markdown_table(title: str, results: dict) -> str:
     for name, r in results.items():
         lines.append(f"| {CONDITIONS.get(name, name)} | {r['n']} | {r['em']:.3f} ± {r['em_se']:.3f} | "
                      f"{r['rouge_l']:.3f} ± {r['rouge_l_se']:.3f} |")
+    diffs = paired_differences(results)
+    if diffs:
+        lines += ["", "| (c) T2L minus | exact match | ROUGE-L |", "|---|---:|---:|"]
+        for name, d in diffs.items():
+            lines.append(f"| {CONDITIONS.get(name, name)} | {d['em']:+.3f} ± {d['em_se']:.3f} "
+                         f"({_in_se(d['em'], d['em_se'])}) | {d['rouge_l']:+.3f} ± {d['rouge_l_se']:.3f} "
+                         f"({_in_se(d['rouge_l'], d['rouge_l_se'])}) |")
     return "\n".join(lines)
+
+
+def _in_se(mean: float, se: float) -> str:
+    return f"{mean / se:+.1f} SE" if se > 0 else "n/a"
 
 
 def write_report(out_dir: Path, tables: dict[str, dict], items: dict[str, list[dict]]) -> str:
     """Write report.md and report.json (with per-item predictions); return the Markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md = "\n\n".join(markdown_table(title, res) for title, res in tables.items())
-    (out_dir / "report.md").write_text(md + "\n\n(± is one standard error over items)\n")
+    (out_dir / "report.md").write_text(md + "\n\n(± is one standard error over items; differences are paired "
+                                       "over the same items)\n")
     payload = {}
     for title, res in tables.items():
         payload[title] = {
-            name: {k: v for k, v in r.items() if k != "predictions"} for name, r in res.items()}
+            name: {k: v for k, v in r.items() if k in ("n", "em", "em_se", "rouge_l", "rouge_l_se")}
+            for name, r in res.items()}
         payload[title]["items"] = [
             {"task": it["task"], "answers": it["answers"], **{n: r["predictions"][i] for n, r in res.items()}}
             for i, it in enumerate(items[title])]
     (out_dir / "report.json").write_text(json.dumps(payload, indent=1))
     return md
 
+
+
+def rescore(report_json: Path) -> dict[str, dict]:
+    """Rebuild the tables (with paired differences) from a saved report.json."""
+    data = json.loads(Path(report_json).read_text())
+    tables = {}
+    for title, section in data.items():
+        items = section["items"]
+        names = [n for n in section if n != "items"]
+        tables[title] = {}
+        for name in names:
+            em = [exact_match(it[name], it["answers"]) for it in items]
+            rl = [rouge_l(it[name], it["answers"]) for it in items]
+            (em_m, em_se), (rl_m, rl_se) = _mean_se(em), _mean_se(rl)
+            tables[title][name] = {"n": len(items), "em": em_m, "em_se": em_se, "rouge_l": rl_m,
+                                   "rouge_l_se": rl_se, "em_items": em, "rouge_l_items": rl}
+    return tables
+
+
+if __name__ == "__main__":
+    import sys
+
+    for path in sys.argv[1:]:
+        print("\n\n".join(markdown_table(t, r) for t, r in rescore(Path(path)).items()))
