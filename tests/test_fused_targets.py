@@ -30,6 +30,7 @@ def gpt2_plugin(tmp_path, monkeypatch):
     monkeypatch.delenv("T2L_PLUGINS", raising=False)
     yield manager.registry(reload=True)
     sys.modules.pop("t2l_gpt2_family", None)
+    monkeypatch.undo()  # take the plugin off sys.path before the reload, or it stays registered
     manager.registry(reload=True)
 
 
