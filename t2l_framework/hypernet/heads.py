@@ -139,9 +139,20 @@ class SharedHead(_SharedABBase):
         """features: [rows, latent] -> A [rows, r, in], B [rows, out, r]."""
         i = self.index(module)
         in_f, out_f = self.shapes.shapes[module]
-        y = self.out[i](self.ab_features(features, i))  # [rows, 2, r * max]
-        y = (y * self.gain[i][:, None] + self.bias[i]).unflatten(-1, (self.rank, -1))  # [rows, 2, r, max]
-        return y[:, 0, :, :in_f], y[:, 1, :, :out_f].transpose(1, 2)
+        feats = self.ab_features(features, i)  # [rows, 2, latent]
+        a = self._chunks(feats[:, 0], i, 0, in_f)  # [rows, r, in]
+        b = self._chunks(feats[:, 1], i, 1, out_f)  # [rows, r, out]
+        return a, b.transpose(1, 2)
+
+    def _chunks(self, x: torch.Tensor, i: int, ab: int, keep: int) -> torch.Tensor:
+        """x [rows, latent] -> [rows, r, keep]: only the ``keep`` used columns of each of the r
+        chunks are computed (for v_proj's B that skips two thirds of the output layer)."""
+        weight, bias = self.out[i].weight, self.bias[i][ab]  # [r * max, latent], [r * max]
+        width = weight.shape[0] // self.rank
+        if keep < width:
+            weight = weight.view(self.rank, width, -1)[:, :keep].reshape(self.rank * keep, -1)
+            bias = bias.view(self.rank, width)[:, :keep].reshape(-1)
+        return (F.linear(x, weight) * self.gain[i][ab] + bias).view(-1, self.rank, keep)
 
 
 class ChunkedHead(_SharedABBase):
