@@ -6,7 +6,7 @@ greedy chat requests (request i uses adapter i mod D) and reports p50 / p95 late
 throughput. Baseline: the same requests served one at a time by the same server code.
 Target: batched throughput >= 3x sequential. No request may be dropped.
 
-    python benchmarks/serve_load.py [RUN] [--requests 32] [--descriptions 8] [--max-tokens 32] [--max-batch 32]
+    python benchmarks/serve_load.py [RUN] [--requests 32] [--descriptions 8] [--max-tokens 32] [--max-batch 32] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: str, port: int, max_batch: int, window_ms: float) -> subprocess.Popen:
+def start_server(run: str, port: int, max_batch: int, window_ms: float, dtype: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "t2l_framework.cli", "serve", run, "--port", str(port),
-           "--max-batch", str(max_batch), "--batch-window-ms", str(window_ms)]
+           "--max-batch", str(max_batch), "--batch-window-ms", str(window_ms), "--dtype", dtype]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -112,7 +112,7 @@ async def load(url: str, n_requests: int, n_desc: int, max_tokens: int) -> dict:
 
 def measure(run: str, max_batch: int, window_ms: float, args) -> dict:
     port = free_port()
-    proc = start_server(run, port, max_batch, window_ms)
+    proc = start_server(run, port, max_batch, window_ms, args.dtype)
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}")
         return asyncio.run(load(f"http://127.0.0.1:{port}", args.requests, args.descriptions, args.max_tokens))
@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32, help="batch size of the batched server")
     parser.add_argument("--window-ms", type=float, default=30.0)
+    parser.add_argument("--dtype", default="auto", help="t2l serve --dtype (auto: the recipe's)")
     args = parser.parse_args()
 
     rows = {}
@@ -145,7 +146,7 @@ def main() -> None:
         rows[name] = measure(args.run, max_batch, args.window_ms, args)
 
     print(f"\n{args.requests} concurrent chat requests, {args.descriptions} distinct adapters, "
-          f"max_tokens {args.max_tokens}, greedy, loopback ({args.run})")
+          f"max_tokens {args.max_tokens}, greedy, dtype {args.dtype}, loopback ({args.run})")
     print(f"{'mode':<15} {'ok':>6} {'p50 s':>8} {'p95 s':>8} {'wall s':>8} {'req/s':>7} {'tok/s':>7} {'mean batch':>11}")
     for name, r in rows.items():
         lat = r["latencies"]

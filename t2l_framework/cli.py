@@ -94,6 +94,10 @@ def cmd_fit(args) -> int:
 
 # --- generate / serve -----------------------------------------------------------------------
 
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+DTYPE_HELP = "base model weights (default auto: the recipe's base_model.dtype)"
+
+
 def _say(msg: str) -> None:
     print(f"[t2l] {msg}", file=sys.stderr, flush=True)
 
@@ -115,7 +119,7 @@ def cmd_generate(args) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise T2LError(f"{out} already exists; pass --force to overwrite it, or -o DIR for another folder")
     _say(f"loading {args.run} ...")
-    runtime = load_run(args.run)
+    runtime = load_run(args.run, dtype=args.dtype)
     weights = runtime.adapters(descriptions)  # one hypernetwork forward for all of them
     folders = [out] if len(descriptions) == 1 else [out / f"adapter_{i:03d}" for i in range(len(descriptions))]
     runtime.export(weights, folders)
@@ -155,7 +159,7 @@ def cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         _say(f"binding to {args.host}: the API has no authentication; anyone who can reach this port can use it")
     _say(f"loading {args.run} ...")
-    app = create_app(load_run(args.run), max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+    app = create_app(load_run(args.run, dtype=args.dtype), max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                      cache_size=args.cache_size)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
     return 0
@@ -214,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length for --chat (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for --chat (0 = greedy)")
     p.add_argument("--force", action="store_true", help="write into an existing output folder")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.set_defaults(func=cmd_generate)
 
     p = _parser_for(sub, "serve", "Serve a trained hypernetwork: adapter API, OpenAI-compatible chat, web page.",
@@ -224,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (1 = one at a time)")
     p.add_argument("--batch-window-ms", type=float, default=30.0, help="how long a batch waits for more requests")
     p.add_argument("--cache-size", type=int, default=128, help="generated adapters kept in memory (LRU)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -65,11 +65,12 @@ def _locate(folder: Path) -> tuple[Path, Path | None]:
                    "(no hypernet_config.json); train one with `t2l fit RECIPE`")
 
 
-def load_run(folder: str | Path, device: str | torch.device | None = None) -> "T2LRuntime":
+def load_run(folder: str | Path, device: str | torch.device | None = None, dtype: str = "auto") -> "T2LRuntime":
     """Load a run folder (``recipe.yaml`` + ``hypernet/``) or a bare hypernet folder.
 
     The recipe gives the base model and encoder settings; a bare hypernet folder falls back
-    to what its ``hypernet_config.json`` records (base model name, encoder).
+    to what its ``hypernet_config.json`` records (base model name, encoder). dtype: the base
+    model's weights, 'auto' = the recipe's ``base_model.dtype``.
     """
     from omegaconf import OmegaConf
 
@@ -90,6 +91,8 @@ def load_run(folder: str | Path, device: str | torch.device | None = None) -> "T
         known = set(EncoderConfig.__dataclass_fields__)
         enc_cfg = OmegaConf.structured(EncoderConfig(**{k: v for k, v in meta["encoder"].items() if k in known}))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype != "auto":
+        base_cfg = OmegaConf.merge(base_cfg, {"dtype": dtype})
     base = load_base_model(base_cfg, device=device)
     hypernet = HyperNetwork.from_pretrained(hyper_dir, expect_base_model=base_cfg.name_or_path, device=device)
     injection = inject_lora(base.model, hypernet.target_modules)
