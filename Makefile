@@ -29,5 +29,5 @@ test: install  ## the default test suite (under 15 minutes on 2 cores)
 	$(BIN)/python -m pytest
 	$(BIN)/python -m pytest plugins/t2l-plugin-e5/tests
 
-test-slow: install  ## real SmolLM2 / MiniLM / DeepSpeed tests that take minutes
+test-slow: install  ## tests on the real SmolLM2 model (GGUF dequantisation) that take minutes
 	$(BIN)/python -m pytest -m slow
