@@ -253,3 +253,13 @@ def test_forward_is_one_trunk_pass_per_batch():
     net.trunk.register_forward_hook(lambda *a: calls.append(1))
     net(torch.randn(4, ENC_DIM))
     assert calls == [1]
+
+
+def test_a_head_without_forward_cannot_be_built():
+    from t2l_framework import HypernetHead
+
+    class NoForward(HypernetHead):
+        pass
+
+    with pytest.raises(TypeError, match="abstract method forward"):
+        NoForward(8, TINY, 2)

@@ -7,6 +7,7 @@ frozen), so ``encode`` runs under ``torch.no_grad`` and the module stays in eval
 
 from __future__ import annotations
 
+import abc
 import importlib.util
 import os
 from pathlib import Path
@@ -73,7 +74,7 @@ def load_error(model: str, exc: BaseException) -> T2LError:
     )
 
 
-class BaseEncoder(nn.Module):
+class BaseEncoder(nn.Module, abc.ABC):
     """Shared behaviour: instruction prefix, batching, optional L2 norm, frozen unless trainable.
 
     Subclasses set ``self.dim`` and implement ``embed_batch(texts) -> Tensor[b, dim]``.
@@ -114,8 +115,9 @@ class BaseEncoder(nn.Module):
         return {"name": self.name, "model": self.model_name, "pooling": self.pooling,
                 "prefix": self.prefix, "normalize": self.normalize}
 
+    @abc.abstractmethod
     def embed_batch(self, texts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
+        """Subclasses compute this (see the class docstring)."""
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """Embed descriptions: ``texts`` (n strings) -> ``[n, dim]`` float32 on the encoder's device."""

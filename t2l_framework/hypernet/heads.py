@@ -11,6 +11,7 @@ small but not zero, so the trunk learns from the first step.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -35,7 +36,7 @@ def small_normal_(weight: torch.Tensor, in_features: int) -> torch.Tensor:
     return nn.init.normal_(weight, 0.0, std)
 
 
-class HypernetHead(nn.Module):
+class HypernetHead(nn.Module, abc.ABC):
     """Base class of all heads.
 
     Subclasses keep the constructor signature ``(latent_size, shapes, rank)`` and implement
@@ -64,8 +65,9 @@ class HypernetHead(nn.Module):
         """Position of module type ``module`` in ``shapes`` (and in this head's per-module lists)."""
         return self._index[module]
 
+    @abc.abstractmethod
     def forward(self, features: torch.Tensor, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Subclasses compute this (see the class docstring)."""
 
 
 class PerLayerHead(HypernetHead):
