@@ -9,8 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from t2l_framework.config import DataConfig
 from t2l_framework.data import (
@@ -22,6 +20,7 @@ from t2l_framework.data import (
     load_tasks,
 )
 from t2l_framework.errors import T2LError
+from tests.tiny_world import word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN_TASKS = 5
@@ -69,14 +68,7 @@ def tokenizer():
     tasks, instances = _task_records()
     texts = [format_prompt("", "sys")] + [d for t in tasks for d in t["descriptions"] + t.get("eval_descriptions", [])]
     texts += [i["input"] for i in instances] + [o for i in instances for o in i["output"]]
-    pre = pre_tokenizers.Whitespace()
-    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2}
-    for text in texts:
-        for piece, _ in pre.pre_tokenize_str(text):
-            vocab.setdefault(piece, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]")
+    return word_tokenizer(texts, unk="[UNK]", pad="[PAD]", eos="[EOS]")
 
 
 def _module(files, tokenizer, seed=7, **overrides) -> T2LDataModule:

@@ -38,20 +38,19 @@ def _tasks() -> tuple[list[dict], list[dict]]:
     return tasks, instances
 
 
-def _word_tokenizer(texts: list[str]):
+def word_tokenizer(texts: list[str], unk: str = "<unk>", pad: str = "<pad>", eos: str = "</s>"):
+    """A whitespace word-level tokenizer over every word of ``texts``: each word is one token."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     pre = pre_tokenizers.Whitespace()
-    vocab = {"<unk>": 0, "<pad>": 1, "</s>": 2}
+    vocab = {unk: 0, pad: 1, eos: 2}
     for text in texts:
         for piece, _ in pre.pre_tokenize_str(text):
             vocab.setdefault(piece, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     backend.pre_tokenizer = pre
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=pad, unk_token=unk)
 
 
 def build_world(root: Path) -> dict[str, Path]:
@@ -67,7 +66,8 @@ def build_world(root: Path) -> dict[str, Path]:
 
     texts = [CHAT_TEMPLATE, "<system> <user> <assistant> </s>"] + [i["input"] for i in instances]
     texts += [d for t in tasks for d in t["descriptions"]] + LABELS
-    tok = _word_tokenizer(texts)
+    tok = word_tokenizer(texts)
+    tok.chat_template = CHAT_TEMPLATE
     llm = root / "tiny-llama"
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
