@@ -25,11 +25,11 @@ def final_report(cfg, run_dir: Path, base, injection, dm, embeddings, generator,
     generator.eval()
     make_weights = None
     if cfg.training.mode == "sft":
-        emb = embeddings.to(device)
+        emb, generator = embeddings.to(device), generator.to(device)
 
         @torch.inference_mode()
         def make_weights(desc_idx: list[int]):
-            return generator.to(device)(emb[torch.as_tensor(desc_idx, device=device)])
+            return generator(emb[torch.as_tensor(desc_idx, device=device)])
 
     baseline = None
     if cfg.training.mode == "lora":

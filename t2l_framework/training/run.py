@@ -33,6 +33,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     best, best_step = None, -1
     for p in ckpt_dir.glob("*.ckpt"):
         try:
+            # DeepSpeed writes checkpoint folders (all runs of one strategy): newest wins there.
             step = checkpoint_step(p) if p.is_file() else int(p.stat().st_mtime)
         except Exception:  # noqa: BLE001 - a torn file is skipped, not fatal
             continue
