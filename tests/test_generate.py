@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from t2l_framework.cli import main
-from t2l_framework.training.run import fit
-from tests.tiny_world import build_world
+from tests.tiny_world import build_trained_world
 
 ROOT = Path(__file__).resolve().parents[1]
 DESCRIPTIONS = ["answer every input with the word apple", "answer every input with the word tiger",
@@ -22,10 +21,7 @@ DESCRIPTIONS = ["answer every input with the word apple", "answer every input wi
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    world = build_world(tmp_path_factory.mktemp("generate_world"))
-    world["run"] = fit(str(world["recipe"]), ["trainer.max_steps=2", "training.run_name=gen",
-                                              "eval.final_report=false"])
-    return world
+    return build_trained_world(tmp_path_factory.mktemp("generate_world"), "gen")
 
 
 def _t2l(*args: str, cwd: Path) -> subprocess.CompletedProcess:

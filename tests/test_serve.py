@@ -21,8 +21,7 @@ import torch
 
 from t2l_framework.errors import T2LError
 from t2l_framework.inference import load_run
-from t2l_framework.training.run import fit
-from tests.tiny_world import build_world
+from tests.tiny_world import build_trained_world
 
 fastapi_testclient = pytest.importorskip("fastapi.testclient", reason="the serve extra is not installed")
 from t2l_framework.serve import create_app  # noqa: E402
@@ -35,10 +34,7 @@ USER = [{"role": "user", "content": "red blue small"}]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    world = build_world(tmp_path_factory.mktemp("serve_world"))
-    world["run"] = fit(str(world["recipe"]), ["trainer.max_steps=2", "training.run_name=serve",
-                                              "eval.final_report=false"])
-    return world
+    return build_trained_world(tmp_path_factory.mktemp("serve_world"), "serve")
 
 
 @pytest.fixture(scope="module")

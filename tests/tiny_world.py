@@ -134,3 +134,13 @@ eval:
   max_new_tokens: 3
 """)
     return {"root": root, "recipe": recipe, "llm": llm, "encoder": enc, "data": data}
+
+
+def build_trained_world(root: Path, run_name: str, steps: int = 2) -> dict[str, Path]:
+    """``build_world`` plus a run folder trained ``steps`` steps (for generate / serve tests)."""
+    from t2l_framework.training.run import fit
+
+    world = build_world(root)
+    world["run"] = fit(str(world["recipe"]), [f"trainer.max_steps={steps}", f"training.run_name={run_name}",
+                                              "eval.final_report=false"])
+    return world
