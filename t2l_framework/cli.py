@@ -1,4 +1,4 @@
-"""The `t2l` command: validate, recipes, plugins, fit, generate, serve.
+"""The `t2l` command: validate, recipes, plugins, fit, eval, generate, serve.
 
 Each sub-command is a small ``cmd_*`` function; a ``T2LError`` is printed as one line
 without a traceback and exits with status 2.
@@ -165,6 +165,72 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# --- eval ---------------------------------------------------------------------------------
+
+
+def _split_list(values: list[str] | None) -> list[str]:
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+def cmd_eval(args) -> int:
+    from t2l_framework.config import find_recipe, load_recipe
+    from t2l_framework.eval.benchmarks import get_benchmarks
+    from t2l_framework.eval.cache import ResultCache, default_cache_dir
+    from t2l_framework.eval.harness import EvalSettings, Evaluator, parse_adapters
+    from t2l_framework.eval.report import markdown_table, write_outputs
+    from t2l_framework.inference import load_generator, runtime_for
+
+    target = Path(args.run_or_recipe).expanduser()
+    if target.is_dir():  # a trained run (or hypernet) folder
+        generator = load_generator(target, args.device or _default_device())
+        recipe_file = target / "recipe.yaml" if (target / "recipe.yaml").is_file() else None
+        cfg = load_recipe(recipe_file) if recipe_file else None
+        base_cfg, default_out = generator.base_config, target / "eval"
+    else:
+        recipe_file = find_recipe(args.run_or_recipe)
+        cfg, generator = load_recipe(recipe_file), None
+        base_cfg, default_out = cfg.base_model, Path("eval_results") / recipe_file.stem
+    ev = cfg.eval if cfg is not None else None
+    adapters = _split_list(args.adapters) or (["base", "base+description"] + (["t2l"] if generator else []))
+    if not args.adapters and ev is not None and ev.baseline_adapter:
+        from t2l_framework.config import resolve_path
+
+        baseline = resolve_path(ev.baseline_adapter, recipe_file)
+        if baseline.is_dir():
+            adapters.append(str(baseline))
+        else:
+            _say(f"eval.baseline_adapter {ev.baseline_adapter} does not exist; evaluating without it")
+    specs = parse_adapters(adapters, have_run=generator is not None)
+    names = _split_list(args.benchmarks) or (list(ev.benchmarks) if ev is not None and ev.benchmarks else ["paper"])
+    benchmarks = get_benchmarks(names, args.data_root)
+    settings = EvalSettings(
+        limit=args.limit if args.limit is not None else (ev.limit if ev is not None else 0),
+        n_descriptions=args.n_descriptions or (ev.n_descriptions if ev is not None else 3),
+        scoring=args.scoring, mc_answer=args.mc_answer,
+        batch_size=args.batch_size or (ev.batch_size if ev is not None else 16),
+        max_new_tokens=args.max_new_tokens, code_timeout_s=args.code_timeout, seed=args.seed)
+    _say(f"loading {base_cfg.name_or_path} ...")
+    runtime = runtime_for(base_cfg, args.device or _default_device(), args.dtype, generator)
+    cache = ResultCache(None if args.no_cache else (args.cache_dir or default_cache_dir()))
+    evaluator = Evaluator(runtime, specs, settings, cache)
+    _say(f"evaluating {', '.join(s.name for s in specs)} on {', '.join(b.name for b in benchmarks)}"
+         f" ({'all' if not settings.limit else settings.limit} items each)")
+    results, predictions = evaluator.run(benchmarks)
+    files = write_outputs(results, predictions, Path(args.output) if args.output else default_out)
+    print()
+    print(markdown_table(dict(results)), end="")
+    print(f"\n{results['seconds']:.0f} s; cache: {results['cache']['hits']} hits, {results['cache']['misses']} misses")
+    for kind, path in files.items():
+        print(f"wrote {path}  ({kind})")
+    return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 # --- main ---------------------------------------------------------------------------------
 
 
@@ -177,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
               t2l recipes                              list shipped recipes
               t2l validate recipes/mistral_L.yaml      print the resolved recipe
               t2l fit smollm2_demo                     train the CPU demo
+              t2l eval runs/smollm2_demo --limit 50    score it on the paper's ten benchmarks
             """),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -206,6 +273,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder of the same name first")
     p.set_defaults(func=cmd_fit)
+
+    p = _parser_for(sub, "eval", "Score base / base+description / T2L / PEFT adapters on benchmarks; "
+                    "writes results.json, results.md and results.png.",
+                    "t2l eval runs/smollm2_demo --limit 50   # or: t2l eval recipes/mistral_L.yaml "
+                    "--adapters base,oracle=lora/arc --benchmarks arc_easy,gsm8k")
+    p.add_argument("run_or_recipe", help="trained run folder (runs/NAME), hypernet folder, or a recipe (base model only)")
+    p.add_argument("--benchmarks", action="append", metavar="LIST",
+                   help="comma-separated benchmark names, 'paper' (the ten of the T2L paper, the default), or 'all' "
+                        "(adds sni_unseen and plugin benchmarks); `t2l plugins` lists them")
+    p.add_argument("--adapters", action="append", metavar="LIST",
+                   help="comma-separated: base, base+description, t2l, NAME=PATH (a PEFT folder or another T2L run); "
+                        "default: base, base+description, t2l and the recipe's eval.baseline_adapter")
+    p.add_argument("--limit", type=int, default=None, help="items per benchmark (default: the recipe's eval.limit; 0 = all)")
+    p.add_argument("--n-descriptions", type=int, default=0, help="descriptions averaged per benchmark (default 3)")
+    p.add_argument("--scoring", default="loglik", choices=["loglik", "generate"],
+                   help="multiple choice by option log-likelihood (default) or by generating and extracting the answer")
+    p.add_argument("--mc-answer", default="label", choices=["label", "text"],
+                   help="log-likelihood of the option label the prompt asks for (default) or of the option text, "
+                        "length-normalised (lm-evaluation-harness acc_norm)")
+    p.add_argument("--batch-size", type=int, default=0, help="rows per forward (default: the recipe's eval.batch_size)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="cap on generated tokens (default: per benchmark)")
+    p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per HumanEval/MBPP program in the sandbox")
+    p.add_argument("--seed", type=int, default=0, help="which descriptions are drawn")
+    p.add_argument("-o", "--output", metavar="DIR", help="output folder (default: RUN/eval or eval_results/RECIPE)")
+    p.add_argument("--cache-dir", metavar="DIR", help="result cache (default: $T2L_CACHE_DIR or ~/.cache/t2l-framework)")
+    p.add_argument("--no-cache", action="store_true", help="recompute everything and store nothing")
+    p.add_argument("--data-root", metavar="DIR", help="folder with eval/, t2l/ and sni/ (default: the vendored data/)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.set_defaults(func=cmd_eval)
 
     p = _parser_for(sub, "generate", "Write PEFT adapters for task descriptions with a trained hypernetwork.",
                     't2l generate runs/smollm2_demo "Classify the sentiment of a review" -o sentiment '

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from t2l_framework.errors import T2LError
-from t2l_framework.lora.weights import LoraWeights
+from t2l_framework.lora.weights import LoraWeights, stack_rows
 
 Messages = list[dict]  # OpenAI-style [{"role": "system" | "user" | "assistant", "content": str}]
 RowWeights = LoraWeights | Sequence[LoraWeights | None] | None
@@ -65,21 +65,39 @@ def _locate(folder: Path) -> tuple[Path, Path | None]:
                    "(no hypernet_config.json); train one with `t2l fit RECIPE`")
 
 
-def load_run(folder: str | Path, device: str | torch.device | None = None, dtype: str = "auto") -> "T2LRuntime":
-    """Load a run folder (``recipe.yaml`` + ``hypernet/``) or a bare hypernet folder.
+@dataclass
+class AdapterGenerator:
+    """A trained hypernetwork and its text encoder: descriptions in, LoRA weights out.
 
-    The recipe gives the base model and encoder settings; a bare hypernet folder falls back
-    to what its ``hypernet_config.json`` records (base model name, encoder). dtype: the base
-    model's weights, 'auto' = the recipe's ``base_model.dtype``.
+    identity: sha256 of the hypernetwork's files; adapters are only comparable (and
+    cacheable) under the same identity. base_config: the base model it was trained for.
     """
+
+    hypernet: object
+    encoder: object
+    identity: str
+    name: str
+    base_config: object
+    chat_template: bool = True
+
+    @torch.inference_mode()
+    def generate(self, descriptions: Sequence[str]) -> LoraWeights:
+        """One encoder + hypernetwork forward for all descriptions: A[m]: [n, layers, r, in]."""
+        descriptions = [descriptions] if isinstance(descriptions, str) else list(descriptions)
+        if not descriptions or any(not d.strip() for d in descriptions):
+            raise T2LError("task descriptions must be non-empty text")
+        return self.hypernet.generate(descriptions, self.encoder)
+
+
+def load_generator(folder: str | Path, device: str | torch.device) -> AdapterGenerator:
+    """The hypernetwork and encoder of a run folder (``recipe.yaml`` + ``hypernet/``) or a bare
+    hypernet folder; a bare folder takes the base model and encoder its config records."""
     from omegaconf import OmegaConf
 
     from t2l_framework.config import BaseModelConfig, EncoderConfig, load_recipe
     from t2l_framework.encoders import build_encoder
     from t2l_framework.hypernet.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config
     from t2l_framework.hypernet.hypernetwork import HyperNetwork
-    from t2l_framework.llm.loading import load_base_model
-    from t2l_framework.lora.batched import inject_lora
 
     hyper_dir, recipe = _locate(Path(folder).expanduser())
     meta = read_config(hyper_dir)
@@ -90,29 +108,57 @@ def load_run(folder: str | Path, device: str | torch.device | None = None, dtype
         base_cfg = OmegaConf.structured(BaseModelConfig(name_or_path=meta["base_model"]))
         known = set(EncoderConfig.__dataclass_fields__)
         enc_cfg = OmegaConf.structured(EncoderConfig(**{k: v for k, v in meta["encoder"].items() if k in known}))
+    hypernet = HyperNetwork.from_pretrained(hyper_dir, expect_base_model=base_cfg.name_or_path, device=device)
+    encoder = build_encoder(enc_cfg).to(device)
+    identity = _file_digest([hyper_dir / CONFIG_NAME, hyper_dir / WEIGHTS_NAME])
+    name = (hyper_dir.parent if recipe is not None else hyper_dir).resolve().name
+    return AdapterGenerator(hypernet, encoder, identity, name, base_cfg, bool(base_cfg.chat_template))
+
+
+def load_run(folder: str | Path, device: str | torch.device | None = None, dtype: str = "auto") -> "T2LRuntime":
+    """Load a run folder (``recipe.yaml`` + ``hypernet/``) or a bare hypernet folder.
+
+    The recipe gives the base model and encoder settings; a bare hypernet folder falls back
+    to what its ``hypernet_config.json`` records (base model name, encoder). dtype: the base
+    model's weights, 'auto' = the recipe's ``base_model.dtype``.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    generator = load_generator(folder, device)
+    return runtime_for(generator.base_config, device, dtype, generator)
+
+
+def runtime_for(base_cfg, device: str | torch.device | None = None, dtype: str = "auto",
+                generator: AdapterGenerator | None = None, target_modules: Sequence[str] = ()) -> "T2LRuntime":
+    """Load the base model of ``base_cfg`` (a ``BaseModelConfig``) with LoRA injected on the
+    generator's targets (or ``target_modules`` when there is no generator)."""
+    from omegaconf import OmegaConf
+
+    from t2l_framework.llm.loading import load_base_model
+    from t2l_framework.lora.batched import inject_lora
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype != "auto":
         base_cfg = OmegaConf.merge(base_cfg, {"dtype": dtype})
     base = load_base_model(base_cfg, device=device)
-    hypernet = HyperNetwork.from_pretrained(hyper_dir, expect_base_model=base_cfg.name_or_path, device=device)
-    injection = inject_lora(base.model, hypernet.target_modules)
-    encoder = build_encoder(enc_cfg).to(device)
-    identity = _file_digest([hyper_dir / CONFIG_NAME, hyper_dir / WEIGHTS_NAME])
-    name = (hyper_dir.parent if recipe is not None else hyper_dir).resolve().name
-    return T2LRuntime(base, injection, encoder, hypernet, identity, bool(base_cfg.chat_template), name)
+    targets = generator.hypernet.target_modules if generator is not None else list(target_modules)
+    injection = inject_lora(base.model, targets) if targets else None
+    return T2LRuntime(base, injection, generator, bool(base_cfg.chat_template), str(base_cfg.dtype))
 
 
 class T2LRuntime:
-    """Base model + injected LoRA + encoder + hypernetwork, ready for generation.
+    """Base model + injected LoRA (+ the hypernetwork that makes adapters), ready for generation.
 
-    identity: sha256 of the hypernetwork's files; adapters are only comparable (and
-    cacheable) under the same identity. Not thread-safe: call from one thread at a time.
+    generator: None for a bare base model (PEFT adapters only). Not thread-safe: call from one
+    thread at a time.
     """
 
-    def __init__(self, base, injection, encoder, hypernet, identity: str, chat_template: bool = True, name: str = ""):
+    def __init__(self, base, injection, generator: AdapterGenerator | None = None, chat_template: bool = True,
+                 dtype: str = ""):
         self.base, self.model, self.tokenizer = base, base.model, base.tokenizer
-        self.injection, self.encoder, self.hypernet = injection, encoder, hypernet
-        self.identity, self.chat_template, self.name = identity, chat_template, name
+        self.injection, self.generator = injection, generator
+        self.chat_template, self.dtype = chat_template, dtype
+        self.identity = generator.identity if generator else ""
+        self.name = generator.name if generator else base.name_or_path
         self.device = next(self.model.parameters()).device
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         eos = [self.tokenizer.eos_token_id] + (gen_eos if isinstance(gen_eos, list) else [gen_eos])
@@ -125,15 +171,29 @@ class T2LRuntime:
     def base_model_name(self) -> str:
         return self.base.name_or_path
 
+    @property
+    def hypernet(self):
+        return self.generator.hypernet if self.generator else None
+
     # --- adapters --------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def adapters(self, descriptions: Sequence[str]) -> LoraWeights:
         """One encoder + hypernetwork forward for all descriptions: A[m]: [n, layers, r, in]."""
-        descriptions = [descriptions] if isinstance(descriptions, str) else list(descriptions)
-        if not descriptions or any(not d.strip() for d in descriptions):
-            raise T2LError("task descriptions must be non-empty text")
-        return self.hypernet.generate(descriptions, self.encoder)
+        if self.generator is None:
+            raise T2LError("this runtime has no hypernetwork (it was loaded from a recipe, not a run folder)")
+        return self.generator.generate(descriptions)
+
+    def retarget(self, target_modules: Sequence[str]) -> None:
+        """Re-inject LoRA so that it covers ``target_modules`` too (e.g. a PEFT adapter's)."""
+        from t2l_framework.lora.batched import inject_lora
+
+        current = list(self.injection.shapes.modules) if self.injection else []
+        wanted = current + [t for t in target_modules if t not in current]
+        if wanted == current:
+            return
+        if self.injection is not None:
+            self.injection.remove()
+        self.injection = inject_lora(self.model, wanted)
 
     def export(self, descriptions: Sequence[str] | LoraWeights, out_dirs: Sequence[str | Path]) -> list[Path]:
         """Write one PEFT adapter folder per description (or per row of given weights)."""
@@ -184,15 +244,7 @@ class T2LRuntime:
         rows = list(weights)
         if len(rows) != n:
             raise T2LError(f"{len(rows)} adapters (or None) for {n} prompts")
-        present = [w for w in rows if w is not None]
-        if not present:
-            return None
-        if len(present) == n and all(w is present[0] for w in present):
-            return present[0]
-        zero = present[0].select(0)
-        zero = LoraWeights({m: torch.zeros_like(a) for m, a in zero.A.items()},
-                           {m: torch.zeros_like(b) for m, b in zero.B.items()}, zero.rank, zero.alpha)
-        return LoraWeights.cat([w.select(0) if w is not None else zero for w in rows])
+        return stack_rows(rows)
 
     @torch.inference_mode()
     def chat(self, prompts: Sequence[str | Messages | list[int]], weights: RowWeights = None,

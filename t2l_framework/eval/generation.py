@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -44,3 +45,52 @@ def prompt_ids_from_batch(batch: dict) -> list[list[int]]:
         end = int(answer[0]) if len(answer) else int(ids.shape[0])
         prompts.append(ids[:end].tolist())
     return prompts
+
+
+@torch.inference_mode()
+def greedy_decode(model, prompts: Sequence[Sequence[int]], rows: Sequence[LoraWeights | None] | None = None,
+                  injection=None, max_new_tokens: int = 32, eos_ids: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
+    """Greedy answers (token ids, EOS not included) for a batch; row i uses adapter ``rows[i]``.
+
+    Unlike ``model.generate``, rows that have finished (EOS or their limit) leave the batch: their
+    KV cache, mask and LoRA rows are dropped, so a batch of short and long answers costs what
+    its long answers cost, not batch size x the longest answer. Evaluation batches mix adapters
+    whose answers differ a lot in length (a T2L adapter answering "B" next to a base model
+    explaining itself), so this matters.
+    """
+    from transformers import DynamicCache
+
+    from t2l_framework.lora.weights import stack_rows
+
+    n = len(prompts)
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id, device)
+    lora = stack_rows(list(rows)) if rows is not None else None
+    lora = lora.to(device) if lora is not None else None
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
+    answers: list[list[int]] = [[] for _ in range(n)]
+    alive = torch.arange(n, device=device)  # original row of each batch row
+    step_ids, step_pos = ids, positions
+    for step in range(max_new_tokens):
+        with injection.use(lora) if lora is not None else nullcontext():
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
+        token = logits.argmax(-1)
+        done = torch.isin(token, eos)
+        for row, tok, fin in zip(alive.tolist(), token.tolist(), done.tolist()):
+            if not fin:
+                answers[row].append(tok)
+        keep = (~done).nonzero().squeeze(-1)
+        if len(keep) == 0 or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(alive):
+            cache.batch_select_indices(keep)
+            alive, token, mask, step_pos = alive[keep], token[keep], mask[keep], step_pos[keep]
+            if lora is not None and lora.batch_size > 1:
+                lora = lora.select(keep)
+        step_ids = token[:, None]
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+        step_pos = step_pos[:, -1:] + 1
+    return answers

@@ -79,3 +79,43 @@ class LoraWeights:
         first = items[0]
         return LoraWeights({m: torch.cat([w.A[m] for w in items]) for m in first.A},
                            {m: torch.cat([w.B[m] for w in items]) for m in first.B}, first.rank, first.alpha)
+
+    def conform(self, shapes: ModuleShapes, rank: int) -> "LoraWeights":
+        """The same adapters laid out for ``shapes`` at ``rank``, so different adapters can share a batch.
+
+        Rank is zero-padded (extra rows of A and columns of B add nothing), modules the adapter
+        lacks get zeros, and each adapter's scaling is folded into B (the result has scaling 1).
+        """
+        from t2l_framework.errors import T2LError
+
+        extra = sorted(set(self.A) - set(shapes.shapes))
+        if extra or self.n_layers != shapes.n_layers or rank < self.rank:
+            raise T2LError(f"adapter with modules {self.modules}, {self.n_layers} layers and rank {self.rank} does not "
+                           f"fit modules {shapes.modules}, {shapes.n_layers} layers, rank {rank}")
+        A, B = {}, {}
+        for m, (fan_in, fan_out) in shapes.shapes.items():
+            a = self.A.get(m)
+            ref = next(iter(self.A.values()))
+            A[m] = ref.new_zeros(self.batch_size, shapes.n_layers, rank, fan_in)
+            B[m] = ref.new_zeros(self.batch_size, shapes.n_layers, fan_out, rank)
+            if a is not None:
+                A[m][:, :, :self.rank] = a
+                B[m][:, :, :, :self.rank] = self.B[m] * self.scaling
+        return LoraWeights(A, B, rank, float(rank))
+
+
+def stack_rows(rows: "list[LoraWeights | None]") -> "LoraWeights | None":
+    """One LoraWeights for a batch whose row i uses adapter ``rows[i]`` (batch 1) or none.
+
+    Returns None when no row has an adapter and the shared adapter itself when every row uses
+    the same one (the cheap batch-1 path); otherwise rows are concatenated, zeros for None.
+    """
+    present = [w for w in rows if w is not None]
+    if not present:
+        return None
+    if len(present) == len(rows) and all(w is present[0] for w in present):
+        return present[0]
+    zero = present[0].select(0)
+    zero = LoraWeights({m: torch.zeros_like(a) for m, a in zero.A.items()},
+                       {m: torch.zeros_like(b) for m, b in zero.B.items()}, zero.rank, zero.alpha)
+    return LoraWeights.cat([w.select(0) if w is not None else zero for w in rows])

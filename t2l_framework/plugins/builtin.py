@@ -26,3 +26,11 @@ def t2l_register_base_models(register):
 
     for family in BUILTIN_FAMILIES:
         register(family.name, family)
+
+
+@hookimpl
+def t2l_register_benchmarks(register):
+    from t2l_framework.eval.benchmarks import BUILTIN_BENCHMARKS
+
+    for benchmark in BUILTIN_BENCHMARKS:
+        register(benchmark.name, benchmark)

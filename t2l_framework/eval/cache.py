@@ -1,0 +1,61 @@
+"""A result cache for evaluations: one JSON file per (model, adapter, benchmark, settings).
+
+Re-running ``t2l eval`` with the same arguments answers from here; changing any part of the
+key (another adapter file, data file, prompt version, limit or scoring setting) misses.
+Files are written atomically, so an interrupted run never leaves a broken entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("T2L_CACHE_DIR") or Path.home() / ".cache" / "t2l-framework") / "eval"
+
+
+def cache_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class ResultCache:
+    """``get(parts)`` / ``put(parts, value)``; ``folder=None`` disables caching."""
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = Path(folder) if folder else None
+        self.hits = self.misses = 0
+
+    def _file(self, parts: dict) -> Path:
+        return self.folder / f"{cache_key(parts)}.json"
+
+    def get(self, parts: dict) -> dict | None:
+        if self.folder is None:
+            return None
+        try:
+            entry = json.loads(self._file(parts).read_text())
+        except (OSError, json.JSONDecodeError):
+            self.misses += 1
+            return None
+        if entry.get("key") != json.loads(json.dumps(parts, sort_keys=True, default=str)):
+            self.misses += 1  # a hash collision or a hand-edited file: recompute
+            return None
+        self.hits += 1
+        return entry["value"]
+
+    def put(self, parts: dict, value: dict) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self._file(parts)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem[:12]}.", dir=self.folder)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"key": json.loads(json.dumps(parts, sort_keys=True, default=str)), "value": value}, f)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -1,0 +1,408 @@
+"""``t2l eval``: score adapters on benchmarks, all adapters of a benchmark in shared batches.
+
+An *adapter* is a way of answering: ``base`` (no LoRA), ``base+description`` (the task
+description in the prompt), ``t2l`` (a LoRA generated from the description) or a PEFT folder
+(oracle / multi-task LoRA). Adapters that use descriptions are scored once per description
+(``n_descriptions`` of each benchmark's, drawn with a fixed seed) and averaged, as in the paper.
+
+For each benchmark every (adapter, description) pair becomes a *unit*; the rows of all units
+that are not in the result cache are pooled, sorted by length and batched, each row carrying
+its own LoRA (zeros for the base model), so one batch mixes adapters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from t2l_framework.errors import T2LError
+from t2l_framework.eval.benchmarks import Benchmark, Example
+from t2l_framework.eval.cache import ResultCache
+from t2l_framework.lora.weights import LoraWeights
+
+HARNESS_VERSION = "1"
+BUILTIN_ADAPTERS = ("base", "base+description", "t2l")
+
+
+@dataclass
+class AdapterSpec:
+    """name: shown in the table. kind: base | description | t2l | peft. path: a PEFT folder or
+    a T2L run; None for ``t2l`` means the hypernetwork of the run being evaluated."""
+
+    name: str
+    kind: str
+    path: Path | None = None
+
+    @property
+    def uses_descriptions(self) -> bool:
+        return self.kind in ("description", "t2l")
+
+
+def parse_adapters(specs: Sequence[str], have_run: bool) -> list[AdapterSpec]:
+    """``base``, ``base+description``, ``t2l`` (the evaluated run), ``NAME=PATH`` or ``PATH``.
+
+    PATH is a PEFT adapter folder (``adapter_config.json``) or another T2L run / hypernet folder.
+    """
+    out: list[AdapterSpec] = []
+    for spec in specs:
+        spec = spec.strip()
+        if not spec:
+            continue
+        if spec == "base":
+            out.append(AdapterSpec("base", "base"))
+        elif spec == "base+description":
+            out.append(AdapterSpec("base+description", "description"))
+        elif spec == "t2l":
+            if not have_run:
+                raise T2LError("--adapters t2l needs a trained run folder as RUN_OR_RECIPE "
+                               "(or name one: t2l=runs/NAME)")
+            out.append(AdapterSpec("t2l", "t2l"))  # no path: the evaluated run's hypernetwork
+        else:
+            name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+            folder = Path(path).expanduser()
+            if not folder.is_dir():
+                raise T2LError(f"--adapters: '{spec}' is not base, base+description, t2l, or an existing folder "
+                               f"({folder} does not exist)")
+            if (folder / "adapter_config.json").is_file():
+                kind = "peft"
+            elif (folder / "adapter" / "adapter_config.json").is_file():
+                folder, kind = folder / "adapter", "peft"  # a LoRA-baseline run folder
+            else:
+                kind = "t2l"  # load_generator explains what is missing if it is not a T2L folder
+            default_name = (folder.parent if folder.name in ("adapter", "hypernet") else folder).resolve().name
+            out.append(AdapterSpec(name or default_name, kind, folder))
+    names = [a.name for a in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise T2LError(f"--adapters: the name(s) {dupes} appear twice; name them: NAME=PATH")
+    if not out:
+        raise T2LError("--adapters: nothing to evaluate")
+    return out
+
+
+@dataclass
+class EvalSettings:
+    """limit: items per benchmark (0 = all). scoring: multiple choice by 'loglik' or 'generate'.
+    mc_answer: log-likelihood of the option 'label' (what the prompt asks for: "B") or its
+    'text' (length-normalised, lm-evaluation-harness's acc_norm). max_new_tokens: 0 = each
+    benchmark's own length, else a cap."""
+
+    limit: int = 0
+    n_descriptions: int = 3
+    scoring: str = "loglik"
+    mc_answer: str = "label"
+    batch_size: int = 16
+    max_new_tokens: int = 0
+    code_timeout_s: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.scoring not in ("loglik", "generate"):
+            raise T2LError(f"--scoring must be 'loglik' or 'generate', not '{self.scoring}'")
+        if self.mc_answer not in ("label", "text"):
+            raise T2LError(f"--mc-answer must be 'label' or 'text', not '{self.mc_answer}'")
+        if self.n_descriptions < 1 or self.batch_size < 1 or self.limit < 0 or self.max_new_tokens < 0:
+            raise T2LError("--n-descriptions and --batch-size must be >= 1, --limit and --max-new-tokens >= 0")
+
+
+@dataclass
+class _Unit:
+    adapter: AdapterSpec
+    slot: int
+    key: dict
+    weights: dict[str, LoraWeights | None] = field(default_factory=dict)  # task -> adapter of this unit
+
+
+def pick_descriptions(descriptions: Sequence[str], n: int, seed: int, task: str) -> list[str]:
+    """n descriptions of a task, the same ones for the same seed (all of them if there are fewer)."""
+    unique = list(dict.fromkeys(descriptions))
+    if len(unique) <= n:
+        return unique
+    return random.Random(f"{seed}-{task}").sample(unique, n)
+
+
+def _digest(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+class Evaluator:
+    """Scores ``adapters`` on benchmarks with one runtime (base model + injected LoRA)."""
+
+    def __init__(self, runtime, adapters: Sequence[AdapterSpec], settings: EvalSettings,
+                 cache: ResultCache | None = None, show_progress: bool = True):
+        from t2l_framework.inference import load_generator
+        from t2l_framework.lora.peft_io import import_peft_adapter
+
+        self.runtime, self.adapters, self.settings = runtime, list(adapters), settings
+        self.cache = cache or ResultCache(None)
+        self.show_progress = show_progress
+        self.generators, self.peft, self.identity = {}, {}, {}
+        for spec in self.adapters:
+            if spec.kind == "t2l":
+                gen = runtime.generator
+                if spec.path is not None:
+                    gen = load_generator(spec.path, runtime.device)
+                    if gen.base_config.name_or_path != runtime.base_model_name:
+                        raise T2LError(f"--adapters {spec.name}: its hypernetwork was trained for "
+                                       f"'{gen.base_config.name_or_path}', but the evaluated model is "
+                                       f"'{runtime.base_model_name}'")
+                self.generators[spec.name] = gen
+                self.identity[spec.name] = f"t2l:{gen.identity}"
+            elif spec.kind == "peft":
+                self.peft[spec.name] = import_peft_adapter(spec.path)
+                self.identity[spec.name] = "peft:" + _digest([spec.path / "adapter_config.json",
+                                                              spec.path / "adapter_model.safetensors"])
+            else:
+                self.identity[spec.name] = spec.kind
+        targets = [m for g in self.generators.values() for m in g.hypernet.target_modules]
+        targets += [m for w in self.peft.values() for m in w.modules]
+        if targets:
+            runtime.retarget(targets)
+        ranks = [g.hypernet.rank for g in self.generators.values()] + [w.rank for w in self.peft.values()]
+        self.rank = max(ranks, default=1)
+        shapes = runtime.injection.shapes if runtime.injection is not None else None
+        try:
+            self.peft = {n: w.conform(shapes, self.rank).to(runtime.device) for n, w in self.peft.items()}
+        except T2LError as exc:
+            raise T2LError(f"--adapters: a PEFT adapter does not fit {runtime.base_model_name}: {exc}") from None
+
+    # --- one benchmark -------------------------------------------------------------------
+
+    def _units(self, bench: Benchmark, examples: list[Example], descs: dict[str, list[str]]) -> list[_Unit]:
+        s = self.settings
+        n_slots = max(1, min(len(d) for d in descs.values()))
+        fingerprint = bench.fingerprint()
+        units = []
+        for spec in self.adapters:
+            for slot in range(n_slots if spec.uses_descriptions else 1):
+                key = {"harness": HARNESS_VERSION, "model": self.runtime.base_model_name, "dtype": self.runtime.dtype,
+                       "adapter": self.identity[spec.name], "benchmark": bench.name, "data": fingerprint,
+                       "items": [e.id for e in examples], "scoring": s.scoring if bench.kind == "multiple_choice" else "",
+                       "mc_answer": s.mc_answer if bench.kind == "multiple_choice" and s.scoring == "loglik" else "",
+                       "max_new_tokens": self._max_new(bench), "chat_template": self.runtime.chat_template,
+                       "code_timeout_s": s.code_timeout_s if bench.kind == "code" else None,
+                       "descriptions": {t: d[slot] for t, d in descs.items()} if spec.uses_descriptions else None}
+                units.append(_Unit(spec, slot, key))
+        return units
+
+    def _max_new(self, bench: Benchmark) -> int:
+        if bench.kind == "multiple_choice" and self.settings.scoring == "loglik":
+            return 0
+        cap = self.settings.max_new_tokens
+        return min(bench.max_new_tokens, cap) if cap else bench.max_new_tokens
+
+    def _attach_weights(self, units: list[_Unit], descs: dict[str, list[str]]) -> None:
+        """Every unit's adapter per task; T2L adapters of a benchmark come from one forward each."""
+        shapes = self.runtime.injection.shapes if self.runtime.injection is not None else None
+        for name, gen in self.generators.items():
+            todo = [u for u in units if u.adapter.name == name]
+            if not todo:
+                continue
+            texts = [descs[t][u.slot] for u in todo for t in descs]
+            weights = gen.generate(texts).conform(shapes, self.rank).to(self.runtime.device)
+            for i, u in enumerate(todo):
+                u.weights = {t: weights.select(i * len(descs) + j) for j, t in enumerate(descs)}
+        for u in units:
+            if u.adapter.kind == "peft":
+                u.weights = {t: self.peft[u.adapter.name] for t in descs}
+            elif u.adapter.kind in ("base", "description"):
+                u.weights = {t: None for t in descs}
+
+    def _prompt(self, bench: Benchmark, unit: _Unit, example: Example) -> str:
+        user = example.prompt
+        if unit.adapter.kind == "description":
+            user = f"{unit.key['descriptions'][example.task]}\n\n{user}"
+        return self.runtime.format(user) + bench.prefill
+
+    def _fit(self, ids: list[int], reserve: int) -> tuple[list[int], bool]:
+        """Cut a prompt from the left so that it and ``reserve`` more tokens fit the context."""
+        limit = self.runtime.context - reserve if self.runtime.context else 0
+        if limit > 0 and len(ids) > limit:
+            return ids[-limit:], True
+        return ids, False
+
+    def run_benchmark(self, bench: Benchmark) -> dict[str, dict]:
+        """{adapter: {"score", "se", "n", "per_description", "cached", "truncated"}} + predictions."""
+        examples = bench.examples(self.settings.limit)
+        if not examples:
+            raise T2LError(f"benchmark '{bench.name}' has no examples")
+        tasks = list(dict.fromkeys(e.task for e in examples))
+        descs = {t: pick_descriptions(bench.descriptions(t), self.settings.n_descriptions, self.settings.seed, t)
+                 for t in tasks}
+        units = self._units(bench, examples, descs)
+        done: dict[int, dict] = {}
+        for i, u in enumerate(units):
+            hit = self.cache.get(u.key)
+            if hit is not None:
+                done[i] = dict(hit, cached=True)
+        todo = [i for i in range(len(units)) if i not in done]
+        if todo:
+            self._attach_weights([units[i] for i in todo], descs)
+            for i, value in zip(todo, self._score([units[i] for i in todo], bench, examples)):
+                self.cache.put(units[i].key, value)
+                done[i] = dict(value, cached=False)
+        return self._aggregate(bench, examples, units, done)
+
+    def _aggregate(self, bench, examples, units, done) -> dict:
+        out, predictions = {}, []
+        for spec in self.adapters:
+            idx = [i for i, u in enumerate(units) if u.adapter.name == spec.name]
+            per_slot = [done[i]["scores"] for i in idx]
+            per_item = [sum(s[j] for s in per_slot) / len(per_slot) for j in range(len(examples))]
+            score, se = _mean_se(per_item)
+            out[spec.name] = {"score": score, "se": se, "n": len(examples),
+                              "per_description": [sum(s) / len(s) for s in per_slot],
+                              "cached": all(done[i]["cached"] for i in idx),
+                              "truncated": sum(done[i].get("truncated", 0) for i in idx)}
+            for i in idx:
+                for ex, pred, sc in zip(examples, done[i]["predictions"], done[i]["scores"]):
+                    predictions.append({"benchmark": bench.name, "adapter": spec.name, "description_slot": units[i].slot,
+                                        "id": ex.id, "prediction": pred, "score": sc})
+        return {"scores": out, "predictions": predictions, "n": len(examples)}
+
+    # --- scoring -------------------------------------------------------------------------
+
+    def _bar(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="row", disable=not self.show_progress, leave=False, dynamic_ncols=True)
+
+    def _score(self, units: list[_Unit], bench: Benchmark, examples: list[Example]) -> list[dict]:
+        if bench.kind == "multiple_choice" and self.settings.scoring == "loglik":
+            return self._score_loglik(units, bench, examples)
+        return self._score_generated(units, bench, examples)
+
+    def _score_loglik(self, units, bench, examples) -> list[dict]:
+        from t2l_framework.eval.loglik import OptionsRow, encode_continuations, option_logprobs, sequence_count
+        from t2l_framework.eval.scoring import MultipleChoiceAccuracy, select_option
+
+        by_text = self.settings.mc_answer == "text"
+        rows, truncated = [], [0] * len(units)
+        for k, u in enumerate(units):
+            for ex in examples:
+                answers = ex.options if by_text else ex.labels
+                context, options = encode_continuations(self.runtime.tokenizer, self._prompt(bench, u, ex), answers)
+                context, cut = self._fit(context, max(len(o) for o in options))
+                truncated[k] += cut
+                rows.append(OptionsRow(context, options, u.weights[ex.task]))
+        with self._bar(sequence_count(rows), f"{bench.name}: log-likelihood") as bar:
+            logprobs = option_logprobs(self.runtime.model, self.runtime.injection, rows, self.settings.batch_size,
+                                       self.runtime.pad_id, progress=bar.update)
+        out = []
+        for k in range(len(units)):
+            part = logprobs[k * len(examples):(k + 1) * len(examples)]
+            metric = MultipleChoiceAccuracy(normalize=by_text)
+            lengths = [[len(o.encode("utf-8")) for o in ex.options] for ex in examples] if by_text else None
+            metric.update(part, [ex.gold for ex in examples], lengths)
+            chosen = [{"choice": select_option(lp, ln), "logprobs": [round(v, 5) for v in lp]}
+                      for lp, ln in zip(part, lengths or [None] * len(part))]
+            out.append({"scores": metric.scores(), "predictions": chosen, "truncated": truncated[k]})
+        return out
+
+    def _score_generated(self, units, bench, examples) -> list[dict]:
+        from t2l_framework.eval.generation import greedy_decode
+
+        rt, max_new = self.runtime, self._max_new(bench)
+        prompts, weights, truncated = [], [], [0] * len(units)
+        texts = [self._prompt(bench, u, ex) for u in units for ex in examples]
+        encoded = self.runtime.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for n, ids in enumerate(encoded):
+            k, j = divmod(n, len(examples))
+            ex = examples[j]
+            ids, cut = self._fit(list(ids), max_new)
+            truncated[k] += cut
+            prompts.append(ids)
+            weights.append(units[k].weights[ex.task])
+        answers = [""] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        with self._bar(len(prompts), f"{bench.name}: generating") as bar:
+            for start in range(0, len(order), self.settings.batch_size):
+                idx = order[start:start + self.settings.batch_size]
+                outs = greedy_decode(rt.model, [prompts[i] for i in idx], [weights[i] for i in idx], rt.injection,
+                                     max_new, rt.eos_ids, rt.pad_id)
+                for i, tokens in zip(idx, outs):
+                    answers[i] = rt.tokenizer.decode(tokens, skip_special_tokens=True)
+                bar.update(len(idx))
+        return [dict(self._grade(bench, examples, answers[k * len(examples):(k + 1) * len(examples)]),
+                     truncated=truncated[k]) for k in range(len(units))]
+
+    def _grade(self, bench: Benchmark, examples: list[Example], answers: list[str]) -> dict:
+        from t2l_framework.eval import scoring
+
+        if bench.kind == "multiple_choice":
+            metric = scoring.ChoiceExtractionAccuracy()
+            metric.update(answers, [ex.labels for ex in examples], [ex.gold for ex in examples],
+                          [ex.options for ex in examples])
+        elif bench.kind == "final_number":
+            metric = scoring.FinalNumberAccuracy()
+            metric.update(answers, [ex.gold for ex in examples])
+        elif bench.kind == "rouge":
+            metric = scoring.RougeL()
+            metric.update(answers, [ex.gold for ex in examples])
+        else:
+            return self._grade_code(bench, examples, answers)
+        return {"scores": metric.scores(), "predictions": answers}
+
+    def _grade_code(self, bench: Benchmark, examples: list[Example], answers: list[str]) -> dict:
+        from t2l_framework.eval import scoring
+        from t2l_framework.eval.sandbox import SandboxLimits, run_many
+
+        programs = []
+        for ex, answer in zip(examples, answers):
+            code = scoring.extract_code(answer)
+            t = ex.tests
+            if t["kind"] == "humaneval":
+                programs.append(scoring.humaneval_program(t["prompt"], code, t["test"], t["entry_point"]))
+            else:
+                programs.append(scoring.mbpp_program(code, t["test_imports"], t["tests"]))
+        with self._bar(len(programs), f"{bench.name}: running code") as bar:
+            results = run_many(programs, SandboxLimits(timeout_s=self.settings.code_timeout_s),
+                               progress=lambda n: bar.update(n - bar.n))
+        metric = scoring.PassAtOne()
+        metric.update([r.passed for r in results])
+        return {"scores": metric.scores(), "predictions": answers, "status": [r.status for r in results]}
+
+    # --- everything --------------------------------------------------------------------------
+
+    def run(self, benchmarks: Sequence[Benchmark]) -> tuple[dict, list[dict]]:
+        """(results, predictions) for ``write_outputs``."""
+        start = time.perf_counter()
+        results = {"model": {"name": self.runtime.base_model_name, "dtype": self.runtime.dtype},
+                   "adapters": {a.name: {"kind": a.kind, "path": str(a.path) if a.path else None,
+                                         "identity": self.identity[a.name]} for a in self.adapters},
+                   "settings": vars(self.settings).copy(), "benchmarks": {},
+                   "scores": {a.name: {} for a in self.adapters}}
+        predictions = []
+        for bench in benchmarks:
+            t0 = time.perf_counter()
+            part = self.run_benchmark(bench)
+            results["benchmarks"][bench.name] = {"kind": bench.kind, "metric": bench.metric, "n": part["n"],
+                                                 "seconds": round(time.perf_counter() - t0, 2)}
+            for name, value in part["scores"].items():
+                results["scores"][name][bench.name] = value
+            predictions += part["predictions"]
+            if self.show_progress:
+                line = "  ".join(f"{n} {100 * v['score']:.1f}" for n, v in part["scores"].items())
+                cached = " (cached)" if all(v["cached"] for v in part["scores"].values()) else ""
+                print(f"[t2l] {bench.name}: {line}  [{time.perf_counter() - t0:.1f} s{cached}]", flush=True)
+        results["seconds"] = round(time.perf_counter() - start, 2)
+        results["cache"] = {"hits": self.cache.hits, "misses": self.cache.misses,
+                            "folder": str(self.cache.folder) if self.cache.folder else None}
+        return results, predictions

@@ -1,0 +1,156 @@
+"""The evaluation machinery: benchmarks from the vendored data, batched option log-likelihoods
+with mixed adapters, weight conforming, description picking, adapter parsing and the cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from t2l_framework.errors import T2LError
+from t2l_framework.eval.benchmarks import PAPER_BENCHMARKS, get_benchmarks
+from t2l_framework.eval.cache import ResultCache
+from t2l_framework.eval.harness import parse_adapters, pick_descriptions
+from t2l_framework.eval.loglik import OptionsRow, option_logprobs, sequence_count
+from t2l_framework.lora.batched import inject_lora
+from t2l_framework.lora.weights import LoraWeights, stack_rows
+from tests.test_lora import TARGETS, random_weights
+
+
+def _reference_logprob(model, context: list[int], option: list[int]) -> float:
+    """Sum of log p(option | context) from a plain full-vocabulary forward of one sequence."""
+    ids = torch.tensor([context + option])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    return float(sum(logp[len(context) - 1 + i, tok] for i, tok in enumerate(option)))
+
+
+def test_option_logprobs_match_a_plain_forward(tiny_llama):
+    model = tiny_llama()
+    injection = inject_lora(model, TARGETS)
+    rows = [OptionsRow([5, 6, 7, 8], [[10], [11], [12]]),           # single-token options: one forward row
+            OptionsRow([9, 3], [[20, 21, 22], [23], [24, 25]]),       # multi-token: one forward row per option
+            OptionsRow([4, 4, 4, 4, 4, 4, 4], [[30, 31], [32, 33]])]
+    assert sequence_count(rows) == 1 + 3 + 2
+    got = option_logprobs(model, injection, rows, batch_size=2)
+    for row, scores in zip(rows, got):
+        for option, score in zip(row.options, scores):
+            assert score == pytest.approx(_reference_logprob(model, row.context, option), abs=1e-4)
+
+
+def test_mixed_adapters_in_one_batch_equal_one_adapter_at_a_time(tiny_llama):
+    model = tiny_llama()
+    injection = inject_lora(model, TARGETS)
+    w = random_weights(injection.shapes, batch=3, scale=0.6)
+    adapters = [None, w.select(0), w.select(1), w.select(2)]
+    contexts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18]]
+    options = [[40, 41], [42]]
+    mixed = option_logprobs(model, injection, [OptionsRow(c, options, a) for c in contexts for a in adapters],
+                            batch_size=16)
+    alone = []
+    for c in contexts:
+        for a in adapters:
+            alone += option_logprobs(model, injection, [OptionsRow(c, options, a)], batch_size=1)
+    assert torch.allclose(torch.tensor(mixed), torch.tensor(alone), atol=1e-4)
+    # and the adapters matter: a LoRA row differs from the base row of the same context
+    assert abs(mixed[1][0] - mixed[0][0]) > 1e-3
+
+
+def test_conform_pads_rank_and_folds_scaling_without_changing_outputs(tiny_llama):
+    model = tiny_llama()
+    injection = inject_lora(model, TARGETS)
+    small = random_weights(injection.shapes, batch=1, rank=2, alpha=7.0, scale=0.6)
+    only_q = LoraWeights({"q_proj": small.A["q_proj"]}, {"q_proj": small.B["q_proj"]}, 2, 7.0)
+    x = torch.tensor([[3, 4, 5, 6, 7]])
+    for weights in (small, only_q):
+        padded = weights.conform(injection.shapes, rank=6)
+        assert padded.rank == 6 and padded.scaling == 1.0 and set(padded.modules) == set(TARGETS)
+        with torch.no_grad():
+            injection.set(None)
+            with injection.use(padded):
+                got = model(x).logits
+            reference = LoraWeights({m: weights.A.get(m, torch.zeros_like(small.A[m])) for m in TARGETS},
+                                    {m: weights.B.get(m, torch.zeros_like(small.B[m])) for m in TARGETS}, 2, 7.0)
+            with injection.use(reference):
+                want = model(x).logits
+        assert torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(T2LError, match="does not fit"):
+        small.conform(injection.shapes, rank=1)
+
+
+def test_stack_rows_shares_one_adapter_and_zero_fills_base_rows(tiny_llama):
+    injection = inject_lora(tiny_llama(), TARGETS)
+    w = random_weights(injection.shapes, batch=2)
+    one = w.select(0)
+    assert stack_rows([None, None]) is None
+    assert stack_rows([one, one, one]) is one
+    mixed = stack_rows([one, None, w.select(1)])
+    assert mixed.batch_size == 3 and float(mixed.B["q_proj"][1].abs().sum()) == 0.0
+    assert torch.equal(mixed.A["q_proj"][2], w.A["q_proj"][1])
+
+
+def test_builtin_benchmarks_load_from_the_vendored_data():
+    benches = {b.name: b for b in get_benchmarks(["all"])}
+    assert set(PAPER_BENCHMARKS) <= set(benches) and "sni_unseen" in benches
+    sizes = {"arc_challenge": 1172, "arc_easy": 2376, "boolq": 3270, "gsm8k": 1319, "hellaswag": 10042,
+             "openbookqa": 500, "piqa": 1838, "winogrande": 1267, "humaneval": 164, "mbpp": 257}
+    for name, size in sizes.items():
+        bench = benches[name]
+        assert len(bench.examples()) == size, name
+        assert len(bench.examples(3)) == 3
+        assert len(bench.descriptions(bench.examples(1)[0].task)) == 200
+    arc = benches["arc_easy"].examples()
+    three = next(e for e in arc if len(e.labels) == 3)  # the template lists 4 options; this item has 3
+    assert "\nC: " in three.prompt and "\nD: " not in three.prompt
+    five = [e for e in benches["arc_challenge"].examples() if len(e.labels) == 5]
+    assert five and "\nE: " in five[0].prompt
+    assert benches["gsm8k"].prefill.startswith("Let's think")
+    assert benches["humaneval"].prefill == "```python\n"
+    sni = benches["sni_unseen"].examples(8)
+    assert len({e.task for e in sni}) == 4  # round-robin over the held-out tasks
+    assert len(benches["sni_unseen"].descriptions(sni[0].task)) == 3
+
+
+def test_unknown_benchmark_is_one_clear_error():
+    with pytest.raises(T2LError, match="unknown benchmark 'arc_chalenge'.*did you mean 'arc_challenge'"):
+        get_benchmarks(["arc_chalenge"])
+
+
+def test_pick_descriptions_is_seeded_and_distinct():
+    descs = [f"description {i}" for i in range(50)]
+    a = pick_descriptions(descs, 3, 0, "arc_easy")
+    assert a == pick_descriptions(descs, 3, 0, "arc_easy") and len(set(a)) == 3
+    assert a != pick_descriptions(descs, 3, 1, "arc_easy")
+    assert pick_descriptions(descs[:2], 3, 0, "x") == descs[:2]
+
+
+def test_parse_adapters(tmp_path):
+    peft = tmp_path / "mt" / "adapter"
+    peft.mkdir(parents=True)
+    (peft / "adapter_config.json").write_text("{}")
+    specs = parse_adapters(["base", "base+description", "t2l", f"oracle={peft}", str(tmp_path / "mt")], have_run=True)
+    assert [(s.name, s.kind) for s in specs] == [("base", "base"), ("base+description", "description"),
+                                                 ("t2l", "t2l"), ("oracle", "peft"), ("mt", "peft")]
+    with pytest.raises(T2LError, match="needs a trained run folder"):
+        parse_adapters(["t2l"], have_run=False)
+    with pytest.raises(T2LError, match="does not exist"):
+        parse_adapters(["runs/nope"], have_run=True)
+    with pytest.raises(T2LError, match="appear twice"):
+        parse_adapters([f"x={peft}", f"x={peft}"], have_run=True)
+
+
+def test_result_cache_round_trip_and_misses(tmp_path):
+    cache = ResultCache(tmp_path)
+    key = {"model": "m", "adapter": "a", "benchmark": "b", "items": ["1", "2"]}
+    assert cache.get(key) is None
+    cache.put(key, {"scores": [1.0, 0.0]})
+    assert cache.get(dict(key)) == {"scores": [1.0, 0.0]}
+    assert cache.get(dict(key, adapter="other")) is None
+    assert (cache.hits, cache.misses) == (1, 2)
+    (entry,) = tmp_path.glob("*.json")
+    data = json.loads(entry.read_text())
+    data["key"]["model"] = "edited"
+    entry.write_text(json.dumps(data))
+    assert cache.get(key) is None  # a file whose key does not match is not trusted
+    assert ResultCache(None).get(key) is None
