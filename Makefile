@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-slow
+.PHONY: install demo test test-slow demo-eval
 
 $(BIN)/.installed: pyproject.toml plugins/t2l-plugin-e5/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: install  ## train the CPU demo end to end and print the results table
 	$(BIN)/t2l fit smollm2_demo_mtlora --overwrite
 	# ... then the T2L hypernetwork (~18 min), which ends with the comparison table.
 	$(BIN)/t2l fit smollm2_demo --overwrite
+
+demo-eval:  ## after `make demo`: the ten benchmarks, 50 items each (~15 min on 2 cores)
+	$(BIN)/t2l eval runs/smollm2_demo --limit 50
 
 test: install  ## the default test suite (under 15 minutes on 2 cores)
 	$(BIN)/python -m pytest

@@ -154,3 +154,29 @@ def test_result_cache_round_trip_and_misses(tmp_path):
     entry.write_text(json.dumps(data))
     assert cache.get(key) is None  # a file whose key does not match is not trusted
     assert ResultCache(None).get(key) is None
+
+
+def test_greedy_decode_drops_finished_rows_and_matches_one_row_at_a_time(tiny_llama):
+    from t2l_framework.eval.generation import greedy_decode
+
+    model = tiny_llama()
+    injection = inject_lora(model, TARGETS)
+    w = random_weights(injection.shapes, batch=2, scale=0.6)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19]]
+    rows = [None, w.select(0), w.select(1), None]
+
+    def alone(i: int, eos: list[int]) -> list[int]:
+        ids = torch.tensor([prompts[i]])
+        kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=eos or None)
+        with torch.no_grad(), (injection.use(rows[i]) if rows[i] is not None else torch.no_grad()):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:].tolist()
+        return [t for t in out[:next((k for k, t in enumerate(out) if t in eos), len(out))]]
+
+    free = [alone(i, []) for i in range(4)]
+    assert free != [free[0]] * 4
+    # EOS tokens chosen so that rows stop at different steps (and one row never stops)
+    eos = sorted({free[0][1], free[2][4]} - set(free[3]))
+    expected = [f[:next((k for k, t in enumerate(f) if t in eos), len(f))] for f in free]
+    assert len({len(e) for e in expected}) >= 2
+    got = greedy_decode(model, prompts, rows, injection, max_new_tokens=8, eos_ids=eos, pad_id=0)
+    assert got == expected
