@@ -181,7 +181,12 @@ def cmd_eval(args) -> int:
     from t2l_framework.inference import load_generator, runtime_for
 
     target = Path(args.run_or_recipe).expanduser()
-    if target.is_dir():  # a trained run (or hypernet) folder
+    own_adapter: list[str] = []
+    if target.is_dir() and (target / "adapter" / "adapter_config.json").is_file() and (target / "recipe.yaml").is_file():
+        recipe_file = target / "recipe.yaml"  # a LoRA-baseline run: its base model, and its adapter by default
+        cfg, generator = load_recipe(recipe_file), None
+        base_cfg, default_out, own_adapter = cfg.base_model, target / "eval", [f"{target.resolve().name}={target / 'adapter'}"]
+    elif target.is_dir():  # a trained T2L run (or hypernet) folder
         generator = load_generator(target, args.device or _default_device())
         recipe_file = target / "recipe.yaml" if (target / "recipe.yaml").is_file() else None
         cfg = load_recipe(recipe_file) if recipe_file else None
@@ -191,8 +196,8 @@ def cmd_eval(args) -> int:
         cfg, generator = load_recipe(recipe_file), None
         base_cfg, default_out = cfg.base_model, Path("eval_results") / recipe_file.stem
     ev = cfg.eval if cfg is not None else None
-    adapters = _split_list(args.adapters) or (["base", "base+description"] + (["t2l"] if generator else []))
-    if not args.adapters and ev is not None and ev.baseline_adapter:
+    adapters = _split_list(args.adapters) or (["base", "base+description"] + (["t2l"] if generator else []) + own_adapter)
+    if not args.adapters and not own_adapter and ev is not None and ev.baseline_adapter:
         from t2l_framework.config import resolve_path
 
         baseline = resolve_path(ev.baseline_adapter, recipe_file)

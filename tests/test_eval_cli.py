@@ -88,3 +88,12 @@ def test_eval_errors_are_one_line(world, tmp_path, capsys):
     assert "unknown benchmark 'arc_easyy'" in err and "did you mean 'arc_easy'" in err and "Traceback" not in err
     assert main(["eval", str(world["recipe"]), "--adapters", "t2l", "--limit", "1"]) == 2
     assert "needs a trained run folder" in capsys.readouterr().err
+
+
+def test_eval_of_a_recipe_scores_the_base_model_and_peft_folders(world, tmp_path):
+    out = tmp_path / "r"
+    assert main(["eval", str(world["recipe"]), "--benchmarks", "winogrande,boolq", "--limit", "2", "--no-cache",
+                 "--adapters", f"base,base+description,{world['same_as_t2l']}", "-o", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["scores"]) == ["base", "base+description", "same_as_t2l"]
+    assert results["adapters"]["same_as_t2l"]["kind"] == "peft" and results["cache"]["folder"] is None

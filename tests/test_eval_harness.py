@@ -180,3 +180,13 @@ def test_greedy_decode_drops_finished_rows_and_matches_one_row_at_a_time(tiny_ll
     assert len({len(e) for e in expected}) >= 2
     got = greedy_decode(model, prompts, rows, injection, max_new_tokens=8, eos_ids=eos, pad_id=0)
     assert got == expected
+    # stop texts end a row too, and stay in its answer (a code block's closing fence)
+    class Letters:
+        def decode(self, ids):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    stop_char = Letters().decode([free[1][2]])
+    cut = [f[:next((k + 1 for k, t in enumerate(f) if Letters().decode([t]) == stop_char), len(f))] for f in free]
+    got = greedy_decode(model, prompts, rows, injection, max_new_tokens=8, pad_id=0, stop=[stop_char],
+                        tokenizer=Letters())
+    assert got == cut and len(got[1]) == 3

@@ -57,6 +57,7 @@ class Benchmark:
     metric: ClassVar[str] = "acc"
     version: ClassVar[str] = "1"
     max_new_tokens: ClassVar[int] = 16  # generated answers (generation scoring, GSM8K, code)
+    stop: ClassVar[tuple[str, ...]] = ()  # texts that end a generated answer early (besides EOS)
     files: ClassVar[tuple[str, ...]] = ()  # data files, relative to the data root
 
     def __init__(self, data_root: str | Path | None = None):
@@ -232,6 +233,7 @@ class GSM8K(T2LMetadataBenchmark):
 
 class HumanEval(T2LMetadataBenchmark):
     name, kind, metric, max_new_tokens = "humaneval", "code", "pass@1", 384
+    stop = ("\n```",)  # the closing fence: what a chat model writes after it is prose
     files = ("eval/humaneval/HumanEval.jsonl", "t2l/tasks/humaneval/metadata.yaml")
 
     def load_examples(self) -> list[Example]:
@@ -245,6 +247,7 @@ class MBPP(T2LMetadataBenchmark):
     """MBPP sanitized, test split (task ids 11-510); the prompt shows the first assertion, as in T2L."""
 
     name, kind, metric, max_new_tokens = "mbpp", "code", "pass@1", 384
+    stop = ("\n```",)
     files = ("eval/mbpp/sanitized-mbpp.json", "t2l/tasks/mbpp/metadata.yaml")
 
     def load_examples(self) -> list[Example]:

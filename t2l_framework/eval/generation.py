@@ -49,8 +49,12 @@ def prompt_ids_from_batch(batch: dict) -> list[list[int]]:
 
 @torch.inference_mode()
 def greedy_decode(model, prompts: Sequence[Sequence[int]], rows: Sequence[LoraWeights | None] | None = None,
-                  injection=None, max_new_tokens: int = 32, eos_ids: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
+                  injection=None, max_new_tokens: int = 32, eos_ids: Sequence[int] = (), pad_id: int = 0,
+                  stop: Sequence[str] = (), tokenizer=None) -> list[list[int]]:
     """Greedy answers (token ids, EOS not included) for a batch; row i uses adapter ``rows[i]``.
+
+    stop: texts that also end a row (kept in its answer), e.g. the closing fence of a code
+    block; they are looked for in the decoded last tokens, so ``tokenizer`` is needed with them.
 
     Unlike ``model.generate``, rows that have finished (EOS or their limit) leave the batch: their
     KV cache, mask and LoRA rows are dropped, so a batch of short and long answers costs what
@@ -72,6 +76,9 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], rows: Sequence[LoraWe
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
     answers: list[list[int]] = [[] for _ in range(n)]
     alive = torch.arange(n, device=device)  # original row of each batch row
+    if stop and tokenizer is None:
+        raise ValueError("greedy_decode: stop texts need the tokenizer")
+    window = 2 + max((len(s) for s in stop), default=0)  # tokens: at least one character each
     step_ids, step_pos = ids, positions
     for step in range(max_new_tokens):
         with injection.use(lora) if lora is not None else nullcontext():
@@ -79,9 +86,11 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], rows: Sequence[LoraWe
                            use_cache=True, logits_to_keep=1).logits[:, -1]
         token = logits.argmax(-1)
         done = torch.isin(token, eos)
-        for row, tok, fin in zip(alive.tolist(), token.tolist(), done.tolist()):
+        for k, (row, tok, fin) in enumerate(zip(alive.tolist(), token.tolist(), done.tolist())):
             if not fin:
                 answers[row].append(tok)
+                if stop and any(s in tokenizer.decode(answers[row][-window:]) for s in stop):
+                    done[k] = True
         keep = (~done).nonzero().squeeze(-1)
         if len(keep) == 0 or step == max_new_tokens - 1:
             break

@@ -13,7 +13,6 @@ its own LoRA (zeros for the base model), so one batch mixes adapters.
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Sequence
 from t2l_framework.errors import T2LError
 from t2l_framework.eval.benchmarks import Benchmark, Example
 from t2l_framework.eval.cache import ResultCache
+from t2l_framework.eval.sni_report import mean_se
 from t2l_framework.lora.weights import LoraWeights
 
 HARNESS_VERSION = "1"
@@ -133,15 +133,6 @@ def _digest(paths: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return mean, math.sqrt(var / n)
-
-
 class Evaluator:
     """Scores ``adapters`` on benchmarks with one runtime (base model + injected LoRA)."""
 
@@ -196,7 +187,7 @@ class Evaluator:
                        "adapter": self.identity[spec.name], "benchmark": bench.name, "data": fingerprint,
                        "items": [e.id for e in examples], "scoring": s.scoring if bench.kind == "multiple_choice" else "",
                        "mc_answer": s.mc_answer if bench.kind == "multiple_choice" and s.scoring == "loglik" else "",
-                       "max_new_tokens": self._max_new(bench), "chat_template": self.runtime.chat_template,
+                       "max_new_tokens": self._max_new(bench), "stop": list(bench.stop), "chat_template": self.runtime.chat_template,
                        "code_timeout_s": s.code_timeout_s if bench.kind == "code" else None,
                        "descriptions": {t: d[slot] for t, d in descs.items()} if spec.uses_descriptions else None}
                 units.append(_Unit(spec, slot, key))
@@ -266,7 +257,7 @@ class Evaluator:
             idx = [i for i, u in enumerate(units) if u.adapter.name == spec.name]
             per_slot = [done[i]["scores"] for i in idx]
             per_item = [sum(s[j] for s in per_slot) / len(per_slot) for j in range(len(examples))]
-            score, se = _mean_se(per_item)
+            score, se = mean_se(per_item)
             out[spec.name] = {"score": score, "se": se, "n": len(examples),
                               "per_description": [sum(s) / len(s) for s in per_slot],
                               "cached": all(done[i]["cached"] for i in idx),
@@ -336,7 +327,7 @@ class Evaluator:
             for start in range(0, len(order), self.settings.batch_size):
                 idx = order[start:start + self.settings.batch_size]
                 outs = greedy_decode(rt.model, [prompts[i] for i in idx], [weights[i] for i in idx], rt.injection,
-                                     max_new, rt.eos_ids, rt.pad_id)
+                                     max_new, rt.eos_ids, rt.pad_id, bench.stop, rt.tokenizer)
                 for i, tokens in zip(idx, outs):
                     answers[i] = rt.tokenizer.decode(tokens, skip_special_tokens=True)
                 bar.update(len(idx))

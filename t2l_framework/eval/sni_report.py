@@ -25,7 +25,7 @@ CONDITIONS = {
 }
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
     n = len(values)
     if n == 0:
         return float("nan"), float("nan")
@@ -67,7 +67,7 @@ def evaluate_conditions(model, tokenizer, injection, items: list[dict],
                 progress(name, min(start + batch_size, len(order)), len(order))
         em = [exact_match(p, it["answers"]) for p, it in zip(preds, items)]
         rl = [rouge_l(p, it["answers"]) for p, it in zip(preds, items)]
-        (em_m, em_se), (rl_m, rl_se) = _mean_se(em), _mean_se(rl)
+        (em_m, em_se), (rl_m, rl_se) = mean_se(em), mean_se(rl)
         results[name] = {"n": len(items), "em": em_m, "em_se": em_se, "rouge_l": rl_m, "rouge_l_se": rl_se,
                          "predictions": preds, "em_items": em, "rouge_l_items": rl}
     return results
@@ -87,7 +87,7 @@ def paired_differences(results: dict, reference: str = "t2l") -> dict[str, dict]
             continue
         row = {}
         for key in ("em", "rouge_l"):
-            mean, se = _mean_se([a - b for a, b in zip(ref[f"{key}_items"], r[f"{key}_items"])])
+            mean, se = mean_se([a - b for a, b in zip(ref[f"{key}_items"], r[f"{key}_items"])])
             row[key], row[f"{key}_se"] = mean, se
         out[name] = row
     return out
@@ -142,7 +142,7 @@ def rescore(report_json: Path) -> dict[str, dict]:
         for name in names:
             em = [exact_match(it[name], it["answers"]) for it in items]
             rl = [rouge_l(it[name], it["answers"]) for it in items]
-            (em_m, em_se), (rl_m, rl_se) = _mean_se(em), _mean_se(rl)
+            (em_m, em_se), (rl_m, rl_se) = mean_se(em), mean_se(rl)
             tables[title][name] = {"n": len(items), "em": em_m, "em_se": em_se, "rouge_l": rl_m,
                                    "rouge_l_se": rl_se, "em_items": em, "rouge_l_items": rl}
     return tables
