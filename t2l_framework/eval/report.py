@@ -62,7 +62,7 @@ def bar_chart(results: dict, path: Path) -> None:
     avg = averages(results)
     groups = benches + ["avg"]
     width = 0.8 / max(1, len(adapters))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) * max(1, len(adapters)) ** 0.5 + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.28 * len(groups) * max(1, len(adapters)) + 3)), 4.5))
     for k, adapter in enumerate(adapters):
         scores = [results["scores"][adapter].get(b, {}).get("score", float("nan")) for b in benches] + [avg[adapter]]
         errors = [results["scores"][adapter].get(b, {}).get("se", 0.0) for b in benches] + [0.0]
@@ -71,7 +71,7 @@ def bar_chart(results: dict, path: Path) -> None:
     ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
     ax.set_ylabel("score (%)")
     ax.set_title(f"{results['model']['name']}: {results['settings'].get('scoring', '')} scoring")
-    ax.legend(fontsize="small", ncol=min(4, len(adapters)))
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
