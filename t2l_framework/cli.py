@@ -182,21 +182,20 @@ def cmd_eval(args) -> int:
 
     target = Path(args.run_or_recipe).expanduser()
     own_adapter: list[str] = []
+    generator = None
     if target.is_dir() and (target / "adapter" / "adapter_config.json").is_file() and (target / "recipe.yaml").is_file():
         recipe_file = target / "recipe.yaml"  # a LoRA-baseline run: its base model, and its adapter by default
-        cfg, generator = load_recipe(recipe_file), None
-        base_cfg, default_out, own_adapter = cfg.base_model, target / "eval", [f"{target.resolve().name}={target / 'adapter'}"]
-    elif target.is_dir():  # a trained T2L run (or hypernet) folder
-        generator = load_generator(target, args.device or _default_device())
+        cfg, default_out = load_recipe(recipe_file), target / "eval"
+        own_adapter = [f"{target.resolve().name}={target / 'adapter'}"]
+    elif target.is_dir():  # a trained T2L run (or hypernet) folder; loaded once the arguments are checked
         recipe_file = target / "recipe.yaml" if (target / "recipe.yaml").is_file() else None
-        cfg = load_recipe(recipe_file) if recipe_file else None
-        base_cfg, default_out = generator.base_config, target / "eval"
+        cfg, default_out = (load_recipe(recipe_file) if recipe_file else None), target / "eval"
     else:
         recipe_file = find_recipe(args.run_or_recipe)
-        cfg, generator = load_recipe(recipe_file), None
-        base_cfg, default_out = cfg.base_model, Path("eval_results") / recipe_file.stem
+        cfg, default_out = load_recipe(recipe_file), Path("eval_results") / recipe_file.stem
+    is_t2l_run = target.is_dir() and not own_adapter
     ev = cfg.eval if cfg is not None else None
-    adapters = _split_list(args.adapters) or (["base", "base+description"] + (["t2l"] if generator else []) + own_adapter)
+    adapters = _split_list(args.adapters) or (["base", "base+description"] + (["t2l"] if is_t2l_run else []) + own_adapter)
     if not args.adapters and not own_adapter and ev is not None and ev.baseline_adapter:
         from t2l_framework.config import resolve_path
 
@@ -205,7 +204,7 @@ def cmd_eval(args) -> int:
             adapters.append(str(baseline))
         else:
             _say(f"eval.baseline_adapter {ev.baseline_adapter} does not exist; evaluating without it")
-    specs = parse_adapters(adapters, have_run=generator is not None)
+    specs = parse_adapters(adapters, have_run=is_t2l_run)
     names = _split_list(args.benchmarks) or (list(ev.benchmarks) if ev is not None and ev.benchmarks else ["paper"])
     benchmarks = get_benchmarks(names, args.data_root)
     settings = EvalSettings(
@@ -214,6 +213,11 @@ def cmd_eval(args) -> int:
         scoring=args.scoring, mc_answer=args.mc_answer,
         batch_size=args.batch_size or (ev.batch_size if ev is not None else 16),
         max_new_tokens=args.max_new_tokens, code_timeout_s=args.code_timeout, seed=args.seed)
+    if is_t2l_run:
+        generator = load_generator(target, args.device or _default_device())
+        base_cfg = generator.base_config
+    else:
+        base_cfg = cfg.base_model
     _say(f"loading {base_cfg.name_or_path} ...")
     runtime = runtime_for(base_cfg, args.device or _default_device(), args.dtype, generator)
     cache = ResultCache(None if args.no_cache else (args.cache_dir or default_cache_dir()))

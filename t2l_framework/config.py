@@ -137,7 +137,8 @@ class TrainerConfig:
 class EvalConfig:
     """Evaluation settings (`t2l eval`, end-of-training tables)."""
 
-    benchmarks: list[str] = _help("Benchmark names", factory=list)
+    benchmarks: list[str] = _help("`t2l eval` benchmarks: names, 'paper' (the ten of the T2L paper) or 'all'; "
+                                  "empty = paper", factory=list)
     limit: int = _help("Examples per benchmark (0 = all)", 0)
     batch_size: int = _help("Examples per forward", 8)
     max_new_tokens: int = _help("Greedy decoding length for generated answers", 32)
@@ -321,6 +322,9 @@ def validate(cfg: DictConfig, recipe_file: Optional[Path] = None, check_files: b
             reg.get("encoders", cfg.encoder.name, key=f"{origin}: encoder.name")
             if cfg.base_model.family != "auto":
                 reg.get("base_models", cfg.base_model.family, key=f"{origin}: base_model.family")
+            for name in cfg.eval.benchmarks:
+                if name not in ("paper", "all"):
+                    reg.get("benchmarks", name, key=f"{origin}: eval.benchmarks")
         except T2LError:
             raise
     if check_files:

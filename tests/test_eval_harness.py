@@ -190,3 +190,14 @@ def test_greedy_decode_drops_finished_rows_and_matches_one_row_at_a_time(tiny_ll
     got = greedy_decode(model, prompts, rows, injection, max_new_tokens=8, pad_id=0, stop=[stop_char],
                         tokenizer=Letters())
     assert got == cut and len(got[1]) == 3
+
+
+def test_recipe_eval_benchmarks_are_checked_against_the_registry(tmp_path):
+    from t2l_framework.config import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("eval:\n  benchmarks: [paper, sni_unseen, hellaswg]\n")
+    with pytest.raises(T2LError, match="eval.benchmarks: unknown benchmark 'hellaswg'.*did you mean 'hellaswag'"):
+        load_recipe(recipe)
+    recipe.write_text("eval:\n  benchmarks: [paper, sni_unseen, hellaswag]\n")
+    assert list(load_recipe(recipe).eval.benchmarks) == ["paper", "sni_unseen", "hellaswag"]
