@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -46,8 +47,8 @@ class Example:
     tests: dict = field(default_factory=dict)
 
 
-class Benchmark:
-    """Base class: set the class attributes, implement ``load_examples``.
+class Benchmark(ABC):
+    """Base class: set the class attributes, implement ``load_examples`` and ``descriptions``.
 
     ``version`` goes into the result-cache key: bump it when prompts or scoring change.
     """
@@ -65,12 +66,13 @@ class Benchmark:
 
     # --- what subclasses provide -------------------------------------------------------------
 
+    @abstractmethod
     def load_examples(self) -> list[Example]:
-        raise NotImplementedError
+        """Every example of the benchmark, in a fixed order (``--limit`` takes the first ones)."""
 
+    @abstractmethod
     def descriptions(self, task: str) -> list[str]:
         """Task descriptions for the hypernetwork (and the base+description prompt)."""
-        raise NotImplementedError
 
     @property
     def prefill(self) -> str:

@@ -286,10 +286,14 @@ class Evaluator:
 
         by_text = self.settings.mc_answer == "text"
         rows, truncated = [], [0] * len(units)
+        encoded: dict[tuple[str, str], tuple[list[int], list[list[int]]]] = {}  # units share most prompts
         for k, u in enumerate(units):
             for ex in examples:
                 answers = ex.options if by_text else ex.labels
-                context, options = encode_continuations(self.runtime.tokenizer, self._prompt(bench, u, ex), answers)
+                prompt = self._prompt(bench, u, ex)
+                if (ex.id, prompt) not in encoded:
+                    encoded[ex.id, prompt] = encode_continuations(self.runtime.tokenizer, prompt, answers)
+                context, options = encoded[ex.id, prompt]
                 context, cut = self._fit(context, max(len(o) for o in options))
                 truncated[k] += cut
                 rows.append(OptionsRow(context, options, u.weights[ex.task]))
