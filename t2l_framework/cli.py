@@ -213,13 +213,14 @@ def cmd_eval(args) -> int:
         scoring=args.scoring, mc_answer=args.mc_answer,
         batch_size=args.batch_size or (ev.batch_size if ev is not None else 16),
         max_new_tokens=args.max_new_tokens, code_timeout_s=args.code_timeout, seed=args.seed)
+    device = args.device or _default_device()
     if is_t2l_run:
-        generator = load_generator(target, args.device or _default_device())
+        generator = load_generator(target, device)
         base_cfg = generator.base_config
     else:
         base_cfg = cfg.base_model
     _say(f"loading {base_cfg.name_or_path} ...")
-    runtime = runtime_for(base_cfg, args.device or _default_device(), args.dtype, generator)
+    runtime = runtime_for(base_cfg, device, args.dtype, generator)
     cache = ResultCache(None if args.no_cache else (args.cache_dir or default_cache_dir()))
     evaluator = Evaluator(runtime, specs, settings, cache)
     _say(f"evaluating {', '.join(s.name for s in specs)} on {', '.join(b.name for b in benchmarks)}"

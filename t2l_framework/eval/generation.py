@@ -21,20 +21,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tupl
     return ids.to(device), mask.to(device)
 
 
-@torch.inference_mode()
 def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], injection=None,
                     weights: LoraWeights | None = None, max_new_tokens: int = 32) -> list[str]:
-    """Decode each prompt greedily; row i uses adapter i of ``weights`` (or the base model)."""
-    from contextlib import nullcontext
-
+    """Decode each prompt greedily to text; row i uses adapter i of ``weights`` (batch 1: all rows)."""
+    rows = None
+    if weights is not None:
+        rows = [weights] * len(prompts) if weights.batch_size == 1 else [weights.select(i) for i in range(len(prompts))]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, pad, device)
-    ctx = injection.use(weights.to(device)) if weights is not None else nullcontext()
-    with ctx:
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-    return [t.strip() for t in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+    answers = greedy_decode(model, prompts, rows, injection, max_new_tokens, [tokenizer.eos_token_id], pad)
+    return [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
 
 
 def prompt_ids_from_batch(batch: dict) -> list[list[int]]:
