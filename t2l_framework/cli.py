@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 from t2l_framework.errors import T2LError, did_you_mean
+from t2l_framework.llm.dtype import DTYPE_CHOICES
 
 
 def _parser_for(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
@@ -94,8 +95,13 @@ def cmd_fit(args) -> int:
 
 # --- generate / serve -----------------------------------------------------------------------
 
-DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
-DTYPE_HELP = "base model weights (default auto: the recipe's base_model.dtype)"
+DTYPE_HELP = ("base model weights (default auto: bfloat16 on GPUs and on CPUs with native bf16, "
+              "float32 otherwise; 'recipe' = the run's base_model.dtype)")
+
+
+def _dtype(args) -> str | None:
+    """``--dtype``: a dtype name or auto; 'recipe' (None) keeps the run's ``base_model.dtype``."""
+    return None if args.dtype == "recipe" else args.dtype
 
 
 def _say(msg: str) -> None:
@@ -119,7 +125,7 @@ def cmd_generate(args) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise T2LError(f"{out} already exists; pass --force to overwrite it, or -o DIR for another folder")
     _say(f"loading {args.run} ...")
-    runtime = load_run(args.run, dtype=args.dtype)
+    runtime = load_run(args.run, dtype=_dtype(args))
     weights = runtime.adapters(descriptions)  # one hypernetwork forward for all of them
     folders = [out] if len(descriptions) == 1 else [out / f"adapter_{i:03d}" for i in range(len(descriptions))]
     runtime.export(weights, folders)
@@ -159,7 +165,7 @@ def cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         _say(f"binding to {args.host}: the API has no authentication; anyone who can reach this port can use it")
     _say(f"loading {args.run} ...")
-    app = create_app(load_run(args.run, dtype=args.dtype), max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+    app = create_app(load_run(args.run, dtype=_dtype(args)), max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                      cache_size=args.cache_size)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
     return 0
@@ -220,7 +226,7 @@ def cmd_eval(args) -> int:
     else:
         base_cfg = cfg.base_model
     _say(f"loading {base_cfg.name_or_path} ...")
-    runtime = runtime_for(base_cfg, device, args.dtype, generator)
+    runtime = runtime_for(base_cfg, device, _dtype(args), generator)
     cache = ResultCache(None if args.no_cache else (args.cache_dir or default_cache_dir()))
     evaluator = Evaluator(runtime, specs, settings, cache)
     _say(f"evaluating {', '.join(s.name for s in specs)} on {', '.join(b.name for b in benchmarks)}"
@@ -311,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute everything and store nothing")
     p.add_argument("--data-root", metavar="DIR", help="folder with eval/, t2l/ and sni/ (default: the vendored data/)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES + ("recipe",), help=DTYPE_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = _parser_for(sub, "generate", "Write PEFT adapters for task descriptions with a trained hypernetwork.",
@@ -325,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length for --chat (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for --chat (0 = greedy)")
     p.add_argument("--force", action="store_true", help="write into an existing output folder")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES + ("recipe",), help=DTYPE_HELP)
     p.set_defaults(func=cmd_generate)
 
     p = _parser_for(sub, "serve", "Serve a trained hypernetwork: adapter API, OpenAI-compatible chat, web page.",
@@ -336,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (1 = one at a time)")
     p.add_argument("--batch-window-ms", type=float, default=30.0, help="how long a batch waits for more requests")
     p.add_argument("--cache-size", type=int, default=128, help="generated adapters kept in memory (LRU)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES + ("recipe",), help=DTYPE_HELP)
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -32,7 +32,8 @@ class BaseModelConfig:
     name_or_path: str = _help("Hub id, local folder, GGUF file, or 'smollm2-135m-instruct' (offline)", "smollm2-135m-instruct")
     gguf_file: Optional[str] = _help("GGUF file name inside name_or_path (transformers' gguf_file=)", None)
     family: str = _help("Model family plugin name, or 'auto' to pick it from the model config", "auto")
-    dtype: str = _help("Weights dtype: float32 | bfloat16 | float16", "float32")
+    dtype: str = _help("Weights dtype: auto (bfloat16 on GPUs and CPUs with native bf16, else float32) | "
+                       "float32 | bfloat16 | float16", "auto")
     trust_remote_code: bool = _help("Allow custom modelling code from the hub", False)
     chat_template: bool = _help("Format prompts with the model's chat template", True)
 
@@ -165,7 +166,7 @@ class Recipe:
 
 
 CHOICES = {
-    "base_model.dtype": ("float32", "bfloat16", "float16"),
+    "base_model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "encoder.pooling": ("mean", "cls"),
     "training.mode": ("sft", "recon", "lora"),
     "training.scheduler": ("cosine", "linear", "constant"),

