@@ -71,7 +71,9 @@ class LoraConfig:
     """The LoRA adapters the hypernetwork generates (PEFT's convention)."""
 
     rank: int = _help("LoRA rank r", 8)
-    alpha: float = _help("LoRA alpha; scaling = alpha / r", 16.0)
+    alpha: float = _help("LoRA alpha; scaling = alpha / sqrt(r) with use_rslora (the paper), else alpha / r", 16.0)
+    use_rslora: bool = _help("rsLoRA scaling alpha / sqrt(r), as the T2L reference trains and saves", True)
+    dropout: float = _help("Dropout on the LoRA input (the reference: 0.05)", 0.05)
     target_modules: list[str] = _help("Linear layers that get a LoRA", factory=lambda: ["q_proj", "v_proj"])
 
 

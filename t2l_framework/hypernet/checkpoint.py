@@ -26,7 +26,8 @@ def save_pretrained(model, directory) -> None:
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "base_model": model.base_model, "encoder": model.encoder_meta, "enc_dim": model.enc_dim,
         "shapes": model.shapes.to_dict(),
-        "lora": {"rank": model.rank, "alpha": model.alpha, "target_modules": model.target_modules},
+        "lora": {"rank": model.rank, "alpha": model.alpha, "use_rslora": model.use_rslora,
+                 "target_modules": model.target_modules},
         "hypernet": model.hypernet_cfg,
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -63,8 +64,10 @@ def load_pretrained(cls, directory, expect_base_model=None, expect_rank=None, de
     rank = config["lora"]["rank"]
     if expect_rank is not None and int(expect_rank) != int(rank):
         raise T2LError(f"{directory}: this hypernetwork generates rank-{rank} LoRAs, not rank {expect_rank}")
+    # Checkpoints from before rsLoRA was recorded were trained with alpha / r.
+    lora = {"use_rslora": False, **config["lora"]}
     model = cls(ModuleShapes.from_dict(config["shapes"]), config["enc_dim"], config["hypernet"],
-                config["lora"], base_model=config["base_model"], encoder=config["encoder"])
+                lora, base_model=config["base_model"], encoder=config["encoder"])
     load_weights(model, Path(directory) / WEIGHTS_NAME)
     return model.to(device).eval()
 

@@ -64,8 +64,8 @@ class HyperNetwork(nn.Module):
         self.shapes = shapes
         self.enc_dim = int(enc_dim)
         self.hypernet_cfg = _as_dict(hypernet_cfg, HYPERNET_KEYS, HypernetConfig())
-        lora = _as_dict(lora_cfg, ["rank", "alpha", "target_modules"], LoraConfig())
-        self.rank, self.alpha = int(lora["rank"]), float(lora["alpha"])
+        lora = _as_dict(lora_cfg, ["rank", "alpha", "use_rslora", "target_modules"], LoraConfig())
+        self.rank, self.alpha, self.use_rslora = int(lora["rank"]), float(lora["alpha"]), bool(lora["use_rslora"])
         self.target_modules = list(lora["target_modules"])
         if set(self.target_modules) != set(shapes.modules):
             raise T2LError(
@@ -94,7 +94,8 @@ class HyperNetwork(nn.Module):
     def metadata(self) -> dict:
         """What this hypernetwork generates for, and from what."""
         return {"base_model": self.base_model, "encoder": self.encoder_meta, "head": self.head_name,
-                "target_modules": self.target_modules, "rank": self.rank, "alpha": self.alpha}
+                "target_modules": self.target_modules, "rank": self.rank, "alpha": self.alpha,
+                "use_rslora": self.use_rslora}
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -111,7 +112,7 @@ class HyperNetwork(nn.Module):
         for i, module in enumerate(self.shapes.modules):
             a, b = self.head(feats[i].flatten(0, 1), module)  # rows = batch * n_layers
             A[module], B[module] = a.unflatten(0, (batch, n_layers)), b.unflatten(0, (batch, n_layers))
-        return LoraWeights(A, B, self.rank, self.alpha)
+        return LoraWeights(A, B, self.rank, self.alpha, self.use_rslora)
 
     @torch.inference_mode()
     def generate(self, descriptions: Sequence[str] | torch.Tensor, encoder=None) -> LoraWeights:

@@ -9,7 +9,6 @@ vLLM load it. Module paths come from the model (its decoder-layer list), not a f
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -65,7 +64,8 @@ def export_peft_adapter(
             tensors[f"base_model.model.{path}.lora_A.weight"] = weights.A[target][0, i].detach().contiguous().cpu()
             tensors[f"base_model.model.{path}.lora_B.weight"] = weights.B[target][0, i].detach().contiguous().cpu()
     config = LoraConfig(
-        r=weights.rank, lora_alpha=weights.alpha, target_modules=list(weights.modules), lora_dropout=0.0,
+        r=weights.rank, lora_alpha=weights.alpha, use_rslora=weights.use_rslora,
+        target_modules=list(weights.modules), lora_dropout=0.0,
         bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
     )
 
@@ -113,8 +113,7 @@ def import_peft_adapter(adapter_dir: str | os.PathLike) -> LoraWeights:
     if config.get("use_dora"):
         raise T2LError(f"{config_file}: DoRA adapters are not supported")
     rank = int(config["r"])
-    # rsLoRA scales by alpha / sqrt(r); an equivalent alpha keeps LoraWeights' alpha / r.
-    alpha = float(config["lora_alpha"]) * (math.sqrt(rank) if config.get("use_rslora") else 1.0)
+    alpha = float(config["lora_alpha"])
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
 
@@ -140,4 +139,4 @@ def import_peft_adapter(adapter_dir: str | os.PathLike) -> LoraWeights:
             raise T2LError(f"{weights_file}: '{target}' has no LoRA factors for layers {missing}")
         A[target] = torch.stack([per_layer[i] for i in range(n_layers)])[None]
         B[target] = torch.stack([factors["B"][target][i] for i in range(n_layers)])[None]
-    return LoraWeights(A, B, rank, alpha)
+    return LoraWeights(A, B, rank, alpha, bool(config.get("use_rslora", False)))

@@ -1,12 +1,14 @@
 """The hand-off format between the hypernetwork and the LoRA code.
 
 A ``LoraWeights`` holds, for each targeted module type (``q_proj``, ``v_proj``, ...), the
-per-sample LoRA factors of every layer, in PEFT's convention delta W = (alpha / r) * B @ A.
+per-sample LoRA factors of every layer, in PEFT's convention delta W = scaling * B @ A with
+scaling = alpha / sqrt(r) (rsLoRA, what T2L trains and saves) or alpha / r.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -39,16 +41,25 @@ class LoraWeights:
     """Per-sample LoRA factors for every targeted module.
 
     A[m]: [batch, n_layers, rank, in_m]; B[m]: [batch, n_layers, out_m, rank].
+    use_rslora: scaling is alpha / sqrt(rank) (PEFT's ``use_rslora``) instead of alpha / rank.
     """
 
     A: dict[str, torch.Tensor]
     B: dict[str, torch.Tensor]
     rank: int
     alpha: float
+    use_rslora: bool = False
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def with_factors(self, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor]) -> "LoraWeights":
+        """The same adapter settings (rank, alpha, rsLoRA) over other factors."""
+        return replace(self, A=A, B=B)
+
+    def detach(self) -> "LoraWeights":
+        return self.with_factors({m: a.detach() for m, a in self.A.items()}, {m: b.detach() for m, b in self.B.items()})
 
     @property
     def modules(self) -> list[str]:
@@ -66,19 +77,20 @@ class LoraWeights:
         """A sub-batch (``index`` int keeps a batch dim of 1)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return LoraWeights({m: a[index] for m, a in self.A.items()}, {m: b[index] for m, b in self.B.items()},
-                           self.rank, self.alpha)
+        return self.with_factors({m: a[index] for m, a in self.A.items()}, {m: b[index] for m, b in self.B.items()})
 
     def to(self, *args, **kwargs) -> "LoraWeights":
-        return LoraWeights({m: a.to(*args, **kwargs) for m, a in self.A.items()},
-                           {m: b.to(*args, **kwargs) for m, b in self.B.items()}, self.rank, self.alpha)
+        return self.with_factors({m: a.to(*args, **kwargs) for m, a in self.A.items()},
+                                 {m: b.to(*args, **kwargs) for m, b in self.B.items()})
 
     @staticmethod
     def cat(items: list["LoraWeights"]) -> "LoraWeights":
         """Concatenate along the batch dimension (used to mix adapters in one batch)."""
         first = items[0]
-        return LoraWeights({m: torch.cat([w.A[m] for w in items]) for m in first.A},
-                           {m: torch.cat([w.B[m] for w in items]) for m in first.B}, first.rank, first.alpha)
+        if any(w.scaling != first.scaling for w in items):
+            raise ValueError("LoraWeights.cat: adapters with different scalings; conform() them first")
+        return first.with_factors({m: torch.cat([w.A[m] for w in items]) for m in first.A},
+                                  {m: torch.cat([w.B[m] for w in items]) for m in first.B})
 
     def conform(self, shapes: ModuleShapes, rank: int) -> "LoraWeights":
         """The same adapters laid out for ``shapes`` at ``rank``, so different adapters can share a batch.
@@ -116,6 +128,6 @@ def stack_rows(rows: "list[LoraWeights | None]") -> "LoraWeights | None":
     if len(present) == len(rows) and all(w is present[0] for w in present):
         return present[0]
     zero = present[0].select(0)
-    zero = LoraWeights({m: torch.zeros_like(a) for m, a in zero.A.items()},
-                       {m: torch.zeros_like(b) for m, b in zero.B.items()}, zero.rank, zero.alpha)
+    zero = zero.with_factors({m: torch.zeros_like(a) for m, a in zero.A.items()},
+                             {m: torch.zeros_like(b) for m, b in zero.B.items()})
     return LoraWeights.cat([w.select(0) if w is not None else zero for w in rows])

@@ -37,7 +37,8 @@ class Adapter:
         return {"id": self.id, "object": "adapter", "model": f"t2l:{self.id}", "description": self.description,
                 "created": self.created, "generation_ms": round(self.generation_ms, 2),
                 "base_model": runtime.base_model_name, "hypernetwork": runtime.name, "rank": self.weights.rank,
-                "alpha": self.weights.alpha, "target_modules": self.weights.modules,
+                "alpha": self.weights.alpha,
+                "use_rslora": self.weights.use_rslora, "target_modules": self.weights.modules,
                 "download_url": f"/v1/adapters/{self.id}"}
 
 

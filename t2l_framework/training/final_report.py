@@ -35,8 +35,7 @@ def final_report(cfg, run_dir: Path, base, injection, dm, embeddings, generator,
     if cfg.training.mode == "lora":
         with torch.no_grad():
             w = generator()
-            baseline = type(w)({m: a.detach() for m, a in w.A.items()}, {m: b.detach() for m, b in w.B.items()},
-                               w.rank, w.alpha)
+            baseline = w.detach()
     elif cfg.eval.baseline_adapter:
         path = resolve_path(cfg.eval.baseline_adapter, recipe_file)
         if path.exists():

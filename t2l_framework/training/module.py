@@ -32,9 +32,9 @@ class LearnedLora(nn.Module):
     forward(task_emb [batch, dim]) -> LoraWeights with batch 1, broadcast over the batch.
     """
 
-    def __init__(self, shapes: ModuleShapes, rank: int, alpha: float):
+    def __init__(self, shapes: ModuleShapes, rank: int, alpha: float, use_rslora: bool = True):
         super().__init__()
-        self.shapes, self.rank, self.alpha = shapes, rank, alpha
+        self.shapes, self.rank, self.alpha, self.use_rslora = shapes, rank, alpha, use_rslora
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
         for m, (fan_in, fan_out) in shapes.shapes.items():
@@ -45,7 +45,7 @@ class LearnedLora(nn.Module):
             self.B[m] = nn.Parameter(torch.zeros(1, shapes.n_layers, fan_out, rank))
 
     def forward(self, task_emb: torch.Tensor | None = None) -> LoraWeights:
-        return LoraWeights(dict(self.A), dict(self.B), self.rank, self.alpha)
+        return LoraWeights(dict(self.A), dict(self.B), self.rank, self.alpha, self.use_rslora)
 
 
 def lr_lambda(warmup: int, total: int, kind: str):

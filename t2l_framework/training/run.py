@@ -129,7 +129,7 @@ def build_components(cfg, recipe_file: Path | None):
         say(f"embedded {len(dm.descriptions)} descriptions in {time.time() - t0:.1f} s")
         generator = HyperNetwork.from_recipe(cfg, shapes, embeddings.shape[1])
     else:
-        generator = LearnedLora(shapes, int(cfg.lora.rank), float(cfg.lora.alpha))
+        generator = LearnedLora(shapes, int(cfg.lora.rank), float(cfg.lora.alpha), bool(cfg.lora.use_rslora))
     n_params = sum(p.numel() for p in generator.parameters() if p.requires_grad)
     say(f"{type(generator).__name__}: {n_params / 1e6:.2f}M trainable parameters")
     return base, injection, dm, embeddings, encoder, generator
@@ -185,8 +185,7 @@ def save_result(cfg, run_dir: Path, generator, injection) -> Path:
 
         out = run_dir / "adapter"
         weights = generator().to("cpu")
-        weights = type(weights)({m: a.detach() for m, a in weights.A.items()},
-                                {m: b.detach() for m, b in weights.B.items()}, weights.rank, weights.alpha)
+        weights = weights.detach()
         export_peft_adapter(weights, out, cfg.base_model.name_or_path, paths=injection.paths)
     else:
         out = run_dir / "hypernet"
