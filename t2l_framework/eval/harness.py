@@ -22,7 +22,7 @@ from typing import Sequence
 from t2l_framework.errors import T2LError
 from t2l_framework.eval.benchmarks import Benchmark, Example
 from t2l_framework.eval.cache import ResultCache
-from t2l_framework.eval.sni_report import mean_se
+from t2l_framework.eval.stats import mean_se
 from t2l_framework.lora.weights import LoraWeights
 
 HARNESS_VERSION = "1"

@@ -8,11 +8,11 @@ Conditions: (a) the base model; (b) the base model with the description in the p
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Callable, Sequence
 
 from t2l_framework.eval.generation import greedy_generate
+from t2l_framework.eval.stats import mean_se
 from t2l_framework.eval.text_metrics import exact_match, rouge_l
 from t2l_framework.lora.weights import LoraWeights
 
@@ -23,15 +23,6 @@ CONDITIONS = {
     "t2l_other_task_description": "(d) T2L, another task's description",
     "mt_lora": "(e) multi-task LoRA",
 }
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return mean, math.sqrt(var / n)
 
 
 def evaluate_conditions(model, tokenizer, injection, items: list[dict],
