@@ -7,6 +7,7 @@ that names the key path and what was expected.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,11 +179,32 @@ CHOICES = {
     ),
     "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true"),
 }
-POSITIVE_INTS = (
-    "lora.rank", "hypernet.latent_size", "hypernet.task_dim", "hypernet.layer_emb_dim",
-    "hypernet.module_emb_dim", "data.n_tasks_per_batch", "data.n_samples_per_task",
-    "data.max_prompt_tokens", "data.max_answer_tokens", "encoder.batch_size", "encoder.max_length",
-)
+# Value ranges: key -> (low, high, low inclusive); None = unbounded on that side. NaN never passes.
+# Upper bounds are sanity limits that keep a typo (latent_size: 10000000) from allocating gigabytes.
+_WIDTH = (1, 65536, True)
+_PROBABILITY = (0.0, 1.0, True)  # high is exclusive: dropout 1.0 zeroes everything
+RANGES: dict[str, tuple] = {
+    "lora.rank": (1, 4096, True), "lora.alpha": (0.0, None, False), "lora.dropout": _PROBABILITY,
+    "hypernet.latent_size": _WIDTH, "hypernet.task_dim": _WIDTH, "hypernet.layer_emb_dim": _WIDTH,
+    "hypernet.module_emb_dim": _WIDTH, "hypernet.n_residual_blocks": (0, 256, True),
+    "hypernet.dropout": _PROBABILITY,
+    "encoder.batch_size": (1, None, True), "encoder.max_length": (1, None, True),
+    "data.n_tasks_per_batch": (1, None, True), "data.n_samples_per_task": (1, None, True),
+    "data.holdout_descriptions": (0, None, True), "data.max_prompt_tokens": (1, None, True),
+    "data.max_answer_tokens": (1, None, True), "data.max_train_instances": (0, None, True),
+    "data.max_eval_instances": (0, None, True), "data.num_workers": (0, None, True),
+    "training.lr": (0.0, 10.0, False), "training.weight_decay": (0.0, None, True),
+    "training.warmup_steps": (0, None, True), "training.label_smoothing": _PROBABILITY,
+    "training.l2_penalty": (0.0, None, True), "training.neftune_alpha": (0.0, None, True),
+    "training.checkpoint_every_n_steps": (1, None, True),
+    "trainer.num_nodes": (1, None, True), "trainer.max_steps": (1, None, True),
+    "trainer.accumulate_grad_batches": (1, None, True), "trainer.gradient_clip_val": (0.0, None, True),
+    "trainer.val_check_interval": (1, None, True), "trainer.limit_val_batches": (0.0, None, True),
+    "trainer.log_every_n_steps": (1, None, True),
+    "eval.limit": (0, None, True), "eval.batch_size": (1, None, True), "eval.max_new_tokens": (1, None, True),
+    "eval.n_descriptions": (1, None, True), "eval.val_generation_batches": (0, None, True),
+    "eval.report_max_items": (0, None, True),
+}
 # Data paths are checked only when the recipe's mode needs them.
 PATH_KEYS = {"sft": ("data.tasks_file", "data.instances_file"), "lora": ("data.tasks_file", "data.instances_file"),
              "recon": ("data.tasks_file", "data.lora_library")}
@@ -228,18 +250,44 @@ def find_recipe(name_or_path: str) -> Path:
     )
 
 
+class _DuplicateKey(yaml.MarkedYAMLError):
+    """A mapping names the same key twice (PyYAML would silently keep the last value)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys instead of keeping the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # unhashable key: SafeLoader reports it below
+                continue
+            if first is not key_node.start_mark:
+                raise _DuplicateKey(None, None, f"duplicate key '{key}' (first given on line {first.line + 1})",
+                                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> dict:
-    """Parse a YAML file; a syntax error names the file and line."""
+    """Parse a YAML file; a syntax error or a duplicate key names the file and line."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise T2LError(f"cannot read recipe {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        mark = exc.problem_mark
+        raise T2LError(f"{path}:{mark.line + 1}:{mark.column + 1}: {exc.problem}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise T2LError(f"{where}: malformed YAML: {exc.problem or exc.context}") from None
+    except RecursionError:
+        raise T2LError(f"{path}: malformed YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -281,8 +329,12 @@ def _merge(cfg: DictConfig, other: Any, origin: str) -> DictConfig:
 
 
 def load_recipe(path_or_name: str | Path | None = None, overrides: list[str] | None = None,
-                check_files: bool = True, check_plugins: bool = True) -> DictConfig:
-    """Defaults <- recipe file <- overrides, then every value checked. Returns a read-only config."""
+                check_files: bool = True, check_plugins: bool = True, import_code: bool = False) -> DictConfig:
+    """Defaults <- recipe file <- overrides, then every value checked. Returns a read-only config.
+
+    import_code: also import a head named by import path (runs that module's code); by default
+    it is only looked up, so loading a recipe never executes code from it.
+    """
     cfg = OmegaConf.structured(Recipe)
     recipe_file = None
     if path_or_name is not None:
@@ -298,22 +350,42 @@ def load_recipe(path_or_name: str | Path | None = None, overrides: list[str] | N
         except OmegaConfBaseException as exc:
             raise T2LError(f"command-line overrides: {str(exc).splitlines()[0]}") from None
         cfg = _merge(cfg, dot, "command-line override")
-    validate(cfg, recipe_file, check_files=check_files, check_plugins=check_plugins)
+    validate(cfg, recipe_file, check_files=check_files, check_plugins=check_plugins, import_code=import_code)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
+def range_problem(value: Any, low: Any, high: Any, low_inclusive: bool = True) -> str | None:
+    """What is wrong with ``value`` for a ``RANGES`` entry (None = fine, or not a number: the schema's
+    types are OmegaConf's job). A float ``high`` is exclusive (dropout 1.0), an int one inclusive."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    integral = isinstance(low, int)
+    high_open = isinstance(high, float)
+    if integral and low == 1:
+        expected = "a positive integer" + (f" up to {high}" if high is not None else "")
+    elif high is None:
+        expected = f"{'an integer' if integral else 'a number'} {'>=' if low_inclusive else '>'} {low}"
+    else:
+        expected = (f"{'an integer' if integral else 'a number'} in {'[' if low_inclusive else '('}{low}, "
+                    f"{high}{')' if high_open else ']'}")
+    bad = (isinstance(value, float) and not math.isfinite(value)) or value < low or (value == low and not low_inclusive)
+    bad = bad or (high is not None and (value > high or (high_open and value >= high)))
+    return f"expected {expected}, got {value!r}" if bad else None
+
+
 def validate(cfg: DictConfig, recipe_file: Optional[Path] = None, check_files: bool = True,
-             check_plugins: bool = True) -> None:
+             check_plugins: bool = True, import_code: bool = False) -> None:
     """Value checks the schema's types cannot express: choices, ranges, plugin names, files."""
     origin = str(recipe_file) if recipe_file else "recipe"
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if str(value) not in choices:
             raise T2LError(f"{origin}: {key}: '{value}' is not allowed{did_you_mean(value, choices)}; expected one of: {', '.join(choices)}")
-    for key in POSITIVE_INTS:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise T2LError(f"{origin}: {key}: expected a positive integer, got {OmegaConf.select(cfg, key)}")
+    for key, bounds in RANGES.items():
+        problem = range_problem(OmegaConf.select(cfg, key, default=None), *bounds)
+        if problem:
+            raise T2LError(f"{origin}: {key}: {problem}")
     if not cfg.lora.target_modules:
         raise T2LError(f"{origin}: lora.target_modules: expected at least one module name")
     if check_plugins:
@@ -321,7 +393,7 @@ def validate(cfg: DictConfig, recipe_file: Optional[Path] = None, check_files: b
 
         reg = registry()
         try:
-            reg.get("heads", cfg.hypernet.head, key=f"{origin}: hypernet.head")
+            reg.get("heads", cfg.hypernet.head, key=f"{origin}: hypernet.head", import_code=import_code)
             reg.get("encoders", cfg.encoder.name, key=f"{origin}: encoder.name")
             if cfg.base_model.family != "auto":
                 reg.get("base_models", cfg.base_model.family, key=f"{origin}: base_model.family")
