@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from t2l_framework.config import load_recipe, recipes_dir
 from t2l_framework.errors import T2LError
 from t2l_framework.training.checkpoint_io import load_checkpoint_file
-from t2l_framework.training.run import fit, latest_checkpoint
+from t2l_framework.training.run import TrainingInterrupted, fit, latest_checkpoint
 from tests.tiny_world import build_world
 
 
@@ -84,21 +84,22 @@ def test_recon_mode_lowers_its_loss(world, tmp_path):
     assert (run / "hypernet" / "hypernet.safetensors").is_file()
 
 
-class _SigtermAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
+class _SignalAt(Callback):
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        self.step, self.signum = step, signum
 
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
 
 
 def test_sigterm_then_resume_equals_an_uninterrupted_run(world):
     common = ["trainer.max_steps=8", "trainer.val_check_interval=100"]
     straight = fit(str(world["recipe"]), common + ["training.run_name=straight"])
-    with pytest.raises(BaseException) as info:
-        fit(str(world["recipe"]), common + ["training.run_name=killed"], callbacks=[_SigtermAt(3)])
-    assert type(info.value).__name__ == "SIGTERMException"
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM at step 3; checkpoint .*interrupted.ckpt written: "
+                                                  "continue with --resume") as info:
+        fit(str(world["recipe"]), common + ["training.run_name=killed"], callbacks=[_SignalAt(3)])
+    assert info.value.exit_code == 143
     ckpt_dir = straight.parent / "killed" / "checkpoints"
     interrupted = latest_checkpoint(ckpt_dir)
     assert load_checkpoint_file(interrupted)["global_step"] == 3
@@ -112,6 +113,63 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(world):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     steps = [load_checkpoint_file(latest_checkpoint(d / "checkpoints"))["global_step"] for d in (straight, resumed)]
     assert steps == [8, 8]
+    # no pile-up: the same files as the uninterrupted run (no last-v1.ckpt, no stale interrupted.ckpt)
+    names = lambda run: sorted(p.name for p in (run / "checkpoints").iterdir())  # noqa: E731
+    assert names(resumed) == names(straight) == ["last.ckpt", "step8.ckpt"]
+
+
+@pytest.mark.parametrize("signum, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_t2l_fit_interrupted_exits_non_zero_after_its_checkpoint(world, monkeypatch, capsys, signum, code, name):
+    """`make` and scripts must not take an interrupted run for a finished one (Lightning exits 0 / 1)."""
+    import t2l_framework.training.run as run_module
+    from t2l_framework.cli import main
+
+    real_fit = run_module.fit
+    monkeypatch.setattr(run_module, "fit", lambda *a, **k: real_fit(*a, **k, callbacks=[_SignalAt(2, signum)]))
+    run_name = f"signal{code}"
+    status = main(["fit", str(world["recipe"]), "trainer.max_steps=6", "trainer.val_check_interval=100",
+                   f"training.run_name={run_name}"])
+    err = capsys.readouterr().err
+    assert status == code, err[-2000:]
+    assert f"error: stopped by {name} at step 2" in err and "continue with --resume" in err
+    saved = world["root"] / "runs" / run_name / "checkpoints" / "interrupted.ckpt"
+    assert load_checkpoint_file(saved)["global_step"] == 2
+    assert not (world["root"] / "runs" / run_name / "hypernet").exists()  # no result from a cut-short run
+
+
+def test_torn_first_checkpoint_is_cleaned_and_resume_starts_from_scratch(world, capsys):
+    """A kill during the very first checkpoint write leaves only a temporary file behind."""
+    common = ["trainer.max_steps=2", "trainer.val_check_interval=100", "training.run_name=torn"]
+    ckpt_dir = world["root"] / "runs" / "torn" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    torn = [ckpt_dir / ".step2.ckpt.k3j_x9a2", ckpt_dir / ".last.ckpt.0a1b2c3d.partial"]
+    for path in torn:
+        path.write_bytes(b"\x00" * 100)  # half a safetensors header
+    keep = ckpt_dir / "notes.txt"  # not ours to delete
+    keep.write_text("mine")
+    run = fit(str(world["recipe"]), common, resume=True)
+    err = capsys.readouterr().err
+    assert "no complete checkpoint" in err and "starting from step 0" in err
+    assert all(not p.exists() for p in torn) and keep.exists()
+    assert load_checkpoint_file(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+    # and a plain run in a folder holding only torn files is not refused as "already has checkpoints"
+    keep.unlink()
+    for p in (run / "checkpoints").iterdir():
+        p.unlink()
+    torn[0].write_bytes(b"\x00" * 100)
+    assert fit(str(world["recipe"]), common) == run and not torn[0].exists()
+
+
+def test_save_leaves_no_temp_file_when_the_write_fails(tmp_path, monkeypatch):
+    import t2l_framework.training.checkpoint_io as cio
+
+    def dies(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cio, "save_file", dies)
+    with pytest.raises(OSError):
+        cio.save_checkpoint_file({"global_step": 1, "w": torch.ones(2)}, tmp_path / "last.ckpt")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoints_are_safetensors_without_pickle(world):

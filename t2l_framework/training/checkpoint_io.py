@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,19 @@ from safetensors.torch import save_file
 from t2l_framework.errors import T2LError
 
 SKELETON_KEY = "t2l_checkpoint"
+TEMP_SUFFIX = ".partial"  # save_checkpoint_file's temporary files: ``.NAME.XXXXXXXX.partial``
+# what a kill during a write leaves: ours, and the suffix-less names of earlier versions
+_TORN = re.compile(r"^\..+\.ckpt\.[A-Za-z0-9_]{8}(\.partial)?$")
+
+
+def remove_torn_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that were killed midway; returns them.
+    A complete checkpoint is only ever renamed into place, so these are never the last good one."""
+    folder = Path(folder)
+    torn = [p for p in folder.glob(".*") if p.is_file() and _TORN.match(p.name)] if folder.is_dir() else []
+    for path in torn:
+        path.unlink(missing_ok=True)
+    return torn
 
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
@@ -49,7 +63,10 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
 def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
+            try:
+                return tensors[obj["__tensor__"]]
+            except (KeyError, TypeError):
+                raise _Malformed(f"tensor '{obj['__tensor__']}' named in the metadata is missing") from None
         if "__dict__" in obj:
             return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
         if "__list__" in obj:
@@ -67,7 +84,7 @@ def save_checkpoint_file(checkpoint: dict, path: str | Path) -> None:
     skeleton = json.dumps(_encode(checkpoint, tensors, "checkpoint"))
     # safetensors refuses tensors that share memory; checkpoints may hold views of one buffer.
     tensors = {k: v.clone() if v.numel() else v for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={SKELETON_KEY: skeleton})
@@ -77,7 +94,23 @@ def save_checkpoint_file(checkpoint: dict, path: str | Path) -> None:
             os.remove(tmp)
 
 
+class _Malformed(ValueError):
+    """The metadata skeleton does not match the tensors (a doctored or foreign file)."""
+
+
+def _skeleton(path: Path, metadata: dict) -> Any:
+    if SKELETON_KEY not in metadata:
+        raise T2LError(f"{path} is not a t2l-framework checkpoint (no '{SKELETON_KEY}' metadata)")
+    try:
+        return json.loads(metadata[SKELETON_KEY])
+    except json.JSONDecodeError as exc:
+        raise T2LError(f"cannot read checkpoint {path}: malformed metadata: {exc}") from None
+    except RecursionError:
+        raise T2LError(f"cannot read checkpoint {path}: metadata nested too deeply") from None
+
+
 def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict:
+    """The checkpoint dict; a torn, foreign or doctored file -> one T2LError naming it."""
     path = Path(path)
     device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
     try:
@@ -86,15 +119,23 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001 - a torn or foreign file must say which file
         raise T2LError(f"cannot read checkpoint {path}: {exc}") from None
-    if SKELETON_KEY not in metadata:
-        raise T2LError(f"{path} is not a t2l-framework checkpoint (no '{SKELETON_KEY}' metadata)")
-    return _decode(json.loads(metadata[SKELETON_KEY]), tensors)
+    skeleton = _skeleton(path, metadata)
+    try:
+        checkpoint = _decode(skeleton, tensors)
+    except (_Malformed, ValueError, TypeError, KeyError) as exc:
+        raise T2LError(f"cannot read checkpoint {path}: {exc}") from None
+    except RecursionError:
+        raise T2LError(f"cannot read checkpoint {path}: metadata nested too deeply") from None
+    if not isinstance(checkpoint, dict):
+        raise T2LError(f"cannot read checkpoint {path}: not a checkpoint dict")
+    return checkpoint
 
 
 def checkpoint_step(path: str | Path) -> int:
     """The checkpoint's ``global_step``, read from the header only."""
+    path = Path(path)
     with safe_open(str(path), framework="pt") as f:
-        skeleton = json.loads((f.metadata() or {})[SKELETON_KEY])
+        skeleton = _skeleton(path, f.metadata() or {})
     return int(dict((k, v) for k, v in skeleton["__dict__"]).get("global_step", -1))
 
 

@@ -18,8 +18,46 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from lightning.pytorch.callbacks import Callback
+
 from t2l_framework.config import find_recipe, load_recipe, resolve_path
 from t2l_framework.errors import T2LError
+from t2l_framework.training.checkpoint_io import remove_torn_files
+
+
+class TrainingInterrupted(T2LError):
+    """``fit`` was stopped by SIGTERM or Ctrl-C after its checkpoint was written.
+
+    exit_code: what the shell convention gives that signal (143 = 128 + SIGTERM, 130 = 128 + SIGINT),
+    so ``make`` and scripts do not take an interrupted run for a finished one."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _StopReason(Callback):
+    """Remembers the exception Lightning stops on: SIGTERM and Ctrl-C both end as SystemExit there."""
+
+    def __init__(self):
+        self.exception: BaseException | None = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.exception = exception
+
+
+def _interrupted(reason: _StopReason, trainer, ckpt_dir: Path) -> TrainingInterrupted | None:
+    exc = reason.exception
+    if isinstance(exc, KeyboardInterrupt):
+        name, code = "Ctrl-C", 130
+    elif type(exc).__name__ == "SIGTERMException":
+        name, code = "SIGTERM", 143
+    else:
+        return None
+    saved = ckpt_dir / "interrupted.ckpt"
+    where = f"checkpoint {saved} written" if saved.is_file() else f"latest checkpoint in {ckpt_dir}"
+    return TrainingInterrupted(f"stopped by {name} at step {trainer.global_step}; {where}: continue with --resume",
+                               code)
 
 
 def planned_device(accelerator: str) -> str:
@@ -67,8 +105,10 @@ def _trainer(cfg, run_dir: Path, extra_callbacks: list):
     strategy = build_strategy(t.pop("strategy"), t["accelerator"], t["precision"])
     deepspeed = cfg.trainer.strategy in DEEPSPEED_STRATEGIES
     callbacks = [
+        # no version counter: a resumed run overwrites last.ckpt instead of adding last-v1.ckpt
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", every_n_train_steps=cfg.training.checkpoint_every_n_steps,
-                        save_last=True, save_top_k=1, monitor=None, auto_insert_metric_name=False),
+                        save_last=True, save_top_k=1, monitor=None, auto_insert_metric_name=False,
+                        enable_version_counter=False),
         OnExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"),
         LearningRateMonitor(logging_interval="step"),
         *extra_callbacks,
@@ -146,11 +186,14 @@ def fit(recipe: str, overrides: list[str] | None = None, resume: bool = False, o
     run_dir = run_folder(cfg, recipe_file)
     ckpt_dir = run_dir / "checkpoints"
     ckpt = None
+    for torn in remove_torn_files(ckpt_dir):
+        say(f"removed {torn}: a checkpoint whose writing was interrupted")
     if resume:
         ckpt = latest_checkpoint(ckpt_dir)
         if ckpt is None:
-            raise T2LError(f"--resume: no checkpoint in {ckpt_dir}; start the run without --resume")
-        say(f"resuming from {ckpt}")
+            say(f"--resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
+        else:
+            say(f"resuming from {ckpt}")
     elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         if not overwrite:
             raise T2LError(f"run folder {run_dir} already has checkpoints; pass --resume to continue it, "
@@ -165,9 +208,17 @@ def fit(recipe: str, overrides: list[str] | None = None, resume: bool = False, o
     recon_targets = (dm.targets.A, dm.targets.B) if cfg.training.mode == "recon" else None
     module = T2LModule(cfg, generator, base.model if base else None, injection, embeddings, recon_targets,
                        tokenizer=base.tokenizer if base else None)
-    trainer = _trainer(cfg, run_dir, list(callbacks or []))
+    reason = _StopReason()
+    trainer = _trainer(cfg, run_dir, [reason, *(callbacks or [])])
     t0 = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    except SystemExit:  # Lightning's SIGTERMException, or its sys.exit(1) after Ctrl-C
+        stop = _interrupted(reason, trainer, ckpt_dir)
+        if stop is None:
+            raise
+        raise stop from None
+    (ckpt_dir / "interrupted.ckpt").unlink(missing_ok=True)  # superseded by the finished run's last.ckpt
     say(f"trained to step {trainer.global_step} in {time.time() - t0:.0f} s")
     save_result(cfg, run_dir, generator, injection)
     if cfg.training.mode != "recon" and cfg.eval.final_report:
