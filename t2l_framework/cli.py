@@ -28,7 +28,7 @@ def _parser_for(sub, name: str, help: str, example: str) -> argparse.ArgumentPar
 def cmd_validate(args) -> int:
     from t2l_framework.config import load_recipe, to_yaml
 
-    cfg = load_recipe(args.recipe, args.overrides)
+    cfg = load_recipe(args.recipe, args.overrides, import_code=args.trust_remote_code)
     print(to_yaml(cfg), end="")
     print(f"# OK: {args.recipe} is valid", file=sys.stderr)
     return 0
@@ -83,13 +83,13 @@ def cmd_plugins(args) -> int:
 def cmd_fit(args) -> int:
     from t2l_framework.training.run import fit
 
+    from t2l_framework.training.run import TrainingInterrupted
+
     try:
         fit(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
-    except Exception as exc:
-        if type(exc).__name__ == "SIGTERMException":
-            print("stopped by SIGTERM; a checkpoint was written: continue with --resume", file=sys.stderr)
-            return 143
-        raise
+    except TrainingInterrupted as stop:  # the checkpoint is on disk; a script must not take this for success
+        print(f"error: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 
@@ -97,6 +97,17 @@ def cmd_fit(args) -> int:
 
 DTYPE_HELP = ("base model weights (default auto: bfloat16 on GPUs and on CPUs with native bf16, "
               "float32 otherwise; 'recipe' = the run's base_model.dtype)")
+
+
+TRUST_HELP = ("let the run execute code it names (a model's custom modelling code, a head given by import path); "
+              "without it such runs are refused, since a run folder is untrusted input")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def allowed_hosts(bind: str) -> list[str] | None:
+    """Host headers accepted when bound to this machine only: a web page elsewhere cannot reach the
+    API through DNS rebinding. None (any Host) when bound to a public address."""
+    return ["127.0.0.1", "localhost", "[::1]"] if bind in LOOPBACK else None
 
 
 def _dtype(args) -> str | None:
@@ -125,7 +136,7 @@ def cmd_generate(args) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise T2LError(f"{out} already exists; pass --force to overwrite it, or -o DIR for another folder")
     _say(f"loading {args.run} ...")
-    runtime = load_run(args.run, dtype=_dtype(args))
+    runtime = load_run(args.run, dtype=_dtype(args), trust_remote_code=args.trust_remote_code)
     weights = runtime.adapters(descriptions)  # one hypernetwork forward for all of them
     folders = [out] if len(descriptions) == 1 else [out / f"adapter_{i:03d}" for i in range(len(descriptions))]
     runtime.export(weights, folders)
@@ -162,11 +173,14 @@ def cmd_serve(args) -> int:
     if args.max_batch < 1 or args.cache_size < 1 or args.batch_window_ms < 0:
         raise T2LError("--max-batch and --cache-size must be at least 1, --batch-window-ms at least 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in LOOPBACK:
         _say(f"binding to {args.host}: the API has no authentication; anyone who can reach this port can use it")
     _say(f"loading {args.run} ...")
-    app = create_app(load_run(args.run, dtype=_dtype(args)), max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                     cache_size=args.cache_size)
+    if args.max_body_kb < 1:
+        raise T2LError("--max-body-kb must be at least 1")
+    app = create_app(load_run(args.run, dtype=_dtype(args), trust_remote_code=args.trust_remote_code),
+                     max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, cache_size=args.cache_size,
+                     max_body_bytes=args.max_body_kb * 1024, allowed_hosts=allowed_hosts(args.host))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
     return 0
 
@@ -184,18 +198,19 @@ def cmd_eval(args) -> int:
     from t2l_framework.eval.cache import ResultCache, default_cache_dir
     from t2l_framework.eval.harness import EvalSettings, Evaluator, parse_adapters
     from t2l_framework.eval.report import markdown_table, write_outputs
-    from t2l_framework.inference import load_generator, runtime_for
+    from t2l_framework.inference import check_run_trust, load_generator, runtime_for
 
     target = Path(args.run_or_recipe).expanduser()
     own_adapter: list[str] = []
     generator = None
     if target.is_dir() and (target / "adapter" / "adapter_config.json").is_file() and (target / "recipe.yaml").is_file():
         recipe_file = target / "recipe.yaml"  # a LoRA-baseline run: its base model, and its adapter by default
-        cfg, default_out = load_recipe(recipe_file), target / "eval"
+        cfg, default_out = load_recipe(recipe_file, check_files=False), target / "eval"
+        check_run_trust(cfg, recipe_file, args.trust_remote_code)
         own_adapter = [f"{target.resolve().name}={target / 'adapter'}"]
     elif target.is_dir():  # a trained T2L run (or hypernet) folder; loaded once the arguments are checked
         recipe_file = target / "recipe.yaml" if (target / "recipe.yaml").is_file() else None
-        cfg, default_out = (load_recipe(recipe_file) if recipe_file else None), target / "eval"
+        cfg, default_out = (load_recipe(recipe_file, check_files=False) if recipe_file else None), target / "eval"
     else:
         recipe_file = find_recipe(args.run_or_recipe)
         cfg, default_out = load_recipe(recipe_file), Path("eval_results") / recipe_file.stem
@@ -221,7 +236,7 @@ def cmd_eval(args) -> int:
         max_new_tokens=args.max_new_tokens, code_timeout_s=args.code_timeout, seed=args.seed)
     device = args.device or _default_device()
     if is_t2l_run:
-        generator = load_generator(target, device)
+        generator = load_generator(target, device, trust_remote_code=args.trust_remote_code)
         base_cfg = generator.base_config
     else:
         base_cfg = cfg.base_model
@@ -269,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "t2l validate recipes/mistral_L.yaml hypernet.head=chunked trainer.max_steps=10")
     p.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, key=value")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="also import a head named by import path (runs that module); by default it is only looked up")
     p.set_defaults(func=cmd_validate)
 
     p = _parser_for(sub, "recipes", "List shipped recipes, or copy one for editing (`cp NAME DEST`).",
@@ -318,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", metavar="DIR", help="folder with eval/, t2l/ and sni/ (default: the vendored data/)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES + ("recipe",), help=DTYPE_HELP)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = _parser_for(sub, "generate", "Write PEFT adapters for task descriptions with a trained hypernetwork.",
@@ -332,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for --chat (0 = greedy)")
     p.add_argument("--force", action="store_true", help="write into an existing output folder")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES + ("recipe",), help=DTYPE_HELP)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_generate)
 
     p = _parser_for(sub, "serve", "Serve a trained hypernetwork: adapter API, OpenAI-compatible chat, web page.",
@@ -343,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-window-ms", type=float, default=30.0, help="how long a batch waits for more requests")
     p.add_argument("--cache-size", type=int, default=128, help="generated adapters kept in memory (LRU)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES + ("recipe",), help=DTYPE_HELP)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB (default 1024); "
+                   "bigger requests get 413")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from omegaconf import OmegaConf
 
 from t2l_framework.console import say
 from t2l_framework.errors import T2LError
@@ -90,11 +91,31 @@ class AdapterGenerator:
         return self.hypernet.generate(descriptions, self.encoder)
 
 
-def load_generator(folder: str | Path, device: str | torch.device) -> AdapterGenerator:
-    """The hypernetwork and encoder of a run folder (``recipe.yaml`` + ``hypernet/``) or a bare
-    hypernet folder; a bare folder takes the base model and encoder its config records."""
-    from omegaconf import OmegaConf
+TRUST_HINT = "pass --trust-remote-code (Python: trust_remote_code=True) only if you trust where this run came from"
 
+
+def check_run_trust(cfg, where, trust_remote_code: bool) -> None:
+    """Refuse a run's recipe that would execute code (a model's custom modelling code, or a head
+    named by import path) unless the user said they trust it: run folders are downloaded input."""
+    if trust_remote_code:
+        return
+    for key in ("base_model.trust_remote_code", "encoder.trust_remote_code"):
+        if cfg is not None and OmegaConf.select(cfg, key, default=False):
+            raise T2LError(f"{where}: {key} is true, so loading this run would execute Python code that ships "
+                           f"with its model; {TRUST_HINT}")
+    head = OmegaConf.select(cfg, "hypernet.head", default="") if cfg is not None else ""
+    if ":" in str(head):
+        raise T2LError(f"{where}: hypernet.head '{head}' is an import path, so loading this run would import and "
+                       f"run that module; {TRUST_HINT}")
+
+
+def load_generator(folder: str | Path, device: str | torch.device, trust_remote_code: bool = False) -> AdapterGenerator:
+    """The hypernetwork and encoder of a run folder (``recipe.yaml`` + ``hypernet/``) or a bare
+    hypernet folder; a bare folder takes the base model and encoder its config records.
+
+    Nothing in the folder runs as code unless ``trust_remote_code``: a recipe asking for a
+    model's custom code or a head named by import path is refused with the reason.
+    """
     from t2l_framework.config import BaseModelConfig, EncoderConfig, load_recipe
     from t2l_framework.encoders import build_encoder
     from t2l_framework.hypernet.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config
@@ -102,13 +123,20 @@ def load_generator(folder: str | Path, device: str | torch.device) -> AdapterGen
 
     hyper_dir, recipe = _locate(Path(folder).expanduser())
     meta = read_config(hyper_dir)
+    check_run_trust(OmegaConf.create({"hypernet": meta["hypernet"]}), hyper_dir / CONFIG_NAME, trust_remote_code)
     if recipe is not None:
-        cfg = load_recipe(recipe)
+        cfg = load_recipe(recipe, check_files=False)  # its data files belong to the machine it was trained on
+        check_run_trust(cfg, recipe, trust_remote_code)
         base_cfg, enc_cfg = cfg.base_model, cfg.encoder
     else:
         base_cfg = OmegaConf.structured(BaseModelConfig(name_or_path=meta["base_model"]))
         known = set(EncoderConfig.__dataclass_fields__)
-        enc_cfg = OmegaConf.structured(EncoderConfig(**{k: v for k, v in meta["encoder"].items() if k in known}))
+        try:
+            enc_cfg = OmegaConf.structured(EncoderConfig(**{k: v for k, v in meta["encoder"].items() if k in known}))
+        except Exception as exc:  # noqa: BLE001 - OmegaConf's type errors, named for the user
+            raise T2LError(f"{hyper_dir / CONFIG_NAME}: 'encoder': {str(exc).splitlines()[0]}") from None
+        check_run_trust(OmegaConf.create({"encoder": OmegaConf.to_container(enc_cfg)}), hyper_dir / CONFIG_NAME,
+                        trust_remote_code)
     hypernet = HyperNetwork.from_pretrained(hyper_dir, expect_base_model=base_cfg.name_or_path, device=device)
     encoder = build_encoder(enc_cfg).to(device)
     identity = _file_digest([hyper_dir / CONFIG_NAME, hyper_dir / WEIGHTS_NAME])
@@ -116,16 +144,18 @@ def load_generator(folder: str | Path, device: str | torch.device) -> AdapterGen
     return AdapterGenerator(hypernet, encoder, identity, name, base_cfg, bool(base_cfg.chat_template))
 
 
-def load_run(folder: str | Path, device: str | torch.device | None = None, dtype: str | None = "auto") -> "T2LRuntime":
+def load_run(folder: str | Path, device: str | torch.device | None = None, dtype: str | None = "auto",
+             trust_remote_code: bool = False) -> "T2LRuntime":
     """Load a run folder (``recipe.yaml`` + ``hypernet/``) or a bare hypernet folder.
 
     The recipe gives the base model and encoder settings; a bare hypernet folder falls back
     to what its ``hypernet_config.json`` records (base model name, encoder). dtype: the base
     model's weights: 'auto' = bfloat16 where the device does it natively, else float32
-    (``llm/dtype.py``); None = the recipe's ``base_model.dtype``.
+    (``llm/dtype.py``); None = the recipe's ``base_model.dtype``. trust_remote_code: see
+    ``load_generator``; without it, opening a run never executes code from it.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    generator = load_generator(folder, device)
+    generator = load_generator(folder, device, trust_remote_code)
     return runtime_for(generator.base_config, device, dtype, generator)
 
 
@@ -133,8 +163,6 @@ def runtime_for(base_cfg, device: str | torch.device | None = None, dtype: str |
                 generator: AdapterGenerator | None = None, target_modules: Sequence[str] = ()) -> "T2LRuntime":
     """Load the base model of ``base_cfg`` (a ``BaseModelConfig``) with LoRA injected on the
     generator's targets (or ``target_modules`` when there is no generator)."""
-    from omegaconf import OmegaConf
-
     from t2l_framework.llm.loading import load_base_model
     from t2l_framework.lora.batched import inject_lora
 

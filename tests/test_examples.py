@@ -55,13 +55,20 @@ def test_trains_by_import_path_loss_falls_and_is_smaller(world):
     assert _params(net.head) < _params(per_layer)
 
 
-def test_t2l_validate_imports_it_from_the_repo_root(world):
+def test_t2l_validate_imports_it_from_the_python_path_only(world):
+    """The current folder is never searched (a downloaded run must not import a module beside it):
+    PYTHONPATH names the checkout; --trust-remote-code makes validate import the module too."""
     t2l = Path(sys.executable).with_name("t2l")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([str(t2l), "validate", str(world["recipe"]), f"hypernet.head={HEAD}"], cwd=ROOT,
-                         capture_output=True, text=True, env=env)
+    args = [str(t2l), "validate", str(world["recipe"]), f"hypernet.head={HEAD}", "--trust-remote-code"]
+    out = subprocess.run(args, cwd=world["root"], capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert HEAD in out.stdout
-    elsewhere = subprocess.run([str(t2l), "validate", str(world["recipe"]), f"hypernet.head={HEAD}"],
-                               cwd=world["root"], capture_output=True, text=True, env=env)
-    assert elsewhere.returncode != 0 and "cannot import module 'examples.factorized_head'" in elsewhere.stderr
+    only_package = world["root"] / "only_package"  # this checkout's t2l_framework without its examples/
+    only_package.mkdir(exist_ok=True)
+    if not (only_package / "t2l_framework").exists():
+        (only_package / "t2l_framework").symlink_to(ROOT / "t2l_framework")
+    from_cwd = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
+                              env={**env, "PYTHONPATH": str(only_package)})
+    assert from_cwd.returncode != 0 and "cannot import module 'examples.factorized_head'" in from_cwd.stderr
+    assert "the current folder is not searched: PYTHONPATH=. adds it" in from_cwd.stderr

@@ -290,6 +290,114 @@ def test_health_page_and_request_log(client, caplog):
     assert page.status_code == 200 and 'id="description"' in page.text and 'id="prompt"' in page.text
 
 
+# --- input budgets and hostile input ------------------------------------------------------------
+
+def test_a_body_over_the_limit_is_413_before_parsing(runtime):
+    with fastapi_testclient.TestClient(create_app(runtime, max_body_bytes=4096)) as c:
+        big = {"model": "base", "messages": [{"role": "user", "content": "red " * 2000}]}  # ~8 kB
+        res = c.post("/v1/chat/completions", json=big)
+        assert res.status_code == 413 and "larger than 4096 bytes" in res.json()["error"]["message"]
+
+        def chunks():  # no Content-Length: counted as it arrives
+            yield b'{"description": "'
+            for _ in range(100):
+                yield b"x" * 100
+            yield b'"}'
+
+        res = c.post("/v1/adapters", content=chunks(), headers={"content-type": "application/json"})
+        assert res.status_code == 413
+        assert _chat(c, model="base").status_code == 200  # a small one still works
+        assert c.get("/v1/stats").json()["batching"]["requests"] == 1  # the big ones never reached the model
+
+
+def test_the_default_body_limit_is_about_a_megabyte(client):
+    res = client.post("/v1/adapters", content=b"{" + b" " * (1 << 20) + b"}", headers={"content-type": "application/json"})
+    assert res.status_code == 413
+    assert client.post("/v1/adapters", content=b'{"description": "x"' + b" " * 900_000 + b"}",
+                       headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_message_count_is_limited(client):
+    from t2l_framework.serve.schemas import MAX_MESSAGES
+
+    res = _chat(client, model="base", messages=[{"role": "user", "content": ""}] * (MAX_MESSAGES + 1))
+    assert res.status_code == 422 and f"at most {MAX_MESSAGES}" in res.json()["error"]["message"]
+    parts = [{"type": "text", "text": "red"}] * 65
+    assert _chat(client, model="base", messages=[{"role": "user", "content": parts}]).status_code == 422
+
+
+class SlowTokenizer(SlowRuntime):
+    """Tokenising takes a second (a huge prompt on a slow tokenizer)."""
+
+    def chat(self, *args, **kwargs):
+        return self._runtime.chat(*args, **kwargs)
+
+    def encode(self, *args, **kwargs):
+        time.sleep(1.0)
+        return self._runtime.encode(*args, **kwargs)
+
+
+def test_healthz_stays_fast_while_a_request_is_tokenised(runtime):
+    with fastapi_testclient.TestClient(create_app(SlowTokenizer(runtime), batch_window_ms=0)) as c:
+        done = {}
+        worker = threading.Thread(target=lambda: done.setdefault("chat", (_chat(c, model="base"), time.perf_counter())))
+        worker.start()
+        time.sleep(0.2)  # the request is now being tokenised
+        t0 = time.perf_counter()
+        health = c.get("/healthz")
+        latency = time.perf_counter() - t0
+        worker.join()
+    assert health.status_code == 200 and done["chat"][0].status_code == 200
+    assert latency < 0.5, f"/healthz took {latency:.2f} s: tokenising blocked the event loop"
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"model": "base", "messages": [{"role": "user", "content": "red \\udfff"}]}', "messages.0.content"),
+    ('{"model": "base", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+     "messages.0.content"),
+    ('{"messages": [{"role": "user", "content": "red"}], "description": "apple \\udfff"}', "description"),
+])
+def test_a_lone_surrogate_is_a_400(client, body, param):
+    res = client.post("/v1/chat/completions", content=body.encode(), headers={"content-type": "application/json"})
+    assert res.status_code == 400, res.text
+    error = res.json()["error"]
+    assert "not valid Unicode text" in error["message"] and error["param"].startswith(param)
+    res = client.post("/v1/adapters", content=b'{"description": "\\udfff task"}', headers={"content-type": "application/json"})
+    assert res.status_code == 400 and res.json()["error"]["param"] == "description"
+
+
+def test_deeply_nested_json_is_a_400(client):
+    res = client.post("/v1/adapters", content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"})
+    assert res.status_code == 400 and res.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_description_past_the_encoder_positions_is_truncated_and_works(client, runtime):
+    """The tiny encoder has 64 positions; a description of ~330 tokens used to index past them (500)."""
+    long = ("answer every input with the word apple variant 1 " * 40)[:MAX_DESCRIPTION_CHARS].strip()
+    assert len(runtime.generator.encoder.tokenizer(long)["input_ids"]) > 64
+    res = client.post("/v1/adapters", json={"description": long})
+    assert res.status_code == 200, res.text
+    assert runtime.generator.encoder.max_length == 64
+    # truncated, so it is the adapter of its first 64 tokens: the same as for any text sharing them
+    same_start = long + " red"
+    assert torch.equal(runtime.adapters([long]).A["q_proj"], runtime.adapters([same_start[:MAX_DESCRIPTION_CHARS]]).A["q_proj"])
+
+
+def test_a_foreign_host_header_is_refused_when_bound_to_localhost(runtime):
+    from t2l_framework.cli import allowed_hosts
+
+    assert allowed_hosts("0.0.0.0") is None  # bound to the network: the operator decides
+    app = create_app(runtime, allowed_hosts=allowed_hosts("127.0.0.1"))
+    with fastapi_testclient.TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/healthz").status_code == 200
+        for host in ("localhost:8000", "[::1]:8000", "127.0.0.1"):
+            assert c.get("/healthz", headers={"host": host}).status_code == 200, host
+        for host in ("rebind.attacker.example:8000", "127.0.0.1.attacker.example", "localhost.evil", ""):
+            res = c.post("/v1/adapters", json={"description": APPLE}, headers={"host": host})
+            assert res.status_code == 400, host
+        assert c.get("/v1/stats").json()["adapters"]["generated"] == 0
+
+
 # --- live server + real browser -----------------------------------------------------------
 
 def _free_port() -> int:
@@ -393,6 +501,8 @@ def test_t2l_serve_command_binds_loopback_and_answers(world):
         res = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
                          json={"description": APPLE, "messages": USER, "max_tokens": 3})
         assert res.status_code == 200 and res.json()["model"].startswith("t2l:")
+        rebound = httpx.get(f"http://127.0.0.1:{port}/healthz", headers={"host": f"attacker.example:{port}"})
+        assert rebound.status_code == 400  # DNS rebinding: a foreign name resolving to 127.0.0.1
     finally:
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=30)[0]

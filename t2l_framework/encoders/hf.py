@@ -32,7 +32,11 @@ class TransformersEncoder(BaseEncoder):
             self.model = AutoModel.from_pretrained(path, **kwargs)
         except (OSError, ValueError, ImportError) as exc:
             raise load_error(model, exc) from None
-        self.max_length = max_length
+        # Never exceed the position table (a longer description is truncated, not an index error);
+        # the tokenizer's own limit also covers models whose table holds offsets (RoBERTa: 514 for 512).
+        limits = [max_length, getattr(self.model.config, "max_position_embeddings", None),
+                  getattr(self.tokenizer, "model_max_length", None)]
+        self.max_length = min(int(n) for n in limits if isinstance(n, int) and 0 < n < 1_000_000)
         self.dim = int(self.model.config.hidden_size)
         self.freeze_unless_trainable()
 

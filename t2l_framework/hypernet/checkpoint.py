@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from t2l_framework.errors import T2LError
@@ -41,20 +41,86 @@ def _same_model(a: str, b: str) -> bool:
     return norm(a) == norm(b) or Path(norm(a)).name == Path(norm(b)).name
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a hypernet_config.json is a few kB
+_MAX_FEATURES = 1 << 20  # in/out features of one module: far above any released model
+_MAX_LAYERS = 4096
+
+
+def _expect(path: Path, where: str, value, kind, what: str):
+    """``value`` if it is ``kind`` (bool never counts as a number), else one T2LError naming the key."""
+    if isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
+        return value
+    raise T2LError(f"{path}: '{where}' must be {what}, got {value!r:.80}")
+
+
+def _check_config(path: Path, config: dict) -> None:
+    """Every key ``load_pretrained`` uses, with its type and a sane range, before anything is built."""
+    from t2l_framework.config import RANGES, range_problem
+
+    for key, kind, what in (("base_model", str, "a string"), ("encoder", dict, "a mapping"),
+                            ("enc_dim", int, "an integer"), ("shapes", dict, "a mapping"),
+                            ("lora", dict, "a mapping"), ("hypernet", dict, "a mapping")):
+        if key not in config:
+            raise T2LError(f"{path}: missing key '{key}'; the file is incomplete or not written by save_pretrained")
+        _expect(path, key, config[key], kind, what)
+    if not 1 <= config["enc_dim"] <= 65536:
+        raise T2LError(f"{path}: 'enc_dim' must be from 1 to 65536, got {config['enc_dim']}")
+    shapes = config["shapes"]
+    n_layers = _expect(path, "shapes.n_layers", shapes.get("n_layers"), int, "an integer")
+    if not 1 <= n_layers <= _MAX_LAYERS:
+        raise T2LError(f"{path}: 'shapes.n_layers' must be from 1 to {_MAX_LAYERS}, got {n_layers}")
+    modules = _expect(path, "shapes.shapes", shapes.get("shapes"), dict, "a mapping of module -> [in, out]")
+    for name, pair in modules.items():
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= _MAX_FEATURES for v in pair)):
+            raise T2LError(f"{path}: 'shapes.shapes.{name}' must be [in_features, out_features] from 1 to "
+                           f"{_MAX_FEATURES}, got {pair!r:.80}")
+    lora = config["lora"]
+    for key in ("rank", "alpha", "target_modules"):
+        if key not in lora:
+            raise T2LError(f"{path}: missing key 'lora.{key}'")
+    _expect(path, "lora.rank", lora["rank"], int, "an integer")
+    _expect(path, "lora.alpha", lora["alpha"], (int, float), "a number")
+    targets = _expect(path, "lora.target_modules", lora["target_modules"], list, "a list of module names")
+    if not all(isinstance(t, str) for t in targets):
+        raise T2LError(f"{path}: 'lora.target_modules' must be a list of module names")
+    _expect(path, "hypernet.head", config["hypernet"].get("head", "per_layer"), str, "a head name")
+    for section in ("lora", "hypernet"):
+        for key, value in config[section].items():
+            bounds = RANGES.get(f"{section}.{key}")
+            problem = bounds and range_problem(value, *bounds)
+            if problem:
+                raise T2LError(f"{path}: '{section}.{key}': {problem}")
+
+
 def read_config(directory) -> dict:
+    """``hypernet_config.json``, checked: one T2LError naming the file and key for anything malformed."""
     path = Path(directory) / CONFIG_NAME
-    if not path.exists():
+    if not path.is_file():
         raise T2LError(f"{directory}: not a hypernetwork checkpoint (no {CONFIG_NAME})")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise T2LError(f"{path}: {path.stat().st_size} bytes; a hypernetwork config is at most {MAX_CONFIG_BYTES}")
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise T2LError(f"{path}: malformed JSON: {exc}") from None
-    if config.get("format") != FORMAT:
-        raise T2LError(f"{path}: not a t2l hypernetwork config (format={config.get('format')!r})")
+    except RecursionError:
+        raise T2LError(f"{path}: malformed JSON: nested too deeply") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise T2LError(f"{path}: not a t2l hypernetwork config (format={found!r})")
+    _check_config(path, config)
     return config
 
 
+def _build(cls, config: dict, lora: dict):
+    return cls(ModuleShapes.from_dict(config["shapes"]), config["enc_dim"], config["hypernet"],
+               lora, base_model=config["base_model"], encoder=config["encoder"])
+
+
 def load_pretrained(cls, directory, expect_base_model=None, expect_rank=None, device="cpu"):
+    """Rebuild and load a hypernetwork; shapes are checked against the safetensors header on the
+    meta device first, so a doctored config cannot make us allocate what the file does not hold."""
     config = read_config(directory)
     if expect_base_model is not None and not _same_model(config["base_model"], expect_base_model):
         raise T2LError(
@@ -66,31 +132,47 @@ def load_pretrained(cls, directory, expect_base_model=None, expect_rank=None, de
         raise T2LError(f"{directory}: this hypernetwork generates rank-{rank} LoRAs, not rank {expect_rank}")
     # Checkpoints from before rsLoRA was recorded were trained with alpha / r.
     lora = {"use_rslora": False, **config["lora"]}
-    model = cls(ModuleShapes.from_dict(config["shapes"]), config["enc_dim"], config["hypernet"],
-                lora, base_model=config["base_model"], encoder=config["encoder"])
-    load_weights(model, Path(directory) / WEIGHTS_NAME)
+    weights = Path(directory) / WEIGHTS_NAME
+    with torch.device("meta"):
+        skeleton = _build(cls, config, lora)  # no memory: shapes only
+    _check_shapes({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, header_shapes(weights), weights)
+    model = _build(cls, config, lora)
+    load_weights(model, weights)
     return model.to(device).eval()
 
 
-def load_weights(model, path) -> None:
-    """Strict load: every key present, no extra keys, every shape right, else T2LError."""
+def header_shapes(path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header (no tensor is read)."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise T2LError(f"{path}: weights file not found")
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise T2LError(f"{path}: cannot read safetensors: {exc}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {list(state[k].shape)} != {list(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
+
+
+def _check_shapes(expected: dict[str, tuple], found: dict[str, tuple], path: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k} {list(found[k])} != {list(v)}" for k, v in expected.items() if k in found and found[k] != v]
     if missing or unexpected or wrong:
         parts = []
         for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
             if items:
                 parts.append(f"{label}: {', '.join(items[:5])}" + (f" (+{len(items) - 5} more)" if len(items) > 5 else ""))
         raise T2LError(f"{path}: weights do not match this hypernetwork ({'; '.join(parts)})")
+
+
+def load_weights(model, path) -> None:
+    """Strict load: every key present, no extra keys, every shape right (checked on the header,
+    before any tensor is read), else T2LError."""
+    path = Path(path)
+    _check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, header_shapes(path), path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise T2LError(f"{path}: cannot read safetensors: {exc}") from None
     with torch.no_grad():
         model.load_state_dict(state, strict=True)

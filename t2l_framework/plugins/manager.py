@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
@@ -42,10 +43,14 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])
 
-    def get(self, kind: str, name: str, key: str | None = None) -> Any:
-        """Component ``name`` of ``kind``; heads may also be ``module.path:ClassName``."""
+    def get(self, kind: str, name: str, key: str | None = None, import_code: bool = True) -> Any:
+        """Component ``name`` of ``kind``; heads may also be ``module.path:ClassName``.
+
+        import_code=False checks an import path without running the module (it is only looked
+        up on ``sys.path``) and returns None for it: what ``t2l validate`` does by default.
+        """
         if kind == "heads" and ":" in name:
-            return import_object(name, key or "hypernet.head")
+            return import_object(name, key or "hypernet.head", execute=import_code)
         try:
             return self.components[kind][name]
         except KeyError:
@@ -57,19 +62,34 @@ class Registry:
             ) from None
 
 
-def import_object(path: str, key: str = "value") -> Any:
-    """Import ``package.module:Attribute`` with a clear error naming the recipe key."""
+_CWD_HINT = " (the current folder is not searched: PYTHONPATH=. adds it)"
+
+
+def import_object(path: str, key: str = "value", execute: bool = True) -> Any:
+    """Import ``package.module:Attribute`` with a clear error naming the recipe key.
+
+    Only ``sys.path`` is searched, never the current folder: a downloaded run opened from its
+    own folder must not import a module that sits next to it. execute=False only checks that
+    the top-level package can be found (finding runs no code) and returns None.
+    """
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise T2LError(f"{key}: '{path}' is not an import path of the form 'package.module:ClassName'")
-    # Like `python -m`, resolve against the current folder too (the `t2l` script's sys.path
-    # lacks it), so `examples.factorized_head:FactorizedHead` works from a checkout's root.
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())  # appended: never shadows an installed package
+    if not execute:
+        top = module_name.split(".")[0]
+        try:
+            found = importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise T2LError(f"{key}: cannot import module '{module_name}': no module named '{top}' on the "
+                           f"Python path{_CWD_HINT}")
+        return None
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's to see
-        raise T2LError(f"{key}: cannot import module '{module_name}': {exc}") from None
+        hint = _CWD_HINT if isinstance(exc, ModuleNotFoundError) else ""
+        raise T2LError(f"{key}: cannot import module '{module_name}': {exc}{hint}") from None
     try:
         return getattr(module, attr)
     except AttributeError:

@@ -4,6 +4,10 @@ Routes: ``GET /`` (web page), ``GET /healthz``, ``GET /v1/models``, ``GET /v1/st
 ``POST /v1/adapters`` (description -> adapter id), ``GET /v1/adapters/{id}`` (PEFT zip),
 ``POST /v1/chat/completions`` (``model``: 'base' | 't2l:<id>', or a ``description``).
 Errors are JSON ``{"error": {"message", "type", "param"}}`` with a 4xx status.
+
+Input budgets (see docs/security.md): a body limit (413), message and length limits in the
+schemas, tokenising and model work off the event loop (``/healthz`` stays fast under abuse),
+and, when bound to this machine only, a ``Host`` check against DNS rebinding.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,11 +25,13 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from t2l_framework.errors import T2LError
 from t2l_framework.serve.adapters import Adapter, AdapterCache, adapter_id, adapter_zip
 from t2l_framework.serve.batching import Batcher
-from t2l_framework.serve.schemas import AdapterRequest, ChatRequest
+from t2l_framework.serve.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
+from t2l_framework.serve.schemas import INVALID_UNICODE, AdapterRequest, ChatRequest
 
 log = logging.getLogger("t2l.serve")
 STATIC = Path(__file__).parent / "static"
@@ -72,6 +79,16 @@ class Service:
         self.batcher = Batcher(runtime, max_batch, window_s)
         self.cache = AdapterCache(cache_size)
         self.pending: dict[str, asyncio.Future] = {}
+        # chat templates and tokenising are CPU work: one thread of their own, never the event loop
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2l-tokenize")
+
+    async def encode(self, req: ChatRequest) -> list[int]:
+        """Prompt token ids of a chat request (tokenised off the event loop); 400 when too long."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.tokenizing, self.runtime.encode, req.chat_messages(), req.max_tokens)
+        except T2LError as exc:
+            raise ApiError(400, str(exc), "messages") from None
 
     async def adapter(self, description: str) -> tuple[Adapter, bool]:
         """(adapter, was it cached) for a description; concurrent requests share one generation."""
@@ -125,6 +142,10 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     bad_json = [e for e in errors if e.get("type") == "json_invalid"]
     if bad_json:
         return _error(400, f"malformed JSON body: {bad_json[0].get('ctx', {}).get('error', 'cannot parse')}")
+    bad_text = [e for e in errors if e.get("type") in (INVALID_UNICODE, "string_unicode")]  # ours, pydantic's
+    if bad_text:
+        loc = ".".join(str(p) for p in bad_text[0].get("loc", ()) if p != "body")
+        return _error(400, f"{loc}: not valid Unicode text (a lone surrogate?)", loc or None)
     parts, param = [], None
     for e in errors:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
@@ -140,8 +161,14 @@ def _chunk(base: dict, delta: dict, finish_reason: str | None = None, **extra) -
     return f"data: {json.dumps(body)}\n\n"
 
 
-def create_app(runtime, max_batch: int = 16, batch_window_ms: float = 30.0, cache_size: int = 128) -> FastAPI:
-    """The app for a loaded ``T2LRuntime``; ``max_batch=1`` serves requests one at a time."""
+def create_app(runtime, max_batch: int = 16, batch_window_ms: float = 30.0, cache_size: int = 128,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The app for a loaded ``T2LRuntime``; ``max_batch=1`` serves requests one at a time.
+
+    max_body_bytes: larger request bodies get 413 before they are parsed. allowed_hosts: the
+    ``Host`` header values accepted (any port), None = any; ``t2l serve`` bound to localhost
+    passes the loopback names so a foreign web page cannot reach the API by DNS rebinding.
+    """
     service = Service(runtime, max_batch, batch_window_ms / 1000, cache_size)
 
     @asynccontextmanager
@@ -151,11 +178,15 @@ def create_app(runtime, max_batch: int = 16, batch_window_ms: float = 30.0, cach
                  service.batcher.max_batch)
         yield
         await service.batcher.stop()
+        service.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="Text-to-LoRA", description="Adapters from task descriptions; OpenAI-compatible chat.",
                   lifespan=lifespan)
     app.state.service = service
-    app.add_middleware(RequestLog)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
+    app.add_middleware(RequestLog)  # added last = outermost: refused requests are logged too
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request, exc):
@@ -211,10 +242,7 @@ def create_app(runtime, max_batch: int = 16, batch_window_ms: float = 30.0, cach
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         model, item = await service.resolve(req)
-        try:
-            ids = runtime.encode(req.chat_messages(), req.max_tokens)
-        except T2LError as exc:
-            raise ApiError(400, str(exc), "messages") from None
+        ids = await service.encode(req)
         weights = item.weights if item else None
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model}
         t0 = time.perf_counter()

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_DESCRIPTION_CHARS = 2000
 MAX_TOKENS = 512
 MAX_PROMPT_CHARS = 16000  # all messages together; the token check against the context comes later
+MAX_MESSAGES = 256  # a conversation longer than this does not fit a context anyway
+MAX_PARTS = 64  # text parts of one message
+INVALID_UNICODE = "invalid_unicode"  # error type the app answers with 400, like malformed JSON
+
+
+def _unicode(value: str) -> str:
+    """JSON may spell lone surrogates (``"\\udfff"``); they are not text and no tokenizer takes them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(INVALID_UNICODE, "not valid Unicode text: {reason} at position {pos}",
+                                  {"reason": exc.reason, "pos": exc.start}) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 def _description(value: str | None) -> str | None:
@@ -20,20 +37,20 @@ def _description(value: str | None) -> str | None:
 class AdapterRequest(BaseModel):
     """POST /v1/adapters."""
 
-    description: str = Field(min_length=1, max_length=MAX_DESCRIPTION_CHARS,
-                             description="Plain-language description of the task")
+    description: Text = Field(min_length=1, max_length=MAX_DESCRIPTION_CHARS,
+                              description="Plain-language description of the task")
 
     _strip = field_validator("description")(_description)
 
 
 class TextPart(BaseModel):
     type: Literal["text"] = "text"
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_PARTS)]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -42,13 +59,13 @@ class Message(BaseModel):
 class ChatRequest(BaseModel):
     """POST /v1/chat/completions: OpenAI's fields that matter here (others are ignored)."""
 
-    model: str = Field("t2l", description="'base', 't2l:<adapter id>', or 't2l' with a description")
-    messages: list[Message] = Field(min_length=1)
+    model: Text = Field("t2l", max_length=200, description="'base', 't2l:<adapter id>', or 't2l' with a description")
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     stream: bool = False
-    description: str | None = Field(None, min_length=1, max_length=MAX_DESCRIPTION_CHARS,
-                                    description="T2L extension: generate (or reuse) the adapter for this task")
+    description: Text | None = Field(None, min_length=1, max_length=MAX_DESCRIPTION_CHARS,
+                                     description="T2L extension: generate (or reuse) the adapter for this task")
 
     _strip = field_validator("description")(_description)
 
