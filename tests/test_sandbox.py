@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import mmap
 import os
+import platform
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -357,3 +361,153 @@ def test_disk_use_is_capped(info):
     many_files = run_python("for i in range(64):\n    with open(f'f{i}', 'wb') as f:\n"
                             "        f.write(b'x' * 2**20 * 3)", SandboxLimits(max_file_mb=4))
     assert many_files.status == "failed" and "No space left" in many_files.output, many_files
+
+
+# --- hardening: attacks that went through before bubblewrap, per-program isolation, layer reporting -----
+
+def _skip_unless(info, key: str, why: str):
+    """Skip where this machine cannot have the layer; where it can, the sandbox must be using it."""
+    from t2l_framework.eval.sandbox import bwrap
+
+    if key in ("read_only_root", "fresh_proc") and bwrap.find_bwrap()[0] is None:
+        pytest.skip(f"{why}: no usable bwrap on this machine ({bwrap.find_bwrap()[1]})")
+    if key == "per_program_uid" and os.geteuid() != 0:
+        pytest.skip(f"{why}: not root, so every program runs under our own uid")
+    if key == "seccomp" and platform.machine() not in ("x86_64", "aarch64"):
+        pytest.skip(f"{why}: no system call table for {platform.machine()}")
+    assert info[key], f"{why} should be active on this machine: {info['summary']}; {info['unavailable']}"
+
+
+def test_nothing_outside_the_work_dir_is_writable(info):
+    """io.FileIO and libc open/write bypass the guard; only a read-only / stops them."""
+    _skip_unless(info, "read_only_root", "a read-only / (bubblewrap)")
+    name = f"t2l-sandbox-victim-{uuid.uuid4().hex}"
+    world_writable = Path(__file__).resolve().parent / f".{name}"  # outside every covered directory
+    world_writable.mkdir()
+    world_writable.chmod(0o1777)
+    targets = [str(world_writable / name)] + [f"{d}/{name}" for d in ("/run/lock", "/var/lock", "/tmp", "/var/tmp",
+                                                                       "/dev/shm", "/dev", "/etc")]
+    program = (LIBC + "import io\n"
+               f"for t in {targets!r}:\n"
+               "    try:\n        io.FileIO(t, 'w').write(b'x' * 1000)\n        print('WROTE', t)\n"
+               "    except OSError as e:\n        print('refused', e.errno)\n"
+               "    fd = libc.open(t.encode(), os.O_WRONLY | os.O_CREAT, 0o644)\n"
+               "    if fd >= 0 and libc.write(fd, b'y' * 1000, 1000) > 0:\n        print('WROTE', t)\n"
+               "io.FileIO('inside', 'w').write(b'ok')\nprint('inside', open('inside').read())\n")
+    try:
+        result = run_python(program, QUICK)
+        assert result.passed, result.output
+        assert "WROTE" not in result.output and "inside ok" in result.output, result.output
+        assert not any(os.path.exists(t) for t in targets)
+    finally:
+        shutil.rmtree(world_writable, ignore_errors=True)
+
+
+def test_total_written_is_capped_past_the_guard(info):
+    _skip_unless(info, "read_only_root", "the size-capped work dir under a read-only / (bubblewrap)")
+    program = (LIBC + "total = 0\nchunk = b'z' * 2**20\n"
+               "for i in range(96):\n"  # 96 MB in files of 3 MB (under RLIMIT_FSIZE), cap is 4 x 4 MB
+               "    fd = libc.open(f'f{i}'.encode(), os.O_WRONLY | os.O_CREAT, 0o644)\n"
+               "    for _ in range(3):\n        n = libc.write(fd, chunk, len(chunk))\n"
+               "        if n <= 0:\n            break\n        total += n\n"
+               "    if n <= 0:\n        break\nprint('total', total, ctypes.get_errno())")
+    result = run_python(program, SandboxLimits(timeout_s=10, max_file_mb=4))
+    words = result.output.split()
+    assert words[0] == "total" and int(words[1]) <= 16 * 2**20 and int(words[2]) == 28, result.output  # ENOSPC
+
+
+def test_host_processes_are_invisible(info):
+    """A secret on a host command line must not be readable through /proc."""
+    _skip_unless(info, "fresh_proc", "a fresh /proc (bubblewrap)")
+    secret = f"t2l-secret-{uuid.uuid4().hex}"
+    host = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", secret])
+    try:
+        program = ("import os\npids = [p for p in os.listdir('/proc') if p.isdigit()]\nleaks = 0\n"
+                   "for p in pids:\n    try:\n        leaks += "
+                   f"{secret.encode()!r} in open(f'/proc/{{p}}/cmdline', 'rb').read()\n"
+                   "    except OSError:\n        pass\nprint(len(pids), leaks)")
+        result = run_python(program, QUICK)
+    finally:
+        host.kill()
+        host.wait()
+    assert result.passed, result.output
+    visible, leaks = map(int, result.output.split())
+    assert leaks == 0 and visible <= 3, result.output  # its own init, itself (and a thread of it)
+
+
+def test_memfd_and_shared_memory_are_refused(info):
+    """memfd_create held 768 MB with memory_mb=256: shared memory is outside RLIMIT_AS."""
+    _skip_unless(info, "seccomp", "the seccomp filter")
+    program = ("import os\nfds = []\ntry:\n    for _ in range(96):\n        fd = os.memfd_create('m')\n"
+               "        os.write(fd, b'm' * (8 << 20))\n        fds.append(fd)\n"
+               "except OSError as e:\n    print('memfd refused', e.errno)\nprint('held MB', 8 * len(fds))\n"
+               "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+               "print('shmget', libc.shmget(0, 64 << 20, 0o1600), ctypes.get_errno())\n")
+    result = run_python(program, SandboxLimits(timeout_s=10, memory_mb=256))
+    assert result.passed, result.output
+    assert "memfd refused 1" in result.output and "held MB 0" in result.output, result.output
+    assert "shmget -1 1" in result.output, result.output
+
+
+def test_concurrent_programs_cannot_read_or_touch_each_other(info):
+    """A reads B's program (the hidden tests) via /proc/<B>/cwd, plants a file, opens /proc/<B>/mem."""
+    if os.geteuid() == 0:
+        _skip_unless(info, "per_program_uid", "a uid per program")
+    else:
+        _skip_unless(info, "fresh_proc", "a fresh /proc (bubblewrap)")
+    b_name, secret = _marker(), f"hidden-tests-{uuid.uuid4().hex}"
+    victim = (_name_self(b_name) + f"SECRET = {secret!r}\nimport os, time\ntime.sleep(3)\n"
+              "assert not os.path.exists('planted.py'), 'a file was planted in my work dir'\nprint('B ok')")
+    attacker = ("import os, time\nseen = set()\nend = time.time() + 2.5\nwhile time.time() < end:\n"
+                "    for p in os.listdir('/proc'):\n        if not p.isdigit() or int(p) == os.getpid():\n"
+                "            continue\n        try:\n"
+                f"            if open(f'/proc/{{p}}/comm').read().strip() != {b_name!r}:\n                continue\n"
+                "        except OSError:\n            continue\n        seen.add(p)\n"
+                "        for what, act in (('LEAK', lambda: open(f'/proc/{p}/cwd/program.py').read()),\n"
+                "                          ('PLANTED', lambda: open(f'/proc/{p}/cwd/planted.py', 'x').close()),\n"
+                "                          ('MEM', lambda: open(f'/proc/{p}/mem', 'rb').close())):\n"
+                "            try:\n                act()\n                print(what, flush=True)\n"
+                "            except OSError:\n                pass\n    time.sleep(0.05)\nprint('saw B', len(seen))")
+    a, b = run_many([attacker, victim], SandboxLimits(timeout_s=8), workers=2)
+    assert b.passed and b.output.endswith("B ok\n"), b.output
+    assert a.passed and not any(word in a.output for word in ("LEAK", "PLANTED", "MEM")), a.output
+
+
+def test_a_fork_bomb_in_one_program_does_not_fail_another(info):
+    _skip_unless(info, "per_program_uid", "a uid (and process budget) per program (root)")
+    bomb = (LIBC + "while libc.fork() >= 0:\n    pass\ntime.sleep(3)")  # every child forks too, then all sleep
+    threads = ("import threading, time\ntime.sleep(1.0)  # the bomb has used up its budget by now\n"
+               "ts = [threading.Thread(target=time.sleep, args=(0.2,)) for _ in range(12)]\n"
+               "[t.start() for t in ts]\n[t.join() for t in ts]\nprint('B ok')")
+    results = run_many([bomb, threads, bomb], SandboxLimits(timeout_s=5, max_processes=16), workers=3)
+    assert results[1].passed and results[1].output == "B ok\n", results[1].output
+
+
+def test_the_active_layers_are_reported(info, monkeypatch, capsys):
+    from t2l_framework.eval.sandbox import runner
+    from t2l_framework.eval.sandbox.plans import Plan
+
+    assert info["summary"].startswith(info["plan"] + ":")
+    monkeypatch.setattr(runner, "_PLAN", None)
+    again = sandbox_info()
+    assert f"[t2l] code sandbox: {again['summary']}" in capsys.readouterr().err  # what the eval output shows
+    fallback = Plan("mount", "namespaces", root=False, ns_flags=0x10000000 | 0x00020000, userns=True, mounts=True,
+                    skipped=["bwrap not found"]).describe()
+    assert fallback["unavailable"] == ["bwrap not found"]
+    for missing in ("read-only /", "fresh /proc", "per-program uid", "seccomp", "pid namespace", "network namespace"):
+        assert missing in fallback["summary"].split("NOT active: ")[1]
+
+
+def test_the_fallback_still_runs_where_bwrap_cannot(monkeypatch):
+    from t2l_framework.eval.sandbox import bwrap, runner
+
+    monkeypatch.setattr(bwrap, "find_bwrap", lambda: (None, "bwrap disabled by the test"))
+    monkeypatch.setattr(runner, "_PLAN", None)
+    info = sandbox_info()
+    assert info["isolation"] == "namespaces" and "bwrap disabled by the test" in info["unavailable"]
+    result = run_python("import os\nprint(os.getcwd().startswith('/tmp/t2l-sandbox-'))", QUICK)
+    assert result.passed and result.output == "True\n", result.output
+    if info["seccomp"]:  # the same filter, installed by our own preexec
+        refused = run_python("import os\ntry:\n    os.memfd_create('m')\nexcept PermissionError:\n    print('refused')")
+        assert refused.output == "refused\n", refused.output
+    monkeypatch.setattr(runner, "_PLAN", None)  # the next test probes again
