@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -360,3 +361,88 @@ def test_hypermod_pt_with_code_is_refused_and_never_run(tmp_path):
     with pytest.raises(T2LError, match=r"hypermod.pt: cannot read it as a tensors-only state dict \(weights_only=True\)"):
         import_reference(folder, tmp_path / "run")
     assert not marker.exists()
+
+
+# --- the reference code itself (opt-in: needs a checkout of SakanaAI/text-to-lora) ----------
+
+REFERENCE_SRC = os.environ.get("T2L_REFERENCE_SRC", "")
+
+
+def _reference_module(monkeypatch, src: str):
+    """Load the reference's ``hyper_modulator.py`` as is. Its package helpers (model loading,
+    LoRA formatting) are not on the forward path and are stubbed; transformers' Llama rotary
+    changed its constructor after 4.46, so the reference's call is adapted to the new one."""
+    import importlib.util
+    import sys
+    import types
+
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    path = Path(src)
+    if path.is_dir():
+        path = path / "src" / "hyper_llm_modulator" / "hyper_modulator.py"
+
+    def unused(*args, **kwargs):
+        raise NotImplementedError("not on the HyperModulator forward path")
+
+    pkg, utils = types.ModuleType("hyper_llm_modulator"), types.ModuleType("hyper_llm_modulator.utils")
+    pkg.__path__, utils.__path__ = [], []
+    for name in ("get_layers", "get_lora_module_names", "lora_state_dict_to_tensor_dict", "get_model_and_tokenizer",
+                 "get_pooling_fn", "add_full_stop", "get_target_lora_dirs", "lora_tensor_dict_to_state_dict",
+                 "get_mean_lora", "get_std_lora"):
+        setattr(utils, name, unused)
+    loading = types.ModuleType("hyper_llm_modulator.utils.model_loading")
+    loading.get_emb_model_and_fns = unused
+    for mod in (pkg, utils, loading):
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    spec = importlib.util.spec_from_file_location("hyper_llm_modulator.hyper_modulator", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def rotary_4_46(dim, max_position_embeddings=2048, device=None, **_):
+        config = LlamaConfig(hidden_size=dim, num_attention_heads=1, max_position_embeddings=max_position_embeddings)
+        return LlamaRotaryEmbedding(config).to(device)
+
+    module.LlamaRotaryEmbedding = rotary_4_46
+    return module
+
+
+@pytest.mark.skipif(not REFERENCE_SRC, reason="set T2L_REFERENCE_SRC to a checkout of SakanaAI/text-to-lora "
+                                              "(8ba7749) to compare with the reference code itself")
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_matches_the_reference_code_itself(tiny_llama, tmp_path, monkeypatch, kind):
+    from peft import LoraConfig, PeftModel
+
+    ref = _reference_module(monkeypatch, REFERENCE_SRC)
+    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, use_rslora=True, lora_dropout=0.05, task_type="CAUSAL_LM",
+                        target_modules=["q_proj", "v_proj"], base_model_name_or_path="tiny")
+    peft_model = PeftModel(tiny_llama(), config)
+    torch.manual_seed(0)
+    hypermod = ref.HyperModulator(peft_model, output_space="lora", module_names=None, training_task="sft",
+                                  task_emb_size=ENC, latent_size=LATENT, head_in_size=HEAD_IN, head_use_bias=True,
+                                  zero_init_head=True, match_lora_init=True, **KINDS[kind])
+    with torch.no_grad():  # random values everywhere the reference trains
+        for name, p in hypermod.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]) * (1.0 if p.dim() > 1 else 3.0))
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    torch.save(hypermod.state_dict(), folder / "hypermod.pt")
+    peft_model.peft_config["default"].save_pretrained(folder)  # what train_custom_sft.py writes
+    (folder / "args.yaml").write_text(yaml.safe_dump({
+        "exp_setup": "hyper_lora", "training_task": "sft", "model_dir": "tiny", "encoder_type": "linear",
+        "emb_model": "Alibaba-NLP/gte-large-en-v1.5", "hypernet_latent_size": LATENT, "head_in_size": HEAD_IN,
+        **KINDS[kind]}))
+    run = import_reference(folder, tmp_path / "run")  # default module order: adapter_config.json's
+    net = HyperNetwork.from_pretrained(run / "hypernet").eval()
+    hypermod.eval()
+    emb = torch.randn(1, ENC) * 3
+    layers = torch.arange(2)
+    with torch.no_grad():
+        ours = net(emb)
+        encoded = hypermod.task_encoder(emb)["encoded_task_emb"]
+        for m in ("q_proj", "v_proj"):
+            A, B = hypermod.get_delta_weights(layers, m, encoded.expand(2, -1), factorized=True)
+            assert (ours.A[m][0] - A).abs().max() <= 1e-5 and (ours.B[m][0] - B).abs().max() <= 1e-5, m
+    assert net.num_trainable_parameters() == sum(p.numel() for p in hypermod.parameters() if p.requires_grad)
