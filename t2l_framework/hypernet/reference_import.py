@@ -158,10 +158,10 @@ def _shapes(ref: ReferenceCheckpoint, modules: list[str], rank: int) -> ModuleSh
 def _module_order(ref: ReferenceCheckpoint, module_order: Sequence[str] | None) -> list[str]:
     """The module-embedding row order: ``module_order``, else adapter_config.json's list."""
     heads = sorted({k.split(".")[1] for k in ref.state if k.startswith("heads.")})
-    order = list(module_order) if module_order else list(ref.adapter.get("target_modules") or [])
-    source = "--module-order" if module_order else "adapter_config.json target_modules"
     if isinstance(ref.adapter.get("target_modules"), str) and not module_order:
         raise _refuse(ref, "adapter_config.json target_modules is a regex; pass --module-order")
+    order = list(module_order) if module_order else list(ref.adapter.get("target_modules") or [])
+    source = "--module-order" if module_order else "adapter_config.json target_modules"
     if sorted(order) != heads or len(set(order)) != len(order):
         raise _refuse(ref, f"{source} {order} must name each of the checkpoint's modules {heads} once")
     return order
