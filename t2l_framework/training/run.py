@@ -102,7 +102,7 @@ def build_components(cfg, recipe_file: Path | None):
     if mode == "recon":
         from t2l_framework.training.recon import ReconDataModule, library_shapes
 
-        dm = ReconDataModule(cfg.data, int(cfg.training.seed), recipe_file, total)
+        dm = ReconDataModule(cfg.data, int(cfg.training.seed), recipe_file, total, lora=cfg.lora)
         shapes = library_shapes(dm.targets)
     else:
         from t2l_framework.data.datamodule import T2LDataModule
