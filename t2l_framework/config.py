@@ -103,8 +103,9 @@ class DataConfig:
     task_set: str = _help("Tasks the recipe requires: '' (none) | paper479 (the paper's 479 SNI training tasks, "
                           "data/sni/paper_train_tasks.txt; the default train_tasks). `t2l fit` stops when any is "
                           "missing; `t2l data fetch` downloads them", "")
-    fetched_dir: str = _help("Folder `t2l data fetch` writes (tasks.jsonl + instances.jsonl); when it exists its tasks "
-                             "join those of tasks_file (a task in both is read from tasks_file)", "data/sni_hub")
+    fetched_dir: str = _help("Folder `t2l data fetch` wrote (tasks.jsonl + instances.jsonl), e.g. data/sni_hub; "
+                             "when it holds them, its tasks join those of tasks_file (a task in both is read from "
+                             "tasks_file). Empty = none", "")
     max_train_instances: int = _help("Training instances used per task (0 = all)", 0)
     max_eval_instances: int = _help("Held-out instances per task for evaluation (0 = all)", 16)
     system_prompt: str = _help("System message added to every chat prompt", "")

@@ -81,7 +81,7 @@ class ReconDataModule(L.LightningDataModule):
         self.descriptions: list[str] = []
         self.train_desc, self.val_desc = [], []
         for tid in self.task_ids:
-            train, held = split_descriptions(tasks[tid], cfg.holdout_descriptions, seed)
+            train, held = split_descriptions(tasks[tid], cfg.holdout_descriptions, seed, int(cfg.max_descriptions_per_task))
             self.train_desc.append(self._index(train))
             self.val_desc.append(self._index(held or train[:1]))
 
