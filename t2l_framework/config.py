@@ -47,6 +47,10 @@ class EncoderConfig:
     pooling: str = _help("mean | cls (transformers encoder)", "mean")
     prefix: str = _help("Instruction prefix prepended to every description", "")
     normalize: bool = _help("L2-normalise embeddings", True)
+    normalize_scale: str = _help("Norm after L2 normalisation: sqrt_dim (the reference: sqrt(d), 32 for a 1024-d "
+                                 "encoder) | unit (1)", "sqrt_dim")
+    full_stop: bool = _help("Strip each description and end it with '.' when it ends in a letter (the reference's "
+                            "add_full_stop)", True)
     max_length: int = _help("Tokens per description", 512)
     batch_size: int = _help("Descriptions per encoder forward", 64)
     trust_remote_code: bool = _help("Allow custom modelling code (gte-large-en-v1.5 needs it)", False)
@@ -95,6 +99,17 @@ class DataConfig:
     holdout_descriptions: int = _help("Descriptions per training task held back for validation", 3)
     max_prompt_tokens: int = _help("Prompt tokens kept (truncated from the left)", 200)
     max_answer_tokens: int = _help("Answer tokens kept", 32)
+    max_total_tokens: int = _help("Prompt + answer tokens kept (0 = no joint limit). Like the reference's inp_max_len "
+                                  "(tokenizer truncation 'longest_first'): tokens come off the longer of the two until "
+                                  "the pair fits; the prompt loses its start, the answer its end", 0)
+    max_descriptions_per_task: int = _help("Use only the first N descriptions of each task (0 = all; the reference: "
+                                           "n_descs_per_ds=128)", 0)
+    task_set: str = _help("Tasks the recipe requires: '' (none) | paper479 (the paper's 479 SNI training tasks, "
+                          "data/sni/paper_train_tasks.txt; the default train_tasks). `t2l fit` stops when any is "
+                          "missing; `t2l data fetch` downloads them", "")
+    fetched_dir: str = _help("Folder `t2l data fetch` wrote (tasks.jsonl + instances.jsonl), e.g. data/sni_hub; "
+                             "when it holds them, its tasks join those of tasks_file (a task in both is read from "
+                             "tasks_file). Empty = none", "")
     max_train_instances: int = _help("Training instances used per task (0 = all)", 0)
     max_eval_instances: int = _help("Held-out instances per task for evaluation (0 = all)", 16)
     system_prompt: str = _help("System message added to every chat prompt", "")
@@ -109,10 +124,20 @@ class TrainingConfig:
     mode: str = _help("sft | recon | lora", "sft")
     lr: float = _help("Peak learning rate", 2.5e-5)
     weight_decay: float = _help("AdamW weight decay", 0.01)
-    warmup_steps: int = _help("Linear warm-up steps", 100)
+    warmup_steps: int = _help("Linear warm-up steps (lr rises from 0, as in transformers' schedules)", 100)
+    warmup_ratio: float = _help("Warm-up as a fraction of trainer.max_steps; > 0 replaces warmup_steps "
+                                "(the reference: warmup_frac=0.2)", 0.0)
     scheduler: str = _help("cosine | linear | constant", "cosine")
     label_smoothing: float = _help("Cross-entropy label smoothing", 0.1)
+    loss_reduction: str = _help("per_sample: mean over each sample's answer tokens, then over samples (the reference) "
+                                "| per_token: mean over all answer tokens of the batch (long answers weigh more)",
+                                "per_sample")
     l2_penalty: float = _help("L2 penalty on generated LoRA weights", 1e-3)
+    l2_reduction: str = _help("sum: sum over module types of mean(A^2) + mean(B^2), each mean over samples and "
+                              "layers (the reference) | mean: the mean of those 2 x modules terms", "sum")
+    recon_loss: str = _help("recon mode: delta_w (the reference's L1 on B @ A x delta_w_scaling) | factors "
+                            "(L1 on A and on B, halved; the reference's factorized=True, pred_z_score=False)", "delta_w")
+    delta_w_scaling: float = _help("recon_loss=delta_w: factor on both sides of the L1 (the reference: 1e4)", 1e4)
     neftune_alpha: float = _help("NEFTune noise on input embeddings (0 = off)", 5.0)
     seed: int = _help("Random seed", 42)
     output_dir: str = _help("Runs are written to output_dir/run_name", "runs")
@@ -175,8 +200,13 @@ CHOICES = {
     "base_model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "encoder.pooling": ("mean", "cls"),
     "hypernet.chunk_position": ("rotary", "learned"),
+    "encoder.normalize_scale": ("sqrt_dim", "unit"),
     "training.mode": ("sft", "recon", "lora"),
     "training.scheduler": ("cosine", "linear", "constant"),
+    "training.loss_reduction": ("per_sample", "per_token"),
+    "training.l2_reduction": ("sum", "mean"),
+    "training.recon_loss": ("delta_w", "factors"),
+    "data.task_set": ("", "paper479"),
     "trainer.strategy": (
         "auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
         "deepspeed_stage_3", "deepspeed_stage_3_offload",
