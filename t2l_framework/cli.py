@@ -1,4 +1,4 @@
-"""The `t2l` command: validate, recipes, plugins, fit, eval, generate, serve.
+"""The `t2l` command: validate, recipes, plugins, fit, eval, generate, serve, import-reference.
 
 Each sub-command is a small ``cmd_*`` function; a ``T2LError`` is printed as one line
 without a traceback and exits with status 2.
@@ -26,11 +26,18 @@ def _parser_for(sub, name: str, help: str, example: str) -> argparse.ArgumentPar
 # --- validate -----------------------------------------------------------------------------
 
 def cmd_validate(args) -> int:
-    from t2l_framework.config import load_recipe, to_yaml
+    from t2l_framework.config import find_recipe, load_recipe, to_yaml
 
     cfg = load_recipe(args.recipe, args.overrides, import_code=args.trust_remote_code)
     print(to_yaml(cfg), end="")
     print(f"# OK: {args.recipe} is valid", file=sys.stderr)
+    if cfg.data.task_set and cfg.training.mode != "recon":
+        from t2l_framework.data.task_sets import check_task_set
+
+        try:  # the recipe is valid; its data may not be downloaded yet, and `t2l fit` will stop on that
+            check_task_set(cfg.data, find_recipe(args.recipe))
+        except T2LError as exc:
+            print(f"# warning: `t2l fit` will stop: {exc}", file=sys.stderr)
     return 0
 
 
@@ -256,10 +263,39 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# --- import-reference -----------------------------------------------------------------------
+
+def cmd_import_reference(args) -> int:
+    from t2l_framework.hypernet.reference_import import import_reference
+
+    order = _split_list([args.module_order]) if args.module_order else None
+    out = import_reference(args.folder, args.output, module_order=order, force=args.force)
+    print(f"wrote {out}  (load it like any run: t2l generate {out} \"DESCRIPTION\")")
+    return 0
+
+
 def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --- data fetch ---------------------------------------------------------------------------
+
+def cmd_data_fetch(args) -> int:
+    from t2l_framework.config import resolve_path
+    from t2l_framework.data.fetch import HubSource, fetch_tasks, summary
+
+    source = HubSource(hub_root=args.hub, descriptions_root=Path(args.descriptions_from) if args.descriptions_from
+                       else None, cache_dir=args.cache_dir)
+    report = fetch_tasks(args.task_set, resolve_path(args.output), resolve_path(args.tasks_file), source=source,
+                         retries=args.retries, backoff_s=args.backoff, max_train=args.max_train,
+                         max_test=args.max_test, only=_split_list(args.only) or None,
+                         give_up_after=args.give_up_after, say=_say)
+    print(summary(report, args.task_set))
+    if args.output != "data/sni_hub" and report.missing == 0:  # the paper recipes' data.fetched_dir
+        print(f"recipes read it with data.fetched_dir={args.output}")
+    return 1 if report.missing else 0
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -353,6 +389,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_generate)
 
+    data = sub.add_parser("data", help="Training data: `t2l data fetch` downloads the paper's SNI tasks.",
+                          description="Training data commands.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = _parser_for(data_sub, "fetch", "Download the tasks of a task set (default: the paper's 479 SNI training "
+                    "tasks) that the bundle lacks, from the Hugging Face hub (Lots-of-LoRAs/<task>), into the "
+                    "bundle's JSONL format; resumes, retries with backoff, exits 1 while any task is missing.",
+                    "t2l data fetch   # then: t2l fit recipes/mistral_L.yaml (it reads data/sni_hub)")
+    p.add_argument("--set", dest="task_set", default="paper479", help="task set (default paper479)")
+    p.add_argument("-o", "--output", default="data/sni_hub", metavar="DIR",
+                   help="where to write tasks.jsonl, instances.jsonl and parts/ (default data/sni_hub, "
+                        "what the paper recipes read as data.fetched_dir)")
+    p.add_argument("--tasks-file", default="data/sni/tasks.jsonl", help="bundled tasks, not downloaded again")
+    p.add_argument("--retries", type=int, default=5, help="retries per task after a failure (default 5)")
+    p.add_argument("--backoff", type=float, default=2.0,
+                   help="seconds before the first retry, doubled after each (default 2)")
+    p.add_argument("--max-train", type=int, default=10000,
+                   help="train rows per task (default 10000: the reference's train[:10000])")
+    p.add_argument("--max-test", type=int, default=100, help="test rows per task (default 100)")
+    p.add_argument("--only", action="append", metavar="LIST", help="comma-separated task ids to fetch now")
+    p.add_argument("--give-up-after", type=int, default=3, metavar="N",
+                   help="stop after N tasks in a row failed every retry (default 3)")
+    p.add_argument("--hub", default="Lots-of-LoRAs",
+                   help="hub organisation, or a local folder holding one dataset folder per SNI task")
+    p.add_argument("--descriptions-from", metavar="DIR",
+                   help="a local checkout of SakanaAI/text-to-lora (tasks/*/metadata.yaml) instead of downloading")
+    p.add_argument("--cache-dir", metavar="DIR", help="datasets cache (default: the datasets library's)")
+    p.set_defaults(func=cmd_data_fetch)
+
     p = _parser_for(sub, "serve", "Serve a trained hypernetwork: adapter API, OpenAI-compatible chat, web page.",
                     "t2l serve runs/smollm2_demo --port 8000   # then open http://127.0.0.1:8000/")
     p.add_argument("run", help="run folder (runs/NAME) or its hypernet/ folder")
@@ -366,6 +430,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB (default 1024); "
                    "bigger requests get 413")
     p.set_defaults(func=cmd_serve)
+
+    p = _parser_for(sub, "import-reference",
+                    "Convert a released T2L reference checkpoint folder (hypermod.pt, args.yaml, adapter_config.json "
+                    "of SakanaAI/text-to-lora) into a run folder that generate, serve and eval load.",
+                    "t2l import-reference trained_t2l/mistral_7b_t2l -o runs/mistral_t2l_ref --module-order q_proj,v_proj")
+    p.add_argument("folder", help="reference checkpoint folder (hypermod.pt is read with weights_only=True)")
+    p.add_argument("-o", "--output", metavar="RUN", required=True, help="run folder to write")
+    p.add_argument("--module-order", metavar="LIST",
+                   help="comma-separated target modules in the order of the reference's module-type embedding rows "
+                        "(it kept them in a hash-seed-dependent set); default: adapter_config.json's target_modules "
+                        "order, see docs/parity.md")
+    p.add_argument("--force", action="store_true", help="write into an existing, non-empty RUN folder")
+    p.set_defaults(func=cmd_import_reference)
     return parser
 
 

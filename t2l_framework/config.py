@@ -48,6 +48,10 @@ class EncoderConfig:
     pooling: str = _help("mean | cls (transformers encoder)", "mean")
     prefix: str = _help("Instruction prefix prepended to every description", "")
     normalize: bool = _help("L2-normalise embeddings", True)
+    normalize_scale: str = _help("Norm after L2 normalisation: sqrt_dim (the reference: sqrt(d), 32 for a 1024-d "
+                                 "encoder) | unit (1)", "sqrt_dim")
+    full_stop: bool = _help("Strip each description and end it with '.' when it ends in a letter (the reference's "
+                            "add_full_stop)", True)
     max_length: int = _help("Tokens per description", 512)
     batch_size: int = _help("Descriptions per encoder forward", 64)
     trust_remote_code: bool = _help("Allow custom modelling code (gte-large-en-v1.5 needs it)", False)
@@ -59,12 +63,16 @@ class HypernetConfig:
     """The hypernetwork: trunk MLP and output head."""
 
     head: str = _help("per_layer (L) | shared (M) | chunked (S) | plugin name | 'pkg.module:Class'", "per_layer")
-    task_dim: int = _help("Width of the projected task embedding", 64)
-    layer_emb_dim: int = _help("Width of the learned layer-depth embedding", 32)
-    module_emb_dim: int = _help("Width of the learned module-type embedding", 32)
-    latent_size: int = _help("Width of the trunk output = head input", 512)
-    n_residual_blocks: int = _help("Residual MLP blocks in the trunk", 2)
-    dropout: float = _help("Dropout inside the trunk", 0.0)
+    task_dim: int = _help("Width of the projected task embedding (reference: hypernet_latent_size // 2)", 64)
+    layer_emb_dim: int = _help("Width of the learned layer-depth embedding (reference: hypernet_latent_size // 4)", 32)
+    module_emb_dim: int = _help("Width of the learned module-type embedding (reference: hypernet_latent_size // 4); "
+                                "trunk width = task_dim + layer_emb_dim + module_emb_dim", 32)
+    latent_size: int = _help("Width of the trunk output = head input (reference: head_in_size)", 512)
+    n_residual_blocks: int = _help("Residual MLP blocks in the trunk; the heads condition the last one "
+                                   "(reference: 2, mlp1 and mlp2)", 2)
+    dropout: float = _help("Dropout inside the trunk (reference: 0.05)", 0.05)
+    chunk_position: str = _help("chunked (S) head: how the rank index enters the trunk: rotary (paper's S, "
+                                "no parameters) | learned (Embedding + LayerNorm)", "rotary")
 
 
 @dataclass
@@ -92,6 +100,17 @@ class DataConfig:
     holdout_descriptions: int = _help("Descriptions per training task held back for validation", 3)
     max_prompt_tokens: int = _help("Prompt tokens kept (truncated from the left)", 200)
     max_answer_tokens: int = _help("Answer tokens kept", 32)
+    max_total_tokens: int = _help("Prompt + answer tokens kept (0 = no joint limit). Like the reference's inp_max_len "
+                                  "(tokenizer truncation 'longest_first'): tokens come off the longer of the two until "
+                                  "the pair fits; the prompt loses its start, the answer its end", 0)
+    max_descriptions_per_task: int = _help("Use only the first N descriptions of each task (0 = all; the reference: "
+                                           "n_descs_per_ds=128)", 0)
+    task_set: str = _help("Tasks the recipe requires: '' (none) | paper479 (the paper's 479 SNI training tasks, "
+                          "data/sni/paper_train_tasks.txt; the default train_tasks). `t2l fit` stops when any is "
+                          "missing; `t2l data fetch` downloads them", "")
+    fetched_dir: str = _help("Folder `t2l data fetch` wrote (tasks.jsonl + instances.jsonl), e.g. data/sni_hub; "
+                             "when it holds them, its tasks join those of tasks_file (a task in both is read from "
+                             "tasks_file). Empty = none", "")
     max_train_instances: int = _help("Training instances used per task (0 = all)", 0)
     max_eval_instances: int = _help("Held-out instances per task for evaluation (0 = all)", 16)
     system_prompt: str = _help("System message added to every chat prompt", "")
@@ -106,10 +125,20 @@ class TrainingConfig:
     mode: str = _help("sft | recon | lora", "sft")
     lr: float = _help("Peak learning rate", 2.5e-5)
     weight_decay: float = _help("AdamW weight decay", 0.01)
-    warmup_steps: int = _help("Linear warm-up steps", 100)
+    warmup_steps: int = _help("Linear warm-up steps (lr rises from 0, as in transformers' schedules)", 100)
+    warmup_ratio: float = _help("Warm-up as a fraction of trainer.max_steps; > 0 replaces warmup_steps "
+                                "(the reference: warmup_frac=0.2)", 0.0)
     scheduler: str = _help("cosine | linear | constant", "cosine")
     label_smoothing: float = _help("Cross-entropy label smoothing", 0.1)
+    loss_reduction: str = _help("per_sample: mean over each sample's answer tokens, then over samples (the reference) "
+                                "| per_token: mean over all answer tokens of the batch (long answers weigh more)",
+                                "per_sample")
     l2_penalty: float = _help("L2 penalty on generated LoRA weights", 1e-3)
+    l2_reduction: str = _help("sum: sum over module types of mean(A^2) + mean(B^2), each mean over samples and "
+                              "layers (the reference) | mean: the mean of those 2 x modules terms", "sum")
+    recon_loss: str = _help("recon mode: delta_w (the reference's L1 on B @ A x delta_w_scaling) | factors "
+                            "(L1 on A and on B, halved; the reference's factorized=True, pred_z_score=False)", "delta_w")
+    delta_w_scaling: float = _help("recon_loss=delta_w: factor on both sides of the L1 (the reference: 1e4)", 1e4)
     neftune_alpha: float = _help("NEFTune noise on input embeddings (0 = off)", 5.0)
     seed: int = _help("Random seed", 42)
     output_dir: str = _help("Runs are written to output_dir/run_name", "runs")
@@ -171,8 +200,14 @@ class Recipe:
 CHOICES = {
     "base_model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "encoder.pooling": ("mean", "cls"),
+    "hypernet.chunk_position": ("rotary", "learned"),
+    "encoder.normalize_scale": ("sqrt_dim", "unit"),
     "training.mode": ("sft", "recon", "lora"),
     "training.scheduler": ("cosine", "linear", "constant"),
+    "training.loss_reduction": ("per_sample", "per_token"),
+    "training.l2_reduction": ("sum", "mean"),
+    "training.recon_loss": ("delta_w", "factors"),
+    "data.task_set": ("", "paper479"),
     "trainer.strategy": (
         "auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
         "deepspeed_stage_3", "deepspeed_stage_3_offload",
@@ -186,15 +221,17 @@ _PROBABILITY = (0.0, 1.0, True)  # high is exclusive: dropout 1.0 zeroes everyth
 RANGES: dict[str, tuple] = {
     "lora.rank": (1, 4096, True), "lora.alpha": (0.0, None, False), "lora.dropout": _PROBABILITY,
     "hypernet.latent_size": _WIDTH, "hypernet.task_dim": _WIDTH, "hypernet.layer_emb_dim": _WIDTH,
-    "hypernet.module_emb_dim": _WIDTH, "hypernet.n_residual_blocks": (0, 256, True),
+    "hypernet.module_emb_dim": _WIDTH, "hypernet.n_residual_blocks": (1, 256, True),
     "hypernet.dropout": _PROBABILITY,
     "encoder.batch_size": (1, None, True), "encoder.max_length": (1, None, True),
     "data.n_tasks_per_batch": (1, None, True), "data.n_samples_per_task": (1, None, True),
     "data.holdout_descriptions": (0, None, True), "data.max_prompt_tokens": (1, None, True),
     "data.max_answer_tokens": (1, None, True), "data.max_train_instances": (0, None, True),
     "data.max_eval_instances": (0, None, True), "data.num_workers": (0, None, True),
+    "data.max_total_tokens": (0, None, True), "data.max_descriptions_per_task": (0, None, True),
     "training.lr": (0.0, 10.0, False), "training.weight_decay": (0.0, None, True),
-    "training.warmup_steps": (0, None, True), "training.label_smoothing": _PROBABILITY,
+    "training.warmup_steps": (0, None, True), "training.warmup_ratio": _PROBABILITY,
+    "training.label_smoothing": _PROBABILITY, "training.delta_w_scaling": (0.0, None, False),
     "training.l2_penalty": (0.0, None, True), "training.neftune_alpha": (0.0, None, True),
     "training.checkpoint_every_n_steps": (1, None, True),
     "trainer.num_nodes": (1, None, True), "trainer.max_steps": (1, None, True),

@@ -19,7 +19,7 @@ def test_validate_prints_resolved_recipe():
     r = t2l("validate", "recipes/mistral_L.yaml")
     assert r.returncode == 0, r.stderr
     assert "head: per_layer" in r.stdout and "lr: 2.5e-05" in r.stdout
-    assert "max_steps: 20000" in r.stdout
+    assert "max_steps: 1180000" in r.stdout
 
 
 def test_validate_with_override_and_typo(tmp_path):

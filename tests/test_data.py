@@ -99,6 +99,47 @@ def test_encode_example_masks_prompt_and_truncates(tokenizer):
 
 
 # ---- training batches ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n_prompt, n_answer, total", [
+    (30, 5, 20), (5, 30, 20), (15, 15, 20), (15, 14, 21), (12, 9, 20), (9, 12, 20), (3, 4, 20), (40, 40, 7)])
+def test_total_budget_is_transformers_longest_first(n_prompt, n_answer, total):
+    """The reference truncates (prompt, response) pairs with the tokenizer's truncation=True
+    (longest_first) at inp_max_len; pair_budget keeps the same number of tokens of each."""
+    from t2l_framework.data.encoding import pair_budget
+    from tests.tiny_world import word_tokenizer
+
+    tok = word_tokenizer(["p a"])
+    enc = tok(" ".join(["p"] * n_prompt), " ".join(["a"] * n_answer), truncation=True, max_length=total,
+              add_special_tokens=False)
+    kept = [enc.sequence_ids().count(0), enc.sequence_ids().count(1)]
+    assert list(pair_budget(n_prompt, n_answer, total)) == kept
+    assert pair_budget(n_prompt, n_answer, 0) == (n_prompt, n_answer)
+
+
+def test_encode_with_a_total_budget(tokenizer):
+    prompt = format_prompt("in task0 x x x", "sys")  # 10 words
+    full_prompt, answer = _ids(tokenizer, prompt), _ids(tokenizer, "ans0 ans0") + [tokenizer.eos_token_id]
+    ids, labels = encode_example(tokenizer, prompt, "ans0 ans0", 64, 64, max_total_tokens=8)
+    assert ids == full_prompt[-5:] + answer  # the longer prompt gives up tokens from its start
+    assert labels == [IGNORE_INDEX] * 5 + answer
+    ids, _ = encode_example(tokenizer, prompt, "ans0 " * 20, 64, 64, max_total_tokens=8)
+    assert ids == full_prompt[-4:] + _ids(tokenizer, "ans0 ans0 ans0 ans0")  # both past half: 4 + 4, no EOS
+    with pytest.raises(T2LError, match="data.max_total_tokens"):
+        encode_example(tokenizer, prompt, "ans0", 64, 64, max_total_tokens=-1)
+
+
+def test_only_the_first_descriptions_are_used(files, tokenizer):
+    from t2l_framework.data import split_descriptions
+
+    dm = _module(files, tokenizer, max_descriptions_per_task=3, holdout_descriptions=1)
+    for t in range(N_TRAIN_TASKS):
+        used = [dm.descriptions[i] for i in dm.train_desc_idx[f"task{t}"] + dm.heldout_desc_idx[f"task{t}"]]
+        assert sorted(used) == [f"describe task{t} way{k}" for k in range(3)]
+    task = dm.tasks["task0"]
+    assert split_descriptions(task, 0, 0, 2) == (task.descriptions[:2], [])
+    with pytest.raises(T2LError, match="data.max_descriptions_per_task"):
+        split_descriptions(task, 0, 0, -1)
+
+
 def test_batch_shapes_and_labels(files, tokenizer):
     dm = _module(files, tokenizer)
     batch = dm.train_dataset()[0]

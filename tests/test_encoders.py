@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from t2l_framework.config import EncoderConfig
-from t2l_framework.encoders import EmbeddingCache, TextEncoder, TransformersEncoder, build_encoder
+from t2l_framework.encoders import EmbeddingCache, TextEncoder, TransformersEncoder, add_full_stop, build_encoder
 from t2l_framework.encoders import base as encoder_base
 from t2l_framework.errors import T2LError
 
@@ -47,7 +47,8 @@ def test_minilm_offline_gives_normalised_384d_rows(minilm, monkeypatch):
     emb = minilm.encode(TEXTS)
     assert isinstance(minilm, TextEncoder) and minilm.dim == 384
     assert emb.shape == (3, 384) and emb.dtype == torch.float32 and not emb.requires_grad
-    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+    # The reference's task embedding: L2-normalised, then x sqrt(dim).
+    torch.testing.assert_close(emb.norm(dim=-1), torch.full((3,), 384 ** 0.5))
     # Similar descriptions land closer than unrelated ones.
     more = minilm.encode(["Solve math word problems for school children.", "Write a poem about the sea."])
     assert emb[0] @ more[0] > emb[0] @ more[1]
@@ -118,3 +119,48 @@ def test_unloadable_model_is_one_clear_error(tmp_path, monkeypatch):
         TransformersEncoder("nobody/no-such-encoder")
     with pytest.raises(T2LError, match="encoder.pooling"):
         TransformersEncoder(str(tmp_path), pooling="max")
+
+
+@pytest.mark.parametrize("text, formatted", [
+    ("Classify the sentiment of a review", "Classify the sentiment of a review."),
+    ("  Summarise the article \n", "Summarise the article."),
+    ("Add 2 and 3", "Add 2 and 3"),              # ends in a digit: the reference adds nothing
+    ("Is it a question?", "Is it a question?"),
+    ("Already a sentence.", "Already a sentence."),
+    ("Écris un résumé", "Écris un résumé."),      # any letter (str.isalpha), as in the reference
+    ("Answer (A or B)", "Answer (A or B)"),
+    ("", ""),
+])
+def test_add_full_stop_matches_the_reference_rule(text, formatted):
+    assert add_full_stop(text) == formatted
+
+
+def test_task_embedding_norm_is_sqrt_dim_or_unit(tiny_bert_dir):
+    ref = build_encoder(EncoderConfig(name="transformers", model=str(tiny_bert_dir), pooling="cls"))
+    unit = build_encoder(EncoderConfig(name="transformers", model=str(tiny_bert_dir), pooling="cls",
+                                       normalize_scale="unit"))
+    emb, emb_unit = ref.encode(TEXTS), unit.encode(TEXTS)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.full((3,), 32 ** 0.5))
+    torch.testing.assert_close(emb_unit.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(emb, emb_unit * 32 ** 0.5)
+    with pytest.raises(T2LError, match="encoder.normalize_scale: 'half'"):
+        ref.set_text_policy("half", True)
+
+
+def test_full_stop_is_applied_before_embedding(tiny_bert_dir):
+    enc = build_encoder(EncoderConfig(name="transformers", model=str(tiny_bert_dir)))
+    bare = build_encoder(EncoderConfig(name="transformers", model=str(tiny_bert_dir), full_stop=False))
+    torch.testing.assert_close(enc.encode(["classify sentiment"]), enc.encode([" classify sentiment. "]))
+    torch.testing.assert_close(enc.encode(["classify sentiment"]), bare.encode(["classify sentiment."]))
+    assert not torch.allclose(bare.encode(["classify sentiment"]), bare.encode(["classify sentiment."]))
+
+
+def test_cache_never_mixes_normalisations(tiny_bert_dir, tmp_path):
+    enc = build_encoder(EncoderConfig(name="transformers", model=str(tiny_bert_dir), normalize_scale="unit"))
+    unit = EmbeddingCache(enc, TEXTS, cache_dir=tmp_path)
+    enc.set_text_policy("sqrt_dim", True)
+    scaled = EmbeddingCache(enc, TEXTS, cache_dir=tmp_path)
+    assert unit.path != scaled.path and len(list(tmp_path.glob("*.safetensors"))) == 2
+    torch.testing.assert_close(scaled.embeddings.norm(dim=-1), torch.full((3,), 32 ** 0.5))
+    enc.set_text_policy("sqrt_dim", False)
+    assert EmbeddingCache(enc, TEXTS, cache_dir=tmp_path).path not in (unit.path, scaled.path)

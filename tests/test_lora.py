@@ -22,12 +22,13 @@ def random_weights(shapes, batch: int, rank: int = 4, alpha: float = 8.0, seed: 
     return LoraWeights(A, B, rank, alpha)
 
 
-def peft_model_with(model, weights: LoraWeights, targets):
+def peft_model_with(model, weights: LoraWeights, targets, lora_dropout: float = 0.0):
     """PEFT's own LoRA model with the factors of ``weights`` (batch 1) copied in."""
     import peft
 
     paths = module_paths(model, targets)
-    config = peft.LoraConfig(r=weights.rank, lora_alpha=weights.alpha, target_modules=targets, lora_dropout=0.0)
+    config = peft.LoraConfig(r=weights.rank, lora_alpha=weights.alpha, target_modules=targets,
+                             lora_dropout=lora_dropout)
     pm = peft.get_peft_model(copy.deepcopy(model), config).eval()
     for t in targets:
         for i, path in enumerate(paths[t]):
@@ -75,6 +76,50 @@ def test_batch_one_weights_broadcast(tiny_llama):
         with injection.use(LoraWeights.cat([w, w, w])):
             repeated = injection.model(x).logits
     assert (shared - repeated).abs().max() < 1e-5
+
+
+def test_lora_dropout_is_peft_lora_dropout(tiny_llama):
+    """Dropout on the layer input before A, one mask per wrapped layer: PEFT's lora_dropout
+    in training gives the same logits for the same random stream."""
+    model = tiny_llama()
+    x = ids()
+    injection = inject_lora(copy.deepcopy(model), TARGETS)
+    w = random_weights(injection.shapes, batch=1)
+    pm = peft_model_with(model, w, TARGETS, lora_dropout=0.3)
+    for mod in pm.modules():  # only PEFT's dropout in training mode: the base model stays in eval
+        if isinstance(mod, torch.nn.Dropout):
+            mod.train()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        theirs = pm(x).logits
+        torch.manual_seed(7)
+        with injection.use(w, dropout=0.3):
+            ours = injection.model(x).logits
+        with injection.use(w):
+            plain = injection.model(x).logits
+        torch.manual_seed(7)
+        with injection.use(LoraWeights.cat([w, w, w]), dropout=0.3):  # the per-sample (bmm) path
+            per_sample = injection.model(x).logits
+    assert (ours - theirs).abs().max() < 1e-5
+    assert (per_sample - theirs).abs().max() < 1e-5
+    assert (ours - plain).abs().max() > 1e-3  # the dropout did something
+
+
+def test_no_dropout_costs_nothing_and_is_cleared(tiny_llama, monkeypatch):
+    injection = inject_lora(tiny_llama(), TARGETS)
+    w, x = random_weights(injection.shapes, batch=2), ids(batch=2)
+    with torch.no_grad(), injection.use(w, dropout=0.5):
+        injection.model(x)
+    assert all(mod.dropout == 0.0 for mods in injection.layers.values() for mod in mods)
+
+    def no_dropout(*args, **kwargs):
+        raise AssertionError("dropout called with dropout=0")
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", no_dropout)
+    with torch.no_grad(), injection.use(w):
+        injection.model(x)
+    with pytest.raises(T2LError, match="lora.dropout: expected a probability"):
+        injection.set(w, dropout=1.0)
 
 
 @pytest.mark.parametrize("gen_kwargs", [{}, {"num_beams": 2, "num_return_sequences": 2}])

@@ -72,16 +72,26 @@ def test_recon_mode_lowers_its_loss(world, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(world["llm"])
     library = tmp_path / "library"
     g = torch.Generator().manual_seed(0)
-    for k, task in enumerate(["toy_0", "toy_1", "toy_2", "toy_3"]):
-        A = {m: torch.randn(1, 2, 2, 64, generator=g) for m in ("q_proj", "v_proj")}
-        B = {"q_proj": torch.randn(1, 2, 64, 2, generator=g), "v_proj": torch.randn(1, 2, 32, 2, generator=g)}
-        export_peft_adapter(LoraWeights(A, B, 2, 4.0), library / task, str(world["llm"]), model=model)
-    run = fit(str(world["recipe"]), ["training.mode=recon", f"data.lora_library={library}", "trainer.max_steps=30",
-                                     "trainer.val_check_interval=15", "training.run_name=recon", "training.lr=1e-2"])
-    train = _series(_metrics(run), "train/loss")
-    assert len(_series(_metrics(run), "val/loss")) == 2
-    assert sum(train[-4:]) / 4 < 0.6 * sum(train[:4]) / 4, train
-    assert (run / "hypernet" / "hypernet.safetensors").is_file()
+    shared_A = {m: torch.randn(1, 2, 2, 64, generator=g) / 8 for m in ("q_proj", "v_proj")}  # ~ PEFT's A scale
+    shared_B = {"q_proj": torch.randn(1, 2, 64, 2, generator=g) / 8, "v_proj": torch.randn(1, 2, 32, 2, generator=g) / 8}
+    for k, task in enumerate(["toy_0", "toy_1", "toy_2", "toy_3"]):  # task LoRAs share most of their structure
+        A = {m: a + torch.randn(a.shape, generator=g) / 40 for m, a in shared_A.items()}
+        B = {m: b + torch.randn(b.shape, generator=g) / 40 for m, b in shared_B.items()}
+        export_peft_adapter(LoraWeights(A, B, 2, 4.0, use_rslora=True), library / task, str(world["llm"]), model=model)
+    common = ["training.mode=recon", f"data.lora_library={library}", "trainer.val_check_interval=15",
+              "training.lr=1e-2"]
+    for loss in ("delta_w", "factors"):
+        run = fit(str(world["recipe"]), common + [f"training.recon_loss={loss}", "trainer.max_steps=30",
+                                                  f"training.run_name=recon_{loss}"])
+        train = _series(_metrics(run), "train/loss")
+        assert len(_series(_metrics(run), "val/loss")) == 2
+        assert sum(train[-4:]) / 4 < 0.6 * sum(train[:4]) / 4, (loss, train)
+        assert (run / "hypernet" / "hypernet.safetensors").is_file()
+    # A library made for another scaling is refused before training, naming the adapter file.
+    with pytest.raises(T2LError, match=r"toy_0/adapter_config.json has r=2, lora_alpha=4, use_rslora=true "
+                                       r"\(scaling 2.828\), but the recipe's lora section has rank=2, alpha=4, "
+                                       r"use_rslora=false \(scaling 2\)"):
+        fit(str(world["recipe"]), common + ["lora.use_rslora=false", "training.run_name=recon_bad"])
 
 
 class _SignalAt(Callback):

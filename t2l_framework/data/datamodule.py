@@ -20,8 +20,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from t2l_framework.config import DataConfig, resolve_path
+from t2l_framework.config import DataConfig
 from t2l_framework.data.encoding import FormatPrompt, encode_examples, encode_prompt, pad_batch, pad_id
+from t2l_framework.data.task_sets import check_task_set, task_set_ids, task_sources
 from t2l_framework.data.tasks import Instance, Task, expand_task_ids, load_tasks, split_descriptions
 from t2l_framework.errors import T2LError, did_you_mean
 
@@ -129,7 +130,8 @@ class T2LDataModule(L.LightningDataModule):
             return [desc_index.setdefault(d, len(desc_index)) for d in texts]
 
         for tid in self.train_task_ids:
-            train_d, held_d = split_descriptions(self.tasks[tid], cfg.holdout_descriptions, self.seed)
+            train_d, held_d = split_descriptions(self.tasks[tid], cfg.holdout_descriptions, self.seed,
+                                                 int(cfg.max_descriptions_per_task))
             self.train_desc_idx[tid] = index(train_d)
             # A one-description task has nothing to hold out; validate it on its training one.
             self.heldout_desc_idx[tid] = index(held_d) if held_d else self.train_desc_idx[tid]
@@ -162,17 +164,21 @@ class T2LDataModule(L.LightningDataModule):
         both = sorted(set(train_ids) & set(eval_ids))
         if both:
             raise T2LError(f"data.eval_tasks must be never-trained tasks, but {both} are also in data.train_tasks")
-        tasks_file = resolve_path(cfg.tasks_file, self.recipe_file)
-        instances_file = resolve_path(cfg.instances_file, self.recipe_file)
-        tasks = load_tasks(tasks_file, instances_file, include=(train_ids + eval_ids) if train_ids else None,
-                           exclude=exclude)
+        if cfg.task_set:  # before reading instances: a missing set is one clear error, not a KeyError later
+            check_task_set(cfg, self.recipe_file)
+        # Without train_tasks, a task set is the training list; evaluation defaults to the unseen-role tasks.
+        set_ids = [t for t in task_set_ids(cfg.task_set, self.recipe_file) if t not in set(exclude)] \
+            if cfg.task_set and not train_ids else []
+        (tasks_file, instances_file), *extra = task_sources(cfg, self.recipe_file)
+        include = (train_ids + eval_ids) if train_ids else None
+        tasks = load_tasks(tasks_file, instances_file, include=include, exclude=exclude, extra=extra)
         for tid in eval_ids:
             if tid not in tasks:
                 raise T2LError(f"data.eval_tasks: task '{tid}' is not in {tasks_file} (or is excluded)"
                                f"{did_you_mean(tid, tasks)}")
-        if not train_ids:
+        if include is None:
             # Defaults follow the T2L split: train on every training-role task, evaluate the unseen ones.
-            train_ids = [t for t, task in tasks.items() if "train" in task.role and t not in eval_ids]
+            train_ids = set_ids or [t for t, task in tasks.items() if "train" in task.role and t not in eval_ids]
             eval_ids = eval_ids or [t for t, task in tasks.items() if task.role == "eval_unseen"]
         for tid in train_ids:
             if not tasks[tid].train:
@@ -188,7 +194,8 @@ class T2LDataModule(L.LightningDataModule):
     def _encode(self, instances: Sequence[Instance]) -> list[Example]:
         prompts = [self.format_prompt(inst.input, self.cfg.system_prompt) for inst in instances]
         answers = [inst.outputs[0] for inst in instances]
-        return encode_examples(self.tokenizer, prompts, answers, self.cfg.max_prompt_tokens, self.cfg.max_answer_tokens)
+        return encode_examples(self.tokenizer, prompts, answers, self.cfg.max_prompt_tokens, self.cfg.max_answer_tokens,
+                               int(self.cfg.max_total_tokens))
 
     def _eval_pairs(self, task_ids: list[str]) -> list[tuple[int, Instance, int]]:
         """(task_idx, held-out instance, held-out desc_idx), tasks interleaved, fixed order."""

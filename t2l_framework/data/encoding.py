@@ -37,23 +37,49 @@ def encode_prompt(tokenizer, prompt_text: str, max_prompt_tokens: int) -> list[i
     return list(ids[-max_prompt_tokens:]) if max_prompt_tokens > 0 else list(ids)
 
 
+def pair_budget(n_prompt: int, n_answer: int, max_total: int) -> tuple[int, int]:
+    """(prompt tokens, answer tokens) kept when the pair may hold at most ``max_total`` tokens.
+
+    The rule of transformers' fast tokenizers for a (prompt, response) pair with
+    ``truncation="longest_first"``, which the T2L reference applies with ``inp_max_len=512``:
+    tokens come off the longer sequence first; if both are longer than half the budget, the
+    first (the prompt, on a tie too) keeps ``max_total // 2`` and the other the rest.
+    ``max_total <= 0`` means no joint limit.
+    """
+    if max_total <= 0 or n_prompt + n_answer <= max_total:
+        return n_prompt, n_answer
+    half = max_total // 2
+    if n_prompt > n_answer:  # the answer is the shorter one
+        keep_answer = half if n_answer > half else n_answer
+        return max_total - keep_answer, keep_answer
+    keep_prompt = half if n_prompt > half else n_prompt
+    return keep_prompt, max_total - keep_prompt
+
+
 def encode_example(
-    tokenizer, prompt_text: str, answer: str, max_prompt_tokens: int, max_answer_tokens: int
+    tokenizer, prompt_text: str, answer: str, max_prompt_tokens: int, max_answer_tokens: int,
+    max_total_tokens: int = 0,
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for supervised fine-tuning on the answer only.
 
     labels are -100 on the prompt tokens, so the loss covers the answer and the EOS after it.
-    A truncated answer loses its EOS: the model should not learn to stop mid-answer.
+    The prompt is cut from the left, the answer from the right (a truncated answer loses its
+    EOS: the model should not learn to stop mid-answer); then ``pair_budget`` applies
+    ``max_total_tokens`` to the pair (0 = no joint limit).
     """
-    return encode_examples(tokenizer, [prompt_text], [answer], max_prompt_tokens, max_answer_tokens)[0]
+    return encode_examples(tokenizer, [prompt_text], [answer], max_prompt_tokens, max_answer_tokens,
+                           max_total_tokens)[0]
 
 
 def encode_examples(
-    tokenizer, prompts: Sequence[str], answers: Sequence[str], max_prompt_tokens: int, max_answer_tokens: int
+    tokenizer, prompts: Sequence[str], answers: Sequence[str], max_prompt_tokens: int, max_answer_tokens: int,
+    max_total_tokens: int = 0,
 ) -> list[tuple[list[int], list[int]]]:
     """``encode_example`` over many pairs with one tokenizer call each for prompts and answers."""
     if not prompts:
         return []
+    if max_total_tokens < 0:
+        raise T2LError(f"data.max_total_tokens: expected 0 (no joint limit) or a positive integer, got {max_total_tokens}")
     eos = eos_id(tokenizer)
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
@@ -61,6 +87,8 @@ def encode_examples(
     for prompt, answer in zip(prompt_ids, answer_ids):
         prompt = list(prompt[-max_prompt_tokens:]) if max_prompt_tokens > 0 else list(prompt)
         answer = (list(answer) + [eos])[:max_answer_tokens]
+        keep_prompt, keep_answer = pair_budget(len(prompt), len(answer), max_total_tokens)
+        prompt, answer = prompt[len(prompt) - keep_prompt:], answer[:keep_answer]
         out.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
     return out
 

@@ -124,36 +124,54 @@ def load_tasks(
     instances_file: str | Path,
     include: Optional[list[str]] = None,
     exclude: Iterable[str] = (),
+    extra: Iterable[tuple[str | Path, str | Path]] = (),
 ) -> dict[str, Task]:
     """Read tasks and their instances; ``include=None`` means every task not excluded.
 
     ``exclude`` is added to T2L's decontamination list. Naming an excluded or unknown task in
     ``include`` is an error, as is a selected task without descriptions or instances.
+    ``extra``: more (tasks file, instances file) pairs, e.g. what ``t2l data fetch`` wrote;
+    a task already read from an earlier pair keeps that pair's record and instances.
     """
-    tasks_file, instances_file = Path(tasks_file), Path(instances_file)
     excluded = set(exclude) | T2L_DECONTAM_EXCLUDED
     if include is not None:
         clash = sorted(set(include) & excluded)
         if clash:
             raise T2LError(f"tasks {clash} are both requested and excluded (exclude_tasks or T2L's decontamination list)")
-
     tasks: dict[str, Task] = {}
     known: set[str] = set()
+    sources = [(Path(tasks_file), Path(instances_file))] + [(Path(t), Path(i)) for t, i in extra]
+    for t_file, i_file in sources:
+        _load_pair(t_file, i_file, include, excluded, tasks, known)
+    for task_id in include or []:
+        if task_id not in known:
+            where = " or ".join(str(t) for t, _ in sources)
+            raise T2LError(f"task '{task_id}' is not in {where}{did_you_mean(task_id, known)}")
+    return tasks
+
+
+def _load_pair(tasks_file: Path, instances_file: Path, include: Optional[list[str]], excluded: set[str],
+               tasks: dict[str, Task], known: set[str]) -> None:
+    """Add one (tasks file, instances file) pair's tasks to ``tasks`` (ids seen before are skipped)."""
+    earlier = set(known)
+    here: set[str] = set()
+    mine: dict[str, Task] = {}
     for lineno, rec in _json_lines(tasks_file):
         task_id = rec.get("task")
         if not isinstance(task_id, str):
             raise T2LError(f"{tasks_file}:{lineno}: missing field 'task' (each line needs task and descriptions)")
-        if task_id in known:
+        if task_id in here:
             raise T2LError(f"{tasks_file}:{lineno}: task '{task_id}' appears a second time")
+        here.add(task_id)
         known.add(task_id)
-        if task_id in excluded or (include is not None and task_id not in include):
+        if task_id in earlier or task_id in excluded or (include is not None and task_id not in include):
             continue
         if "descriptions" not in rec:
             raise T2LError(f"{tasks_file}:{lineno}: missing field 'descriptions' (each line needs task and descriptions)")
         descriptions = _str_list(rec["descriptions"], tasks_file, lineno, "descriptions")
         if not descriptions:
             raise T2LError(f"{tasks_file}:{lineno}: task '{task_id}' has no descriptions (need at least one)")
-        tasks[task_id] = Task(
+        mine[task_id] = Task(
             task_id=task_id,
             definition=str(rec.get("definition") or ""),
             descriptions=descriptions,
@@ -161,19 +179,15 @@ def load_tasks(
             role=str(rec.get("role") or "train"),
         )
 
-    for task_id in include or []:
-        if task_id not in known:
-            raise T2LError(f"task '{task_id}' is not in {tasks_file}{did_you_mean(task_id, known)}")
-
     for lineno, rec in _json_lines(instances_file):
         for key in INSTANCE_FIELDS:
             if key not in rec:
                 raise T2LError(
                     f"{instances_file}:{lineno}: missing field '{key}' (each line needs {', '.join(INSTANCE_FIELDS)})"
                 )
-        task = tasks.get(rec["task"])
+        task = mine.get(rec["task"])
         if task is None:
-            if rec["task"] not in known and rec["task"] not in excluded:
+            if rec["task"] not in here and rec["task"] not in excluded:
                 raise T2LError(f"{instances_file}:{lineno}: task '{rec['task']}' is not in {tasks_file}")
             continue
         outputs = _str_list(rec["output"], instances_file, lineno, "output")
@@ -183,23 +197,28 @@ def load_tasks(
             raise T2LError(f"{instances_file}:{lineno}: split '{rec['split']}' must be 'train' or 'test'")
         getattr(task, rec["split"]).append(Instance(rec["input"], outputs))
 
-    for task in tasks.values():
+    for task in mine.values():
         if not task.train and not task.test:
             raise T2LError(f"task '{task.task_id}' has no instances in {instances_file}")
-    return tasks
+    tasks.update(mine)
 
 
-def split_descriptions(task: Task, n_holdout: int, seed: int) -> tuple[list[str], list[str]]:
+def split_descriptions(task: Task, n_holdout: int, seed: int, max_descriptions: int = 0) -> tuple[list[str], list[str]]:
     """(training descriptions, held-out descriptions) of a task.
 
-    A task with ``eval_descriptions`` keeps them as its held-out set. Otherwise ``n_holdout``
+    max_descriptions > 0 keeps only the task's first that many descriptions (the reference's
+    ``n_descs_per_ds``); ``eval_descriptions`` are never cut. A task with
+    ``eval_descriptions`` keeps them as its held-out set. Otherwise ``n_holdout``
     descriptions are drawn (the same ones for the same seed) and removed from training; at
     least one stays for training, so a one-description task has no held-out description.
     """
+    if max_descriptions < 0:
+        raise T2LError(f"data.max_descriptions_per_task: expected 0 (all) or a positive integer, got {max_descriptions}")
+    descriptions = task.descriptions[:max_descriptions] if max_descriptions > 0 else task.descriptions
     if task.eval_descriptions:
         held = set(task.eval_descriptions)
-        return [d for d in task.descriptions if d not in held], list(task.eval_descriptions)
-    unique = list(dict.fromkeys(task.descriptions))
+        return [d for d in descriptions if d not in held], list(task.eval_descriptions)
+    unique = list(dict.fromkeys(descriptions))
     n = max(0, min(n_holdout, len(unique) - 1))
     order = list(range(len(unique)))
     # Seeded by task id too, so adding a task does not change another task's held-out set.

@@ -1,13 +1,13 @@
 """Text encoders: task description -> task embedding (``TextEncoder`` protocol and built-ins)."""
 
-from t2l_framework.encoders.base import BaseEncoder, TextEncoder, minilm_path, resolve_model
+from t2l_framework.encoders.base import BaseEncoder, TextEncoder, add_full_stop, minilm_path, resolve_model
 from t2l_framework.encoders.cache import EmbeddingCache, cache_key
 from t2l_framework.encoders.hf import TransformersEncoder
 from t2l_framework.encoders.st import SentenceTransformersEncoder
 
 __all__ = [
     "TextEncoder", "BaseEncoder", "TransformersEncoder", "SentenceTransformersEncoder",
-    "EmbeddingCache", "cache_key", "minilm_path", "resolve_model", "build_encoder",
+    "EmbeddingCache", "cache_key", "add_full_stop", "minilm_path", "resolve_model", "build_encoder",
 ]
 
 
@@ -16,4 +16,7 @@ def build_encoder(cfg) -> TextEncoder:
     from t2l_framework.plugins import registry
 
     factory = registry().get("encoders", cfg.name, key="encoder.name")
-    return factory(cfg)
+    encoder = factory(cfg)
+    if isinstance(encoder, BaseEncoder):  # one text/scale policy for built-in and plugin encoders alike
+        encoder.set_text_policy(getattr(cfg, "normalize_scale", "sqrt_dim"), getattr(cfg, "full_stop", True))
+    return encoder

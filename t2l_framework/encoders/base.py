@@ -3,12 +3,18 @@
 An encoder turns task descriptions into task embeddings ``e_t`` for the hypernetwork:
 ``encode(texts: list[str]) -> Tensor[n, dim]``. It is frozen by default (the paper keeps it
 frozen), so ``encode`` runs under ``torch.no_grad`` and the module stays in eval mode.
+
+As in the T2L reference (``add_full_stop``, ``embed_tokens``), a description is stripped and
+ends with "." when its last character is a letter, and the pooled embedding is L2-normalised
+and multiplied by sqrt(dim) (norm 32 for a 1024-d encoder); ``normalize_scale="unit"`` keeps
+norm 1 instead.
 """
 
 from __future__ import annotations
 
 import abc
 import importlib.util
+import math
 import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -66,6 +72,19 @@ def resolve_model(model: str) -> tuple[str, bool]:
     return model, offline
 
 
+def add_full_stop(text: str) -> str:
+    """The reference's description format: strip, then append "." if the text ends in a letter.
+
+    Only letters (``str.isalpha``, any script) get one: a description ending in a digit,
+    a bracket or punctuation is left as it is, exactly like the reference.
+    """
+    text = text.strip()
+    return text + "." if text and text[-1].isalpha() else text
+
+
+NORMALIZE_SCALES = ("sqrt_dim", "unit")
+
+
 def load_error(model: str, exc: BaseException) -> T2LError:
     """One clear message for any failure to load an encoder model."""
     return T2LError(
@@ -75,15 +94,18 @@ def load_error(model: str, exc: BaseException) -> T2LError:
 
 
 class BaseEncoder(nn.Module, abc.ABC):
-    """Shared behaviour: instruction prefix, batching, optional L2 norm, frozen unless trainable.
+    """Shared behaviour: full stop, instruction prefix, batching, L2 norm (x sqrt(dim)), frozen
+    unless trainable.
 
     Subclasses set ``self.dim`` and implement ``embed_batch(texts) -> Tensor[b, dim]``.
+    normalize_scale: "sqrt_dim" (reference) or "unit"; full_stop: apply ``add_full_stop``.
     """
 
     name = "base"
 
     def __init__(self, model: str, prefix: str = "", normalize: bool = True, batch_size: int = 64,
-                 trainable: bool = False, pooling: str = "mean"):
+                 trainable: bool = False, pooling: str = "mean", normalize_scale: str = "sqrt_dim",
+                 full_stop: bool = True):
         super().__init__()
         if batch_size <= 0:
             raise T2LError(f"encoder.batch_size: expected a positive integer, got {batch_size}")
@@ -94,6 +116,16 @@ class BaseEncoder(nn.Module, abc.ABC):
         self.trainable = trainable
         self.pooling = pooling
         self.dim = 0
+        self.set_text_policy(normalize_scale, full_stop)
+
+    def set_text_policy(self, normalize_scale: str, full_stop: bool) -> None:
+        """How descriptions are formatted and embeddings scaled (``encoder.normalize_scale``,
+        ``encoder.full_stop``); ``build_encoder`` applies the recipe's values to every encoder."""
+        if normalize_scale not in NORMALIZE_SCALES:
+            raise T2LError(f"encoder.normalize_scale: '{normalize_scale}' is not allowed; expected one of: "
+                           f"{', '.join(NORMALIZE_SCALES)}")
+        self.normalize_scale = normalize_scale
+        self.full_stop = bool(full_stop)
 
     def freeze_unless_trainable(self) -> None:
         """Frozen encoders never build autograd graphs and keep dropout off."""
@@ -113,7 +145,8 @@ class BaseEncoder(nn.Module, abc.ABC):
     def metadata(self) -> dict:
         """What a checkpoint records to rebuild the same encoder (and what the cache keys on)."""
         return {"name": self.name, "model": self.model_name, "pooling": self.pooling,
-                "prefix": self.prefix, "normalize": self.normalize}
+                "prefix": self.prefix, "normalize": self.normalize, "normalize_scale": self.normalize_scale,
+                "full_stop": self.full_stop}
 
     @abc.abstractmethod
     def embed_batch(self, texts: list[str]) -> torch.Tensor:
@@ -125,9 +158,12 @@ class BaseEncoder(nn.Module, abc.ABC):
             texts = [texts]
         if not texts:
             return torch.empty(0, self.dim, device=self.device)
-        texts = [self.prefix + t for t in texts]
+        texts = [self.prefix + (add_full_stop(t) if self.full_stop else t) for t in texts]
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             out = torch.cat([self.embed_batch(texts[i:i + self.batch_size])
                              for i in range(0, len(texts), self.batch_size)])
         out = out.float()
-        return F.normalize(out, dim=-1) if self.normalize else out
+        if not self.normalize:
+            return out
+        out = F.normalize(out, dim=-1)
+        return out * math.sqrt(out.shape[-1]) if self.normalize_scale == "sqrt_dim" else out

@@ -1,8 +1,9 @@
 """Embed a fixed list of descriptions once; training re-reads the rows every epoch.
 
 With ``cache_dir`` the table is also stored as safetensors, keyed by a hash of everything
-that changes the numbers (encoder model, pooling, prefix, normalisation and the texts), so
-a stale cache is never read back.
+that changes the numbers (encoder model, pooling, prefix, normalisation and its scale, the
+full-stop rule and the texts: the encoder's ``metadata``), so a stale cache is never read
+back, e.g. unit-norm rows are never served to a sqrt(dim)-norm run.
 """
 
 from __future__ import annotations

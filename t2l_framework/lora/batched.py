@@ -3,11 +3,16 @@
 ``inject_lora`` wraps the targeted linear layers (``nn.Linear`` or transformers' ``Conv1D``) once; ``injection.use(weights)`` sets
 the per-sample factors for the forward passes (or ``generate``) inside the ``with`` block:
 
-    y = base(x) + scaling * (x @ A^T) @ B^T,   x: [batch, seq, in], A: [batch, r, in], B: [batch, out, r]
+    y = base(x) + scaling * (dropout(x) @ A^T) @ B^T,   x: [batch, seq, in], A: [batch, r, in], B: [batch, out, r]
 
 computed with batched matmuls on [batch, seq, features]; the weights are never repeated per
 token and the base weights are neither copied nor unfrozen. Gradients flow to A and B (and so
 to the hypernetwork that produced them).
+
+``dropout`` is PEFT's ``lora_dropout`` (the T2L reference trains with 0.05): dropout on the
+layer input before A, only on the LoRA path, with its own mask in every wrapped layer. The
+caller passes it only for training steps (``use(weights, dropout=p)``); at 0 the path is
+exactly the plain one, with no extra tensor.
 
 A fused projection (GPT-2's ``c_attn`` = q|k|v) carries one wrapper per logical target, nested,
 each adding its delta to its own output slice only: ``y[..., slice] += scaling * x A^T B^T``.
@@ -62,6 +67,7 @@ class BatchedLoraLinear(nn.Module):
         self.lora_A: torch.Tensor | None = None  # [b, r, in]
         self.lora_B: torch.Tensor | None = None  # [b, out (of the slice), r]
         self.scaling = 1.0
+        self.dropout = 0.0  # probability of zeroing an input feature on the LoRA path only
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects proj.weight keeps working
@@ -83,6 +89,8 @@ class BatchedLoraLinear(nn.Module):
         y = y.contiguous()  # a no-op for nn.Linear; the in-place add below needs a plain view
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         n, b, cols = x.shape[0], A.shape[0], self.out_slice or slice(None)
+        if self.dropout > 0:  # base(x) above saw the undropped input, as in PEFT
+            x = torch.nn.functional.dropout(x, self.dropout, training=True)
         # The LoRA path is added into the base output in place: Linear's backward does not
         # need its output, and this saves a pass over the largest tensor of the layer.
         if b == 1:  # one adapter for the whole batch: plain 2-D matmuls, like PEFT
@@ -115,26 +123,30 @@ class LoraInjection:
     shapes: ModuleShapes
     slices: dict[str, slice | None] = field(default_factory=dict)
 
-    def set(self, weights: LoraWeights | None) -> None:
+    def set(self, weights: LoraWeights | None, dropout: float = 0.0) -> None:
         """Set (or clear, with None) the per-sample adapters; prefer the ``use`` context."""
         if weights is None:
             for mods in self.layers.values():
                 for mod in mods:
                     mod.lora_A = mod.lora_B = None
+                    mod.dropout = 0.0
             return
+        if not 0.0 <= dropout < 1.0:
+            raise T2LError(f"lora.dropout: expected a probability in [0, 1), got {dropout}")
         self._check(weights)
         for target, mods in self.layers.items():
             A, B = weights.A[target], weights.B[target]
             for i, mod in enumerate(mods):
-                mod.lora_A, mod.lora_B, mod.scaling = A[:, i], B[:, i], weights.scaling
+                mod.lora_A, mod.lora_B, mod.scaling, mod.dropout = A[:, i], B[:, i], weights.scaling, dropout
 
     @contextmanager
-    def use(self, weights: LoraWeights) -> Iterator[None]:
+    def use(self, weights: LoraWeights, dropout: float = 0.0) -> Iterator[None]:
         """Apply ``weights`` (batch 1 = same adapter for every row) inside the block.
 
         weights.A[m]: [batch, n_layers, r, in_m]; weights.B[m]: [batch, n_layers, out_m, r].
+        dropout: LoRA input dropout for this block (training steps only; 0 = none).
         """
-        self.set(weights)
+        self.set(weights, dropout)
         try:
             yield
         finally:

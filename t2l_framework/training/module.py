@@ -1,10 +1,14 @@
 """The LightningModule: the math of one training step for each ``training.mode``.
 
 - ``sft``: description embedding -> hypernetwork -> per-sample LoRA on the frozen base LLM ->
-  cross-entropy on response tokens (label smoothing, NEFTune, L2 on generated weights);
+  cross-entropy on response tokens (label smoothing, NEFTune, LoRA input dropout, L2 on
+  generated weights), averaged per sample and then over samples as in the T2L reference;
 - ``lora``: the same loss with one learned LoRA shared by every sample (the paper's oracle /
   multi-task LoRA baselines), through the same batched LoRA path so comparisons are fair;
-- ``recon``: regress a library of task LoRAs (z-scored per element), no LLM forward.
+- ``recon``: regress a library of task LoRAs with the reference's L1 losses, no LLM forward.
+
+The loss functions are plain functions of tensors (``sft_token_loss``, ``generated_l2``,
+``recon_l1``) so tests check them against the reference's formulas directly.
 
 The frozen base model and the embedding table are deliberately *not* submodules: the
 optimizer, the checkpoints and DeepSpeed only ever see the generator's parameters.
@@ -49,17 +53,81 @@ class LearnedLora(nn.Module):
 
 
 def lr_lambda(warmup: int, total: int, kind: str):
-    """Linear warm-up, then cosine / linear decay to 0 or constant."""
+    """Linear warm-up from 0, then cosine / linear decay to 0 or constant.
+
+    The same factors as transformers' ``get_{cosine,linear,constant}_schedule_with_warmup``
+    (the reference trains with ``get_scheduler("linear", ...)``): step/warmup while warming up.
+    """
 
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
+            return step / warmup
         if kind == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
 
     return f
+
+
+def warmup_steps(training, max_steps: int) -> int:
+    """``training.warmup_ratio`` x max_steps when set (the reference's warmup_frac), else ``warmup_steps``."""
+    from t2l_framework.errors import T2LError
+
+    ratio = float(training.warmup_ratio)
+    if not 0.0 <= ratio < 1.0:
+        raise T2LError(f"training.warmup_ratio: expected a fraction in [0, 1), got {ratio}")
+    return int(ratio * max_steps) if ratio > 0 else int(training.warmup_steps)
+
+
+def sft_token_loss(logits: torch.Tensor, targets: torch.Tensor, sample: torch.Tensor, n_samples: int,
+                   label_smoothing: float, reduction: str) -> torch.Tensor:
+    """Cross-entropy over answer tokens, reduced like the reference's ``compute_loss``.
+
+    logits: [tokens, vocab] (answer positions only); targets: [tokens]; sample: [tokens], the
+    batch row of each token. per_sample: each row's token mean, then the mean over rows that
+    have answer tokens (every sample weighs the same, however long its answer); per_token:
+    one mean over all tokens.
+    """
+    loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="none")  # [tokens]
+    if reduction == "per_token":
+        return loss.mean()
+    totals = loss.new_zeros(n_samples).index_add_(0, sample, loss)
+    counts = torch.bincount(sample, minlength=n_samples)
+    has = counts > 0
+    return (totals[has] / counts[has]).mean()
+
+
+def generated_l2(weights: LoraWeights, reduction: str) -> torch.Tensor:
+    """The reference's penalty on generated factors: for every module type,
+    mean(A^2) + mean(B^2), each mean over samples, layers and entries, summed over module
+    types (``reduction="sum"``); ``"mean"`` averages the 2 x modules terms instead."""
+    terms = torch.stack([w.float().pow(2).mean() for m in weights.A for w in (weights.A[m], weights.B[m])])
+    return terms.sum() if reduction == "sum" else terms.mean()
+
+
+def recon_l1(weights: LoraWeights, target_A: dict[str, torch.Tensor], target_B: dict[str, torch.Tensor],
+             kind: str, delta_w_scaling: float) -> torch.Tensor:
+    """The reference's reconstruction losses (``recon_trainer.compute_loss``), mean over module types.
+
+    weights: the generated adapters, A[m]: [batch, layers, r, in], B[m]: [batch, layers, out, r];
+    target_A / target_B: the library adapters of the same tasks, same shapes.
+    delta_w: L1(B @ A x s, B* @ A* x s), the delta W of every layer (s = delta_w_scaling);
+    factors: L1(A, A*) / 2 + L1(B, B*) / 2. L1 is the mean absolute error over all entries.
+
+    One difference remains in delta_w: the reference's network emits factors sqrt(s) times
+    larger and divides them by sqrt(s) when it writes an adapter; ours emits the adapter
+    itself. The loss as a function of the generated adapter is the same; the scale of the
+    head's outputs (and so its effective step size) is not.
+    """
+    losses = []
+    for m in weights.A:
+        A, B, tA, tB = weights.A[m].float(), weights.B[m].float(), target_A[m].float(), target_B[m].float()
+        if kind == "delta_w":
+            losses.append(F.l1_loss((B @ A) * delta_w_scaling, (tB @ tA) * delta_w_scaling))
+        else:
+            losses.append(F.l1_loss(A, tA) / 2 + F.l1_loss(B, tB) / 2)
+    return torch.stack(losses).mean()
 
 
 class T2LModule(L.LightningModule):
@@ -81,7 +149,7 @@ class T2LModule(L.LightningModule):
         object.__setattr__(self, "base_model", base_model)
         object.__setattr__(self, "injection", injection)
         object.__setattr__(self, "desc_embeddings", desc_embeddings)
-        self.recon_stats = self._recon_stats(recon_targets) if recon_targets else None
+        self.recon_targets = recon_targets  # (A, B): [n_tasks, n_layers, ...] per module type
         self.val_loss = MeanMetric()
         self.val_token_acc = MeanMetric()
         self.val_rouge = ROUGEScore(rouge_keys="rougeL")
@@ -99,8 +167,8 @@ class T2LModule(L.LightningModule):
             self.base_model.to(self.device)
         if self.desc_embeddings is not None:
             object.__setattr__(self, "desc_embeddings", self.desc_embeddings.to(self.device))
-        if self.recon_stats is not None:
-            self.recon_stats = {k: {m: t.to(self.device) for m, t in d.items()} for k, d in self.recon_stats.items()}
+        if self.recon_targets is not None:
+            self.recon_targets = tuple({m: t.to(self.device) for m, t in d.items()} for d in self.recon_targets)
 
     # --- the losses --------------------------------------------------------------------
     def generate_weights(self, desc_idx: torch.Tensor) -> LoraWeights:
@@ -128,14 +196,16 @@ class T2LModule(L.LightningModule):
             handle.remove()
 
     def lm_loss(self, batch: dict, weights: LoraWeights, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy on response tokens; logits are computed only where labels exist.
+        """Cross-entropy on response tokens (``sft_token_loss``); logits are computed only where
+        labels exist. LoRA input dropout (``lora.dropout``) applies in training steps only.
 
         Returns (loss, token accuracy).
         """
         model = self.base_model
         backbone = getattr(model, model.base_model_prefix)
         input_ids, labels = batch["input_ids"], batch["labels"]
-        with self.injection.use(weights), self._neftune(input_ids.shape[1]):
+        dropout = float(self.recipe.lora.dropout) if self.training else 0.0
+        with self.injection.use(weights, dropout=dropout), self._neftune(input_ids.shape[1]):
             hidden = backbone(input_ids=input_ids, attention_mask=batch["attention_mask"]).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != -100
@@ -143,30 +213,19 @@ class T2LModule(L.LightningModule):
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        loss = F.cross_entropy(logits, targets[keep], label_smoothing=label_smoothing)
+        sample = keep.nonzero()[:, 0]  # batch row of each kept token, in the order of hidden[keep]
+        loss = sft_token_loss(logits, targets[keep], sample, keep.shape[0], label_smoothing,
+                              str(self.recipe.training.loss_reduction))
         acc = (logits.argmax(-1) == targets[keep]).float().mean()
         return loss, acc
 
     def recon_loss(self, batch: dict, weights: LoraWeights) -> torch.Tensor:
-        """MSE between generated and target LoRAs, both z-scored per element over the library."""
-        stats, task_idx = self.recon_stats, batch["task_idx"]
-        losses = []
-        for part, gen in (("A", weights.A), ("B", weights.B)):
-            for m, g in gen.items():
-                mean, std = stats[f"{part}_mean"][m], stats[f"{part}_std"][m]
-                target = stats[f"{part}_target"][m][task_idx]
-                losses.append(F.mse_loss((g - mean) / std, (target - mean) / std))
-        return torch.stack(losses).mean()
-
-    @staticmethod
-    def _recon_stats(targets: tuple[dict, dict]) -> dict:
-        A, B = targets
-        stats = {"A_target": A, "B_target": B}
-        for part, d in (("A", A), ("B", B)):
-            stats[f"{part}_mean"] = {m: t.mean(0) for m, t in d.items()}
-            stats[f"{part}_std"] = {m: t.std(0, unbiased=False).clamp_min(1e-6) if t.shape[0] > 1
-                                    else torch.ones_like(t[0]) for m, t in d.items()}
-        return stats
+        """``recon_l1`` between the generated adapters and the library adapters of the batch's tasks."""
+        A, B = self.recon_targets
+        idx = batch["task_idx"]
+        t = self.recipe.training
+        return recon_l1(weights, {m: a[idx] for m, a in A.items()}, {m: b[idx] for m, b in B.items()},
+                        str(t.recon_loss), float(t.delta_w_scaling))
 
     def _step(self, batch: dict, train: bool) -> tuple[torch.Tensor, dict]:
         weights = self.generate_weights(batch["desc_idx"]) if self.mode != "lora" else self.generator()
@@ -179,14 +238,26 @@ class T2LModule(L.LightningModule):
         logs = {"ce": ce, "token_acc": acc}
         l2 = float(self.recipe.training.l2_penalty)
         if l2 > 0 and self.mode == "sft":
-            reg = torch.stack([w.pow(2).mean() for d in (weights.A, weights.B) for w in d.values()]).mean()
+            reg = generated_l2(weights, str(self.recipe.training.l2_reduction))
             loss = loss + l2 * reg
             logs["l2"] = reg
         logs["loss"] = loss
         return loss, logs
 
     # --- Lightning hooks ----------------------------------------------------------------
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """Seed the global RNG from the step: dropout (LoRA input, trunk) then draws the same
+        masks in a resumed run as in an uninterrupted one (Lightning checkpoints hold no RNG
+        state); each rank and each accumulated micro-batch gets its own stream."""
+        micro = batch_idx % max(1, int(self.recipe.trainer.accumulate_grad_batches))
+        torch.manual_seed(hash((int(self.recipe.training.seed), self.global_step, micro, self.global_rank)) % 2**63)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # Dropout (hypernetwork trunk, LoRA input) draws from the global RNG: seeding it by
+        # (seed, micro-batch, rank) makes a resumed run draw what an uninterrupted one would.
+        accum = int(self.recipe.trainer.accumulate_grad_batches)
+        micro = self.global_step * accum + batch_idx % accum
+        torch.manual_seed(hash((int(self.recipe.training.seed), micro, self.global_rank)) % 2**63)
         loss, logs = self._step(batch, train=True)
         self.log_dict({f"train/{k}": v.detach() for k, v in logs.items()}, prog_bar=False,
                       batch_size=batch["desc_idx"].shape[0])
@@ -226,6 +297,6 @@ class T2LModule(L.LightningModule):
         params = [p for p in self.generator.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=float(t.lr), weight_decay=float(t.weight_decay))
         total = int(self.recipe.trainer.max_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(t.warmup_steps), total, t.scheduler))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_steps(t, total), total, t.scheduler))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

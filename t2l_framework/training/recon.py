@@ -7,6 +7,7 @@ Batch i samples ``n_tasks_per_batch`` library tasks with one training descriptio
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -22,12 +23,27 @@ from t2l_framework.lora.peft_io import import_peft_adapter
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
 
 
-def load_lora_library(folder: Path) -> tuple[list[str], LoraWeights]:
-    """(task ids, LoraWeights with one row per task) from a folder of PEFT adapters."""
+def load_lora_library(folder: Path, lora=None) -> tuple[list[str], LoraWeights]:
+    """(task ids, LoraWeights with one row per task) from a folder of PEFT adapters.
+
+    lora: the recipe's ``lora`` section; every adapter must have its rank and scaling
+    (lora_alpha / r, or / sqrt(r) with use_rslora), since the generated adapters are applied
+    with the recipe's and regressing factors made for another scaling learns the wrong delta W.
+    """
     dirs = sorted(p for p in folder.iterdir() if (p / "adapter_config.json").is_file())
     if not dirs:
         raise T2LError(f"data.lora_library: '{folder}' holds no PEFT adapter folders (task_id/adapter_config.json)")
     weights = [import_peft_adapter(d) for d in dirs]
+    if lora is not None:
+        want = LoraWeights({}, {}, int(lora.rank), float(lora.alpha), bool(lora.use_rslora))
+        for d, w in zip(dirs, weights):
+            if w.rank != want.rank or not math.isclose(w.scaling, want.scaling, rel_tol=1e-6):
+                raise T2LError(
+                    f"data.lora_library: {d / 'adapter_config.json'} has r={w.rank}, lora_alpha={w.alpha:g}, "
+                    f"use_rslora={str(w.use_rslora).lower()} (scaling {w.scaling:.4g}), but the recipe's lora "
+                    f"section has rank={want.rank}, alpha={want.alpha:g}, use_rslora={str(want.use_rslora).lower()} "
+                    f"(scaling {want.scaling:.4g}); set lora.rank / lora.alpha / lora.use_rslora to match the library"
+                )
     first = weights[0]
     for d, w in zip(dirs, weights):
         if w.modules != first.modules or w.rank != first.rank or any(
@@ -56,16 +72,16 @@ class _Batches(Dataset):
 class ReconDataModule(L.LightningDataModule):
     """Descriptions of the library's tasks; batches carry task_idx (library row) and desc_idx."""
 
-    def __init__(self, cfg, seed: int, recipe_file: Path | None = None, total_batches: int = 10**6):
+    def __init__(self, cfg, seed: int, recipe_file: Path | None = None, total_batches: int = 10**6, lora=None):
         super().__init__()
         self.cfg, self.seed, self.total_batches = cfg, seed, total_batches
-        self.task_ids, self.targets = load_lora_library(resolve_path(cfg.lora_library, recipe_file))
+        self.task_ids, self.targets = load_lora_library(resolve_path(cfg.lora_library, recipe_file), lora)
         tasks = load_tasks(resolve_path(cfg.tasks_file, recipe_file), resolve_path(cfg.instances_file, recipe_file),
                            include=self.task_ids, exclude=list(cfg.exclude_tasks))
         self.descriptions: list[str] = []
         self.train_desc, self.val_desc = [], []
         for tid in self.task_ids:
-            train, held = split_descriptions(tasks[tid], cfg.holdout_descriptions, seed)
+            train, held = split_descriptions(tasks[tid], cfg.holdout_descriptions, seed, int(cfg.max_descriptions_per_task))
             self.train_desc.append(self._index(train))
             self.val_desc.append(self._index(held or train[:1]))
 

@@ -142,7 +142,7 @@ def build_components(cfg, recipe_file: Path | None):
     if mode == "recon":
         from t2l_framework.training.recon import ReconDataModule, library_shapes
 
-        dm = ReconDataModule(cfg.data, int(cfg.training.seed), recipe_file, total)
+        dm = ReconDataModule(cfg.data, int(cfg.training.seed), recipe_file, total, lora=cfg.lora)
         shapes = library_shapes(dm.targets)
     else:
         from t2l_framework.data.datamodule import T2LDataModule
@@ -183,6 +183,10 @@ def fit(recipe: str, overrides: list[str] | None = None, resume: bool = False, o
 
     cfg = load_recipe(recipe, overrides)
     recipe_file = find_recipe(recipe)
+    if cfg.data.task_set and cfg.training.mode != "recon":  # before minutes of model loading
+        from t2l_framework.data.task_sets import check_task_set
+
+        check_task_set(cfg.data, recipe_file)
     run_dir = run_folder(cfg, recipe_file)
     ckpt_dir = run_dir / "checkpoints"
     ckpt = None
