@@ -42,7 +42,7 @@ def test_out_of_range_values_are_one_error_line_naming_the_key(tmp_path, capsys,
 def test_ranges_hold_for_overrides_and_accept_the_edges(tmp_path):
     with pytest.raises(T2LError, match=r"training\.lr: expected a number in \(0\.0, 10\.0\), got 0"):
         load_recipe("mistral_L", ["training.lr=0"], check_files=False)
-    cfg = load_recipe("mistral_L", ["lora.dropout=0.0", "hypernet.n_residual_blocks=0", "trainer.max_steps=1",
+    cfg = load_recipe("mistral_L", ["lora.dropout=0.0", "hypernet.n_residual_blocks=1", "trainer.max_steps=1",
                                     "training.checkpoint_every_n_steps=1", "trainer.gradient_clip_val=null"],
                       check_files=False)
     assert cfg.lora.dropout == 0.0 and cfg.trainer.max_steps == 1 and cfg.trainer.gradient_clip_val is None
