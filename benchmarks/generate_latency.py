@@ -34,7 +34,7 @@ def naive_generate(net: HyperNetwork, task_emb: torch.Tensor) -> LoraWeights:
     for layer in range(net.shapes.n_layers):
         for i, m in enumerate(net.shapes.modules):
             feats = net.trunk(task_emb, net.layer_idx[layer:layer + 1], net.module_idx[i:i + 1])
-            a, b = net.head(feats.flatten(0, 2), m)  # rows = batch
+            a, b = net.head(feats.flatten(0, 2), m, net.trunk)  # rows = batch
             A[m].append(a)
             B[m].append(b)
     return LoraWeights({m: torch.stack(v, 1) for m, v in A.items()},

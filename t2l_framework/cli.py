@@ -1,4 +1,4 @@
-"""The `t2l` command: validate, recipes, plugins, fit, eval, generate, serve.
+"""The `t2l` command: validate, recipes, plugins, fit, eval, generate, serve, import-reference.
 
 Each sub-command is a small ``cmd_*`` function; a ``T2LError`` is printed as one line
 without a traceback and exits with status 2.
@@ -248,6 +248,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# --- import-reference -----------------------------------------------------------------------
+
+def cmd_import_reference(args) -> int:
+    from t2l_framework.hypernet.reference_import import import_reference
+
+    order = _split_list([args.module_order]) if args.module_order else None
+    out = import_reference(args.folder, args.output, module_order=order, force=args.force)
+    print(f"wrote {out}  (load it like any run: t2l generate {out} \"DESCRIPTION\")")
+    return 0
+
+
 def _default_device() -> str:
     import torch
 
@@ -397,6 +408,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-size", type=int, default=128, help="generated adapters kept in memory (LRU)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES + ("recipe",), help=DTYPE_HELP)
     p.set_defaults(func=cmd_serve)
+
+    p = _parser_for(sub, "import-reference",
+                    "Convert a released T2L reference checkpoint folder (hypermod.pt, args.yaml, adapter_config.json "
+                    "of SakanaAI/text-to-lora) into a run folder that generate, serve and eval load.",
+                    "t2l import-reference trained_t2l/mistral_7b_t2l -o runs/mistral_t2l_ref --module-order q_proj,v_proj")
+    p.add_argument("folder", help="reference checkpoint folder (hypermod.pt is read with weights_only=True)")
+    p.add_argument("-o", "--output", metavar="RUN", required=True, help="run folder to write")
+    p.add_argument("--module-order", metavar="LIST",
+                   help="comma-separated target modules in the order of the reference's module-type embedding rows "
+                        "(it kept them in a hash-seed-dependent set); default: adapter_config.json's target_modules "
+                        "order, see docs/parity.md")
+    p.add_argument("--force", action="store_true", help="write into an existing, non-empty RUN folder")
+    p.set_defaults(func=cmd_import_reference)
     return parser
 
 

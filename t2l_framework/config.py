@@ -62,12 +62,16 @@ class HypernetConfig:
     """The hypernetwork: trunk MLP and output head."""
 
     head: str = _help("per_layer (L) | shared (M) | chunked (S) | plugin name | 'pkg.module:Class'", "per_layer")
-    task_dim: int = _help("Width of the projected task embedding", 64)
-    layer_emb_dim: int = _help("Width of the learned layer-depth embedding", 32)
-    module_emb_dim: int = _help("Width of the learned module-type embedding", 32)
-    latent_size: int = _help("Width of the trunk output = head input", 512)
-    n_residual_blocks: int = _help("Residual MLP blocks in the trunk", 2)
-    dropout: float = _help("Dropout inside the trunk", 0.0)
+    task_dim: int = _help("Width of the projected task embedding (reference: hypernet_latent_size // 2)", 64)
+    layer_emb_dim: int = _help("Width of the learned layer-depth embedding (reference: hypernet_latent_size // 4)", 32)
+    module_emb_dim: int = _help("Width of the learned module-type embedding (reference: hypernet_latent_size // 4); "
+                                "trunk width = task_dim + layer_emb_dim + module_emb_dim", 32)
+    latent_size: int = _help("Width of the trunk output = head input (reference: head_in_size)", 512)
+    n_residual_blocks: int = _help("Residual MLP blocks in the trunk; the heads condition the last one "
+                                   "(reference: 2, mlp1 and mlp2)", 2)
+    dropout: float = _help("Dropout inside the trunk (reference: 0.05)", 0.05)
+    chunk_position: str = _help("chunked (S) head: how the rank index enters the trunk: rotary (paper's S, "
+                                "no parameters) | learned (Embedding + LayerNorm)", "rotary")
 
 
 @dataclass
@@ -195,6 +199,7 @@ class Recipe:
 CHOICES = {
     "base_model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "encoder.pooling": ("mean", "cls"),
+    "hypernet.chunk_position": ("rotary", "learned"),
     "encoder.normalize_scale": ("sqrt_dim", "unit"),
     "training.mode": ("sft", "recon", "lora"),
     "training.scheduler": ("cosine", "linear", "constant"),
@@ -210,7 +215,7 @@ CHOICES = {
 }
 POSITIVE_INTS = (
     "lora.rank", "hypernet.latent_size", "hypernet.task_dim", "hypernet.layer_emb_dim",
-    "hypernet.module_emb_dim", "data.n_tasks_per_batch", "data.n_samples_per_task",
+    "hypernet.module_emb_dim", "hypernet.n_residual_blocks", "data.n_tasks_per_batch", "data.n_samples_per_task",
     "data.max_prompt_tokens", "data.max_answer_tokens", "encoder.batch_size", "encoder.max_length",
 )
 # Data paths are checked only when the recipe's mode needs them.

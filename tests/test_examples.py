@@ -30,14 +30,29 @@ def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def test_fewer_parameters_than_per_layer_and_b_zero_at_init():
+def test_fewer_parameters_than_per_layer_b_zero_at_init_and_task_dependent_after_a_step():
+    from t2l_framework.hypernet.hypernetwork import HyperNetwork
+
     shapes = ModuleShapes(4, {"q_proj": (64, 64), "v_proj": (64, 32)})
-    head, per_layer = FactorizedHead(128, shapes, 4), PerLayerHead(128, shapes, 4)
+    head, per_layer = FactorizedHead(128, shapes, 4, 64), PerLayerHead(128, shapes, 4, 64)
     assert _params(head) < _params(per_layer) / 4
-    A, B = head(torch.randn(6, 128), "v_proj")
-    assert A.shape == (6, 4, 64) and B.shape == (6, 32, 4)
-    assert torch.all(B == 0) and A.abs().sum() > 0
-    assert A.std(0).mean() > 0  # A depends on the features, not only on the init bias
+    torch.manual_seed(0)
+    net = HyperNetwork(shapes, 24, {"head": HEAD, "latent_size": 128},
+                       {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]})
+    emb = torch.randn(6, 24)
+    w = net(emb)
+    A, B = w.A["v_proj"], w.B["v_proj"]
+    assert A.shape == (6, 4, 4, 64) and B.shape == (6, 4, 32, 4)
+    assert torch.all(B == 0) and A.abs().max() <= 1 / 64 ** 0.5 and A.abs().sum() > 0
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(2):  # zero `up` weights: B moves on step 1, `down` and the trunk from step 2
+        opt.zero_grad()
+        w = net(emb)
+        sum((w.B[m] - torch.ones_like(w.B[m])).pow(2).sum() for m in w.modules).backward()
+        opt.step()
+    assert all(p.grad.abs().sum() > 0 for p in net.head.down.parameters())
+    after = net.eval()(emb).B["v_proj"]
+    assert after.std(0).mean() > 0  # B depends on the task, not only on a bias
 
 
 def test_trains_by_import_path_loss_falls_and_is_smaller(world):
@@ -51,7 +66,7 @@ def test_trains_by_import_path_loss_falls_and_is_smaller(world):
 
     net = HyperNetwork.from_pretrained(run / "hypernet")
     assert type(net.head).__name__ == "FactorizedHead"
-    per_layer = PerLayerHead(net.head.latent_size, net.shapes, net.rank)
+    per_layer = PerLayerHead(net.head.latent_size, net.shapes, net.rank, net.trunk.width)
     assert _params(net.head) < _params(per_layer)
 
 

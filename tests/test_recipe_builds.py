@@ -26,8 +26,9 @@ HUB_CONFIGS = {
         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)),
 }
 ENCODER_DIMS = {"Alibaba-NLP/gte-large-en-v1.5": 1024, "all-MiniLM-L6-v2": 384}
-# Paper: trainable parameters of T2L on Mistral-7B (r=8, q_proj + v_proj, gte-large).
-PAPER_COUNTS = {"per_layer": 55.3e6, "shared": 34.3e6, "chunked": 4.99e6}
+# Trainable parameters of T2L on Mistral-7B (r=8, q_proj + v_proj, gte-large), as the reference
+# code builds them (with head biases); the paper rounds them to 55.3M / 34.3M / 4.99M.
+PAPER_COUNTS = {"per_layer": 55_424_000, "shared": 34_412_288, "chunked": 4_994_816}
 
 SHIPPED = sorted(recipes_dir().glob("*.yaml"))
 
@@ -63,5 +64,4 @@ def test_paper_recipes_match_paper_parameter_counts(name):
     cfg = load_recipe(name)
     _, shapes, hypernet = build_on_meta(cfg)
     assert shapes.shapes == {"q_proj": (4096, 4096), "v_proj": (4096, 1024)}
-    expected = PAPER_COUNTS[cfg.hypernet.head]
-    assert abs(hypernet.num_trainable_parameters() - expected) / expected < 0.03
+    assert hypernet.num_trainable_parameters() == PAPER_COUNTS[cfg.hypernet.head]

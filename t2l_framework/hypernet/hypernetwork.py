@@ -2,7 +2,7 @@
 
 One forward computes all (sample, module type, layer) rows in a single trunk pass, then
 calls the head once per module type (module types differ in shape; layers and samples never
-go through a Python loop).
+go through a Python loop); the head finishes the trunk for its rows (see ``HypernetHead``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def _as_dict(cfg: Any, keys: list[str], defaults: Any) -> dict:
     return {k: cfg.get(k, base[k]) for k in keys}
 
 
-def build_head(name: str, latent_size: int, shapes: ModuleShapes, rank: int) -> HypernetHead:
-    """The head a recipe names: a registered name or a ``pkg.module:Class`` import path."""
+def build_head(name: str, hypernet_cfg: dict, shapes: ModuleShapes, rank: int, trunk_width: int) -> HypernetHead:
+    """The head a recipe names (a registered name or a ``pkg.module:Class`` import path), built
+    by its ``from_config`` from the ``hypernet`` section ``hypernet_cfg``."""
     from t2l_framework.plugins import registry
 
     cls = registry().get("heads", name, key="hypernet.head")
@@ -46,7 +47,7 @@ def build_head(name: str, latent_size: int, shapes: ModuleShapes, rank: int) -> 
             f"hypernet.head: '{name}' resolves to {cls!r}, which is not a subclass of "
             "t2l_framework.HypernetHead"
         )
-    return cls(latent_size, shapes, rank)
+    return cls.from_config(hypernet_cfg, shapes, rank, trunk_width)
 
 
 class HyperNetwork(nn.Module):
@@ -77,7 +78,7 @@ class HyperNetwork(nn.Module):
         hc = self.hypernet_cfg
         self.head_name = str(hc["head"])
         self.trunk = Trunk.from_config(_Attrs(hc), self.enc_dim, shapes.n_layers, len(shapes.modules))
-        self.head = build_head(self.head_name, hc["latent_size"], shapes, self.rank)
+        self.head = build_head(self.head_name, hc, shapes, self.rank, self.trunk.width)
         self.register_buffer("layer_idx", torch.arange(shapes.n_layers), persistent=False)
         self.register_buffer("module_idx", torch.arange(len(shapes.modules)), persistent=False)
 
@@ -106,11 +107,11 @@ class HyperNetwork(nn.Module):
         if task_emb.dim() != 2 or task_emb.shape[1] != self.enc_dim:
             raise T2LError(f"task embeddings must be [batch, {self.enc_dim}], got {list(task_emb.shape)}")
         dtype = self.trunk.task_proj[0].weight.dtype
-        feats = self.trunk(task_emb.to(dtype), self.layer_idx, self.module_idx)  # [M, batch, L, latent]
+        feats = self.trunk(task_emb.to(dtype), self.layer_idx, self.module_idx)  # [M, batch, L, width]
         batch, n_layers = feats.shape[1], feats.shape[2]
         A, B = {}, {}
         for i, module in enumerate(self.shapes.modules):
-            a, b = self.head(feats[i].flatten(0, 1), module)  # rows = batch * n_layers
+            a, b = self.head(feats[i].flatten(0, 1), module, self.trunk)  # rows = batch * n_layers
             A[module], B[module] = a.unflatten(0, (batch, n_layers)), b.unflatten(0, (batch, n_layers))
         return LoraWeights(A, B, self.rank, self.alpha, self.use_rslora)
 

@@ -1,11 +1,18 @@
 """The hypernetwork trunk: (task embedding, layer depth, module type) -> features for a head.
 
-Structure follows the T2L reference (SakanaAI/text-to-lora, ``HyperModulator``): the task
-embedding goes through Linear + LayerNorm to ``task_dim``; learned layer-depth and module-type
-embeddings (each Embedding + LayerNorm) are concatenated with it into a ``hidden`` vector
-(``task_dim + layer_emb_dim + module_emb_dim``, 128 by default), mixed by an MLP, refined by
-``n_residual_blocks`` pre-LayerNorm residual MLPs, and projected to ``latent_size`` (the head's
-input width). With the defaults and a 1024-d task embedding the trunk has ~0.79M parameters.
+Structure and dropout placement follow the T2L reference (SakanaAI/text-to-lora,
+``HyperModulator``; its names in brackets): the task embedding goes through Linear + LayerNorm
+to ``task_dim`` [task_encoder]; learned layer-depth and module-type embeddings (Embedding +
+LayerNorm each) [layer_depth_encoder, layer_type_encoder] are concatenated with it into the
+trunk width (``task_dim + layer_emb_dim + module_emb_dim``, 128 by default) [the reference's
+``latent_size``], mixed by an MLP [mixer], refined by ``n_residual_blocks`` pre-LayerNorm
+residual MLPs [mlp1, mlp2] and projected to ``latent_size`` (the head's input width)
+[mlp3, ``head_in_size``].
+
+The trunk stops *before its last residual block*: the paper's M and S heads add their A/B and
+rank embeddings there and run the last block and the output MLP once per A/B (and rank), so
+each head finishes the trunk itself (``finish``, or ``last_block`` and ``out`` separately).
+With the defaults and a 1024-d task embedding the trunk has 791,552 parameters.
 """
 
 from __future__ import annotations
@@ -13,9 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from t2l_framework.errors import T2LError
+
 
 class ResidualMLP(nn.Module):
-    """x + Dropout(SiLU(Linear(Dropout(SiLU(Linear(LayerNorm(x))))))), width-preserving."""
+    """x + Dropout(SiLU(Linear(Dropout(SiLU(Linear(LayerNorm(x))))))), width-preserving
+    (the reference's ``MLPResidualBlock`` with pre-LayerNorm and post-dropout)."""
 
     def __init__(self, width: int, hidden: int, dropout: float):
         super().__init__()
@@ -38,8 +48,13 @@ class Trunk(nn.Module):
 
     def __init__(self, enc_dim: int, n_layers: int, n_modules: int, task_dim: int = 64,
                  layer_emb_dim: int = 32, module_emb_dim: int = 32, latent_size: int = 512,
-                 n_residual_blocks: int = 2, dropout: float = 0.0, expansion: int = 4):
+                 n_residual_blocks: int = 2, dropout: float = 0.05, expansion: int = 4):
         super().__init__()
+        if n_residual_blocks < 1:
+            raise T2LError(f"hypernet.n_residual_blocks: expected at least 1 (the heads condition the last "
+                           f"block), got {n_residual_blocks}")
+        if not 0.0 <= dropout < 1.0:
+            raise T2LError(f"hypernet.dropout: expected a probability in [0, 1), got {dropout}")
         self.latent_size = latent_size
         self.task_proj = nn.Sequential(nn.Linear(enc_dim, task_dim), nn.LayerNorm(task_dim))
         self.layer_emb = nn.Sequential(nn.Embedding(n_layers, layer_emb_dim), nn.LayerNorm(layer_emb_dim))
@@ -63,12 +78,22 @@ class Trunk(nn.Module):
         return cls(enc_dim, n_layers, n_modules, cfg.task_dim, cfg.layer_emb_dim, cfg.module_emb_dim,
                    cfg.latent_size, cfg.n_residual_blocks, cfg.dropout)
 
+    @property
+    def last_block(self) -> ResidualMLP:
+        """The residual block the heads run themselves (the reference's ``mlp2``): [..., width] -> same."""
+        return self.blocks[-1]
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """The rest of the trunk for ``forward``'s features: x [..., width] -> [..., latent_size]."""
+        return self.out(self.last_block(x))
+
     def forward(self, task_emb: torch.Tensor, layer_idx: torch.Tensor, module_idx: torch.Tensor) -> torch.Tensor:
-        """Features for every (sample, module, layer) combination in one pass.
+        """Features for every (sample, module, layer) combination in one pass, up to (not
+        including) the last residual block.
 
         task_emb: [batch, enc_dim]; layer_idx: LongTensor [n_layers]; module_idx: LongTensor [n_modules].
-        Returns [n_modules, batch, n_layers, latent_size]: module-major, so each head gets a
-        contiguous ``[batch * n_layers, latent_size]`` block without a copy.
+        Returns [n_modules, batch, n_layers, width]: module-major, so each head gets a
+        contiguous ``[batch * n_layers, width]`` block without a copy.
         """
         b, m, n = task_emb.shape[0], module_idx.shape[0], layer_idx.shape[0]
         # Embed each distinct thing once and broadcast: the modules*batch*layers rows exist only
@@ -77,4 +102,4 @@ class Trunk(nn.Module):
         module = self.module_emb(module_idx)[:, None, None, :].expand(m, b, n, -1)
         layer = self.layer_emb(layer_idx)[None, None, :, :].expand(m, b, n, -1)
         x = self.mixer(torch.cat([task, layer, module], dim=-1))
-        return self.out(self.blocks(x))
+        return self.blocks[:-1](x)

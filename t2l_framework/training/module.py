@@ -253,6 +253,11 @@ class T2LModule(L.LightningModule):
         torch.manual_seed(hash((int(self.recipe.training.seed), self.global_step, micro, self.global_rank)) % 2**63)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # Dropout (hypernetwork trunk, LoRA input) draws from the global RNG: seeding it by
+        # (seed, micro-batch, rank) makes a resumed run draw what an uninterrupted one would.
+        accum = int(self.recipe.trainer.accumulate_grad_batches)
+        micro = self.global_step * accum + batch_idx % accum
+        torch.manual_seed(hash((int(self.recipe.training.seed), micro, self.global_rank)) % 2**63)
         loss, logs = self._step(batch, train=True)
         self.log_dict({f"train/{k}": v.detach() for k, v in logs.items()}, prog_bar=False,
                       batch_size=batch["desc_idx"].shape[0])
