@@ -245,13 +245,6 @@ class T2LModule(L.LightningModule):
         return loss, logs
 
     # --- Lightning hooks ----------------------------------------------------------------
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        """Seed the global RNG from the step: dropout (LoRA input, trunk) then draws the same
-        masks in a resumed run as in an uninterrupted one (Lightning checkpoints hold no RNG
-        state); each rank and each accumulated micro-batch gets its own stream."""
-        micro = batch_idx % max(1, int(self.recipe.trainer.accumulate_grad_batches))
-        torch.manual_seed(hash((int(self.recipe.training.seed), self.global_step, micro, self.global_rank)) % 2**63)
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Dropout (hypernetwork trunk, LoRA input) draws from the global RNG: seeding it by
         # (seed, micro-batch, rank) makes a resumed run draw what an uninterrupted one would.

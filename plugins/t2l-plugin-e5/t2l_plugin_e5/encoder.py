@@ -18,7 +18,8 @@ QUERY_PREFIX = "query: "
 
 
 class E5Encoder(TransformersEncoder):
-    """An E5 model: ``encode(texts) -> [n, hidden_size]`` unit-norm rows of "query: " + text."""
+    """An E5 model: ``encode(texts) -> [n, hidden_size]`` L2-normalised rows of "query: " + text
+    (scaled as ``encoder.normalize_scale`` says, like every encoder)."""
 
     name = "e5"
 

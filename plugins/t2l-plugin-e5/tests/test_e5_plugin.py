@@ -66,11 +66,12 @@ def test_t2l_plugins_lists_it():
     assert "e5 0.1.0  (entry point t2l_plugin_e5)\n  encoders: e5\n" in out, out
 
 
-def test_query_prefix_is_prepended_and_rows_are_unit_norm(tiny_bert):
+def test_query_prefix_is_prepended_and_rows_are_normalised(tiny_bert):
     e5 = build_encoder(_cfg(model=str(tiny_bert)))
     assert isinstance(e5, E5Encoder) and e5.prefix == QUERY_PREFIX and e5.metadata["name"] == "e5"
     emb = e5.encode(TEXTS)  # [3, 32]
-    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(TEXTS)))
+    # L2-normalised, then x sqrt(dim): the framework's task-embedding scale (encoder.normalize_scale)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.full((len(TEXTS),), 32 ** 0.5))
     same = TransformersEncoder(str(tiny_bert), pooling="mean", prefix="query: ", normalize=True)
     torch.testing.assert_close(emb, same.encode(TEXTS))
     bare = TransformersEncoder(str(tiny_bert), pooling="mean", prefix="", normalize=True)
