@@ -137,6 +137,9 @@ def load_generator(folder: str | Path, device: str | torch.device, trust_remote_
             raise T2LError(f"{hyper_dir / CONFIG_NAME}: 'encoder': {str(exc).splitlines()[0]}") from None
         check_run_trust(OmegaConf.create({"encoder": OmegaConf.to_container(enc_cfg)}), hyper_dir / CONFIG_NAME,
                         trust_remote_code)
+    if "normalize_scale" not in meta.get("encoder", {}):
+        # Saved before task embeddings followed the reference (x sqrt(d), full stop): keep what it was trained on.
+        enc_cfg = OmegaConf.merge(enc_cfg, {"normalize_scale": "unit", "full_stop": False})
     hypernet = HyperNetwork.from_pretrained(hyper_dir, expect_base_model=base_cfg.name_or_path, device=device)
     encoder = build_encoder(enc_cfg).to(device)
     identity = _file_digest([hyper_dir / CONFIG_NAME, hyper_dir / WEIGHTS_NAME])

@@ -81,3 +81,26 @@ def test_errors_are_one_line_without_traceback(world, tmp_path, capsys):
     assert "task descriptions" in capsys.readouterr().err
     assert main(["generate", str(world["run"]), "--from-file", str(tmp_path / "nope.txt")]) == 2
     assert "--from-file" in capsys.readouterr().err
+
+
+def test_runs_saved_before_reference_task_embeddings_keep_unit_norm(world, tmp_path):
+    """A run whose config predates ``encoder.normalize_scale`` was trained on unit-norm
+    embeddings without the full stop: loading it must not silently switch to the new ones."""
+    import json
+    import shutil
+
+    from t2l_framework.inference import load_generator
+
+    new = load_generator(world["run"], "cpu")
+    assert new.encoder.normalize_scale == "sqrt_dim" and new.encoder.full_stop
+    old = tmp_path / "old_run"
+    shutil.copytree(world["run"], old)
+    config_file = old / "hypernet" / "hypernet_config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("normalize_scale", "full_stop"):
+        config["encoder"].pop(key)
+    config_file.write_text(json.dumps(config))
+    legacy = load_generator(old, "cpu")
+    assert legacy.encoder.normalize_scale == "unit" and not legacy.encoder.full_stop
+    emb = legacy.encoder.encode(["answer with apple"])
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(1), atol=1e-5)

@@ -87,7 +87,8 @@ class HyperNetwork(nn.Module):
         """Build from a loaded recipe (``load_recipe``) for a base model with ``shapes``."""
         enc = recipe.encoder
         encoder = {"name": enc.name, "model": enc.model, "prefix": enc.prefix,
-                   "normalize": bool(enc.normalize), "pooling": enc.pooling}
+                   "normalize": bool(enc.normalize), "pooling": enc.pooling,
+                   "normalize_scale": enc.normalize_scale, "full_stop": bool(enc.full_stop)}
         return cls(shapes, enc_dim, recipe.hypernet, recipe.lora, base_model=recipe.base_model.name_or_path,
                    encoder=encoder)
 

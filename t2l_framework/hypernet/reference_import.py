@@ -177,7 +177,7 @@ def _encoder(ref: ReferenceCheckpoint) -> dict:
         raise _refuse(ref, f"emb_model '{name}': the reference chose pooling by name (gte: CLS; SFR: last token "
                            "with an instruction template); only gte encoders are supported")
     return {"name": "transformers", "model": name, "pooling": "cls", "prefix": "", "normalize": True,
-            "max_length": 8192, "trust_remote_code": True}
+            "normalize_scale": "sqrt_dim", "full_stop": True, "max_length": 8192, "trust_remote_code": True}
 
 
 def _hypernet_config(ref: ReferenceCheckpoint, head: str, position: str) -> tuple[dict, int]:
@@ -273,7 +273,7 @@ def convert(ref: ReferenceCheckpoint, module_order: Sequence[str] | None = None)
     base_model = str(ref.args.get("model_dir") or ref.adapter.get("base_model_name_or_path") or "")
     if not base_model:
         raise _refuse(ref, "neither args.yaml model_dir nor adapter_config.json base_model_name_or_path names the base model")
-    meta = {k: encoder[k] for k in ("name", "model", "prefix", "normalize", "pooling")}
+    meta = {k: encoder[k] for k in ("name", "model", "prefix", "normalize", "pooling", "normalize_scale", "full_stop")}
     net = HyperNetwork(shapes, enc_dim, hypernet, lora, base_model=base_model, encoder=meta)
     # A raw-scale reconstruction model divides its A and B by sqrt(delta_w_scaling) on output;
     # the heads are linear, so that folds into their weights and biases exactly.
