@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 from t2l_framework.errors import T2LError, did_you_mean
+from t2l_framework.eval.protocols import DEFAULT_PROTOCOL, PROTOCOL_HELP, PROTOCOLS
 from t2l_framework.llm.dtype import DTYPE_CHOICES
 
 
@@ -239,6 +240,7 @@ def cmd_eval(args) -> int:
         limit=args.limit if args.limit is not None else (ev.limit if ev is not None else 0),
         n_descriptions=args.n_descriptions or (ev.n_descriptions if ev is not None else 3),
         scoring=args.scoring, mc_answer=args.mc_answer,
+        protocol=args.protocol or (ev.protocol if ev is not None else DEFAULT_PROTOCOL),
         batch_size=args.batch_size or (ev.batch_size if ev is not None else 16),
         max_new_tokens=args.max_new_tokens, code_timeout_s=args.code_timeout, seed=args.seed)
     device = args.device or _default_device()
@@ -356,11 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: base, base+description, t2l and the recipe's eval.baseline_adapter")
     p.add_argument("--limit", type=int, default=None, help="items per benchmark (default: the recipe's eval.limit; 0 = all)")
     p.add_argument("--n-descriptions", type=int, default=0, help="descriptions averaged per benchmark (default 3)")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default=None,
+                   help=f"{PROTOCOL_HELP} (default: the recipe's eval.protocol, else {DEFAULT_PROTOCOL})")
     p.add_argument("--scoring", default="loglik", choices=["loglik", "generate"],
-                   help="multiple choice by option log-likelihood (default) or by generating and extracting the answer")
+                   help="--protocol chat only: multiple choice by option log-likelihood (default) or by generating "
+                        "and extracting the answer")
     p.add_argument("--mc-answer", default="label", choices=["label", "text"],
-                   help="log-likelihood of the option label the prompt asks for (default) or of the option text, "
-                        "length-normalised (lm-evaluation-harness acc_norm)")
+                   help="--protocol chat only: log-likelihood of the option label the prompt asks for (default) or "
+                        "of the option text, normalised by its length in bytes")
     p.add_argument("--batch-size", type=int, default=0, help="rows per forward (default: the recipe's eval.batch_size)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="cap on generated tokens (default: per benchmark)")
     p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per HumanEval/MBPP program in the sandbox")

@@ -180,6 +180,9 @@ class EvalConfig:
     final_report: bool = _help("After `t2l fit`, print the held-out SNI table (base / +description / T2L / control)", False)
     report_max_items: int = _help("Items per split in that table (0 = all)", 0)
     baseline_adapter: str = _help("PEFT adapter folder (e.g. a multi-task LoRA run's adapter/) added to the table", "")
+    protocol: str = _help("`t2l eval` protocol: paper (the T2L reference's prompts and matching rules), lm-eval "
+                          "(lm-evaluation-harness's cloze formats, acc and acc_norm) or chat; see docs/evaluation.md",
+                          "paper")
 
 
 @dataclass
@@ -199,6 +202,7 @@ class Recipe:
 
 CHOICES = {
     "base_model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "eval.protocol": ("paper", "lm-eval", "chat"),
     "encoder.pooling": ("mean", "cls"),
     "hypernet.chunk_position": ("rotary", "learned"),
     "encoder.normalize_scale": ("sqrt_dim", "unit"),

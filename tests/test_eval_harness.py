@@ -201,3 +201,37 @@ def test_recipe_eval_benchmarks_are_checked_against_the_registry(tmp_path):
         load_recipe(recipe)
     recipe.write_text("eval:\n  benchmarks: [paper, sni_unseen, hellaswag]\n")
     assert list(load_recipe(recipe).eval.benchmarks) == ["paper", "sni_unseen", "hellaswag"]
+
+
+def test_aggregate_clusters_multi_task_items_and_pairs_adapters_with_base():
+    """SEs and paired differences are clustered by task when items span tasks, plain otherwise;
+    extra metrics (acc_norm) get their own mean, SE and difference."""
+    from t2l_framework.eval.benchmarks import Example
+    from t2l_framework.eval.harness import AdapterSpec, Evaluator, _Unit
+    from t2l_framework.eval.stats import clustered_mean_se, mean_se, paired_difference
+
+    ev = object.__new__(Evaluator)
+    ev.adapters = [AdapterSpec("base", "base"), AdapterSpec("t2l", "t2l")]
+    units = [_Unit(ev.adapters[0], 0, {}), _Unit(ev.adapters[1], 0, {}), _Unit(ev.adapters[1], 1, {})]
+    base = [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    slots = [[1.0, 1.0, 1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]]
+    t2l = [(a + b) / 2 for a, b in zip(*slots)]
+    norm = [[0.0, 1.0, 0.0, 1.0, 0.0, 1.0]] * 3
+
+    def done(scores, extra):
+        return {"scores": scores, "predictions": [None] * 6, "cached": False, "extra": {"acc_norm": extra}}
+
+    results = {0: done(base, norm[0]), 1: done(slots[0], norm[1]), 2: done(slots[1], norm[2])}
+    bench = type("B", (), {"name": "b", "metric": "acc"})()
+    for tasks in (["a", "a", "b", "b", "c", "c"], ["x"] * 6):
+        examples = [Example(str(i), "", t, 0) for i, t in enumerate(tasks)]
+        out = ev._aggregate(bench, examples, units, results)
+        clusters = tasks if len(set(tasks)) > 1 else None
+        assert out["clustered"] is (clusters is not None)
+        want_se = clustered_mean_se(base, tasks)[1] if clusters else mean_se(base)[1]
+        assert out["scores"]["base"]["se"] == pytest.approx(want_se)
+        diff, se = paired_difference(t2l, base, clusters)
+        assert out["scores"]["t2l"]["vs_base"] == pytest.approx({"diff": diff, "se": se})
+        assert out["scores"]["t2l"]["metrics"]["acc_norm"]["vs_base"] == pytest.approx({"diff": 0.0, "se": 0.0})
+        assert "vs_base" not in out["scores"]["base"]
+    assert clustered_mean_se(base, ["a", "a", "b", "b", "c", "c"])[1] != pytest.approx(mean_se(base)[1])

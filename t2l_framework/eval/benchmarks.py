@@ -7,6 +7,11 @@ Plugins register more through ``t2l_register_benchmarks`` (``register(name, Benc
 
 Scoring kinds: ``multiple_choice`` (log-likelihood of each option, or generation + answer
 extraction), ``final_number`` (GSM8K), ``code`` (pass@1 in the sandbox), ``rouge`` (SNI).
+
+A benchmark owns its prompts and grading per evaluation protocol (``eval.protocols``):
+``build_examples(protocol)`` makes the protocol's examples, ``scoring``/``grade``/``program``
+say how answers are scored. The built-in ten define ``paper``; the seven multiple-choice ones
+also ``lm-eval`` (each format noted with its source version below).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import yaml
 
 from t2l_framework.config import project_root
 from t2l_framework.errors import T2LError
+from t2l_framework.eval.protocols import CHAT, LM_EVAL, PAPER, PAPER_MAX_NEW_TOKENS
 
 KINDS = ("multiple_choice", "final_number", "code", "rouge")
 
@@ -36,6 +42,13 @@ class Example:
     labels / options: multiple choice: what the model answers (``"B"``) and the option texts.
     gold: MC: index of the right option; final_number: the number; rouge: reference answers.
     tests: code: what the sandbox runs (see ``eval.scoring``).
+    target: ``paper``: the reference's answer text the matching rules compare with ("B", "True").
+    system: ``paper``: the system turn the reference sends (empty); None: no system turn.
+    prefill: overrides the benchmark's prefill (``paper`` HumanEval starts the answer with the prompt).
+    cloze: ``lm-eval``: (context, continuation) per option, raw text without a chat format; the
+        context differs per option for WinoGrande's partial scoring.
+    norm_lengths: ``lm-eval``: acc_norm's denominator per option (characters of the choice), or
+        None where the harness defines acc only.
     """
 
     id: str
@@ -45,6 +58,11 @@ class Example:
     labels: list[str] = field(default_factory=list)
     options: list[str] = field(default_factory=list)
     tests: dict = field(default_factory=dict)
+    target: str = ""
+    system: str | None = None
+    prefill: str | None = None
+    cloze: list[tuple[str, str]] = field(default_factory=list)
+    norm_lengths: list[int] | None = None
 
 
 class Benchmark(ABC):
@@ -60,6 +78,8 @@ class Benchmark(ABC):
     max_new_tokens: ClassVar[int] = 16  # generated answers (generation scoring, GSM8K, code)
     stop: ClassVar[tuple[str, ...]] = ()  # texts that end a generated answer early (besides EOS)
     files: ClassVar[tuple[str, ...]] = ()  # data files, relative to the data root
+    protocols: ClassVar[tuple[str, ...]] = (CHAT,)  # protocols this benchmark defines (others: scored as chat)
+    paper_match: ClassVar[str] = "choice"  # multiple choice under paper: "choice" (first letter) or "bool"
 
     def __init__(self, data_root: str | Path | None = None):
         self.data_root = Path(data_root) if data_root else project_root() / "data"
@@ -79,16 +99,72 @@ class Benchmark(ABC):
         """Text the assistant's answer starts with (part of the prompt, e.g. "```python\\n")."""
         return ""
 
+    def build_examples(self, protocol: str) -> list[Example]:
+        """Examples as ``protocol`` defines them (one of ``self.protocols``); the base knows chat."""
+        return self.load_examples()
+
     # --- shared --------------------------------------------------------------------------------
 
-    def examples(self, limit: int = 0) -> list[Example]:
-        """The first ``limit`` examples (all for 0), in a fixed order."""
-        items = self._examples
+    def protocol(self, requested: str) -> str:
+        """The protocol this benchmark is scored under when ``requested`` is asked for."""
+        return requested if requested in self.protocols else CHAT
+
+    def examples(self, limit: int = 0, protocol: str = CHAT) -> list[Example]:
+        """The first ``limit`` examples (all for 0) under ``protocol``, in a fixed order."""
+        protocol = self.protocol(protocol)
+        if protocol not in self._built:
+            self._built[protocol] = self.build_examples(protocol)
+        items = self._built[protocol]
         return items[:limit] if limit > 0 else list(items)
 
     @cached_property
-    def _examples(self) -> list[Example]:
-        return self.load_examples()
+    def _built(self) -> dict[str, list[Example]]:
+        return {}
+
+    def scoring(self, protocol: str, generate: bool = False) -> str:
+        """How answers are scored: 'cloze' (lm-eval log-likelihoods), 'loglik' (option labels
+        after the chat prompt) or 'generate' (greedy answers, graded by ``grade`` / ``program``)."""
+        protocol = self.protocol(protocol)
+        if self.kind != "multiple_choice" or protocol == PAPER or (protocol == CHAT and generate):
+            return "generate"
+        return "cloze" if protocol == LM_EVAL else "loglik"
+
+    def answer_length(self, protocol: str) -> int:
+        """Most new tokens of a generated answer under ``protocol``."""
+        return PAPER_MAX_NEW_TOKENS if self.protocol(protocol) == PAPER else self.max_new_tokens
+
+    def stop_texts(self, protocol: str) -> tuple[str, ...]:
+        """Texts that end a generated answer early under ``protocol`` (besides EOS)."""
+        return self.stop
+
+    def grade(self, examples: list[Example], answers: list[str], protocol: str) -> list[float]:
+        """Per-item scores of generated answers (code: ``program``, run by the harness's sandbox)."""
+        from t2l_framework.eval import scoring
+
+        paper = self.protocol(protocol) == PAPER
+        if self.kind == "multiple_choice" and paper:
+            metric = scoring.ReferenceBoolAccuracy() if self.paper_match == "bool" else scoring.ReferenceChoiceAccuracy()
+            metric.update(answers, [ex.target for ex in examples])
+        elif self.kind == "multiple_choice":
+            metric = scoring.ChoiceExtractionAccuracy()
+            metric.update(answers, [ex.labels for ex in examples], [ex.gold for ex in examples],
+                          [ex.options for ex in examples])
+        elif self.kind == "final_number" and paper:
+            metric = scoring.ReferenceNumberAccuracy()
+            metric.update(answers, [ex.gold for ex in examples])
+        elif self.kind == "final_number":
+            metric = scoring.FinalNumberAccuracy()
+            metric.update(answers, [ex.gold for ex in examples])
+        elif self.kind == "rouge":
+            metric = scoring.RougeL()
+            metric.update(answers, [ex.gold for ex in examples])
+        else:
+            raise T2LError(f"benchmark '{self.name}': {self.kind} answers are graded by running programs")
+        return metric.scores()
+
+    def program(self, example: Example, answer: str, protocol: str) -> str:
+        """Code benchmarks: the program that tests ``answer`` (pass = exit status 0)."""
+        raise T2LError(f"benchmark '{self.name}' of kind {self.kind} has no programs to run")
 
     def path(self, relative: str) -> Path:
         p = self.data_root / relative
@@ -162,18 +238,99 @@ class T2LMetadataBenchmark(Benchmark):
             raise T2LError(f"benchmark '{self.name}': prompt template needs {exc} which the data row lacks") from None
 
 
+# --- formats of the other protocols ----------------------------------------------------------
+# paper: the T2L reference's templates, verbatim from SakanaAI/text-to-lora@8ba77493
+# src/hyper_llm_modulator/vllm_eval.py (they differ slightly from metadata.yaml's, which the
+# reference uses for training). lm-eval: lm-evaluation-harness 0.4.13's task configs
+# (lm_eval/tasks/<task>/*.yaml), restated per class below; tests/test_eval_protocols.py pins both.
+
+PAPER_ARC = ("Answer the question below by choosing the correct choice.\n\n{question}\n\n"
+             "{choices[label][0]}: {choices[text][0]}\n{choices[label][1]}: {choices[text][1]}\n"
+             "{choices[label][2]}: {choices[text][2]}\n{choices[label][3]}: {choices[text][3]}\n\n"
+             "You must respond with the letter corresponding to the correct choice without any explanation.")
+PAPER_OPENBOOKQA = ("Complete the following passage or answer the question by choosing the correct choice.\n\n"
+                    "{question_stem}\n\n"
+                    "{choices[label][0]}: {choices[text][0]}\n{choices[label][1]}: {choices[text][1]}\n"
+                    "{choices[label][2]}: {choices[text][2]}\n{choices[label][3]}: {choices[text][3]}\n\n"
+                    "You must respond with the letter corresponding to the correct choice (A,B,C,D) without any "
+                    "explanation.")
+PAPER_HELLASWAG = ("You are provided with an incomplete passage below as well as 4 choices of continuation with only "
+                   "one of them being the correct ending. Treat the endings as being labelled 0, 1, 2, 3 in order.\n\n"
+                   "Passage: {ctx}\n\n0: {endings[0]}\n1: {endings[1]}\n2: {endings[2]}\n3: {endings[3]}\n\n"
+                   "You must respond with the only number corresponding to the correct ending (0,1,2,3) for the "
+                   "passage without any explanation.")
+PAPER_PIQA = ("Choose the option that either answers the question, completes the sentence, or solves the problem. "
+              "Pay attention to the properties of the objects in the question and how they interact with each other. "
+              'If both options are correct, choose the one that is more convenient or more common.\n\n"""{goal}"""\n\n'
+              "0: {sol1}\n1: {sol2}\n\nYou must respond with either `0` or `1` without any explanation.")
+PAPER_WINOGRANDE = ("Given the following situation:\n\n{sentence}\n\nWhich option is correct?\n\n"
+                    "Option 1: {option1}\n\nOption 2: {option2}\n\n"
+                    "You must respond with either `1` or `2` without any explanation.")
+PAPER_BOOLQ = "{passage}\n\nQuestion: {question}?\n\nPlease answer with either `true` or `false` without any explanation."
+PAPER_GSM8K = "Please answer the following question: {question}\n\n"
+PAPER_GSM8K_PREFILL = "Let's think step by step."
+
+
+def _paper_format(bench: Benchmark, template: str, row: dict) -> str:
+    try:
+        return template.format(**row)
+    except (KeyError, IndexError) as exc:
+        raise T2LError(f"benchmark '{bench.name}': the paper's template needs {exc}, which the data row lacks") from None
+
+
+def _cloze(context: str, choices: list[str], norm: bool = True) -> dict:
+    """lm-eval multiple choice: the continuation is target_delimiter " " + the choice text."""
+    return {"cloze": [(context, " " + c) for c in choices], "norm_lengths": [len(c) for c in choices] if norm else None}
+
+
+def hellaswag_preprocess(text: str) -> str:
+    """lm-eval 0.4.13 lm_eval/tasks/hellaswag/utils.py ``preprocess`` (WikiHow bracket artifacts)."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
 class _ChoicesBenchmark(T2LMetadataBenchmark):
     """ARC / OpenBookQA: ``choices: {label, text}`` and ``answerKey``."""
 
-    def load_examples(self) -> list[Example]:
+    protocols = (CHAT, PAPER, LM_EVAL)
+    question_field: ClassVar[str] = "question"
+    paper_template: ClassVar[str] = PAPER_ARC
+
+    def _gold(self, row: dict) -> int:
+        labels = list(row["choices"]["label"])
+        key = str(row["answerKey"]).strip()
+        if key not in labels:
+            raise T2LError(f"benchmark '{self.name}': item {row['id']} answer {row['answerKey']!r} not in {labels}")
+        return labels.index(key)
+
+    def build_examples(self, protocol: str) -> list[Example]:
         out = []
         for row in read_jsonl(self.path(self.files[0])):
-            labels, texts = list(row["choices"]["label"]), list(row["choices"]["text"])
-            if row["answerKey"] not in labels:
-                raise T2LError(f"benchmark '{self.name}': item {row['id']} answer {row['answerKey']!r} not in {labels}")
-            out.append(Example(str(row["id"]), self.render(row), self.name, labels.index(row["answerKey"]),
-                               labels, texts))
+            labels, texts, gold = list(row["choices"]["label"]), list(row["choices"]["text"]), self._gold(row)
+            if protocol == PAPER:
+                # the reference pads 3-option items to 4 ("N/A", next label); a 5th option is not shown
+                pad = 4 - len(texts)
+                if pad > 0:
+                    more = [str(len(labels) + i + 1) for i in range(pad)] if labels[0].isdigit() else \
+                        ["ABCD"[len(labels) + i] for i in range(pad)]
+                    labels, texts = labels + more, texts + ["N/A"] * pad
+                shown = dict(row, choices={"label": labels, "text": texts})
+                out.append(Example(str(row["id"]), _paper_format(self, self.paper_template, shown), self.name, gold,
+                                   labels, texts, target=str(row["answerKey"]), system=""))
+            elif protocol == LM_EVAL:
+                out.append(Example(str(row["id"]), "", self.name, gold, labels, texts,
+                                   **_cloze(self.cloze_context(row), texts)))
+            else:
+                out.append(Example(str(row["id"]), self.render(row), self.name, gold, labels, texts))
         return out
+
+    def load_examples(self) -> list[Example]:
+        return self.build_examples(CHAT)
+
+    def cloze_context(self, row: dict) -> str:
+        """lm-eval 0.4.13 arc_easy.yaml / arc_challenge.yaml: ``Question: {{question}}\\nAnswer:``."""
+        return f"Question: {row['question']}\nAnswer:"
 
 
 class ARCChallenge(_ChoicesBenchmark):
@@ -186,63 +343,172 @@ class ARCEasy(_ChoicesBenchmark):
 
 class OpenBookQA(_ChoicesBenchmark):
     name, files = "openbookqa", ("eval/openbookqa/test.jsonl", "t2l/tasks/openbookqa/metadata.yaml")
+    paper_template = PAPER_OPENBOOKQA
+
+    def cloze_context(self, row: dict) -> str:
+        """lm-eval 0.4.13 openbookqa.yaml: ``doc_to_text: question_stem`` (no "Question:")."""
+        return row["question_stem"]
 
 
 class BoolQ(T2LMetadataBenchmark):
     name, files = "boolq", ("eval/boolq/validation.jsonl", "t2l/tasks/boolq/metadata.yaml")
+    protocols, paper_match = (CHAT, PAPER, LM_EVAL), "bool"
+
+    def build_examples(self, protocol: str) -> list[Example]:
+        out = []
+        for i, row in enumerate(read_jsonl(self.path(self.files[0]))):
+            gold = 0 if row["answer"] else 1
+            if protocol == PAPER:  # the reference's target is str(answer): "True" / "False"
+                out.append(Example(f"boolq-{i}", _paper_format(self, PAPER_BOOLQ, row), self.name, gold,
+                                   ["true", "false"], ["true", "false"], target=str(row["answer"]), system=""))
+            elif protocol == LM_EVAL:  # super_glue/boolq/default.yaml: choices [no, yes], acc only
+                context = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
+                out.append(Example(f"boolq-{i}", "", self.name, 1 if row["answer"] else 0, ["no", "yes"],
+                                   ["no", "yes"], **_cloze(context, ["no", "yes"], norm=False)))
+            else:
+                out.append(Example(f"boolq-{i}", self.render(row), self.name, gold, ["true", "false"],
+                                   ["true", "false"]))
+        return out
 
     def load_examples(self) -> list[Example]:
-        return [Example(f"boolq-{i}", self.render(row), self.name, 0 if row["answer"] else 1, ["true", "false"],
-                        ["true", "false"]) for i, row in enumerate(read_jsonl(self.path(self.files[0])))]
+        return self.build_examples(CHAT)
 
 
 class HellaSwag(T2LMetadataBenchmark):
     name, files = "hellaswag", ("eval/hellaswag/validation.jsonl", "t2l/tasks/hellaswag/metadata.yaml")
+    protocols = (CHAT, PAPER, LM_EVAL)
+
+    def build_examples(self, protocol: str) -> list[Example]:
+        out = []
+        for i, row in enumerate(read_jsonl(self.path(self.files[0]))):
+            eid, gold, endings = f"hellaswag-{row['ind']}-{i}", int(row["label"]), list(row["endings"])
+            labels = [str(k) for k in range(len(endings))]
+            if protocol == PAPER:
+                out.append(Example(eid, _paper_format(self, PAPER_HELLASWAG, row), self.name, gold, labels, endings,
+                                   target=str(row["label"]), system=""))
+            elif protocol == LM_EVAL:  # hellaswag.yaml + utils.process_docs
+                query = hellaswag_preprocess(row["activity_label"] + ": " + row["ctx_a"] + " "
+                                             + row["ctx_b"].capitalize())
+                choices = [hellaswag_preprocess(e) for e in endings]
+                out.append(Example(eid, "", self.name, gold, labels, choices, **_cloze(query, choices)))
+            else:
+                out.append(Example(eid, self.render(row), self.name, gold, labels, endings))
+        return out
 
     def load_examples(self) -> list[Example]:
-        return [Example(f"hellaswag-{row['ind']}-{i}", self.render(row), self.name, int(row["label"]),
-                        [str(k) for k in range(len(row["endings"]))], list(row["endings"]))
-                for i, row in enumerate(read_jsonl(self.path(self.files[0])))]
+        return self.build_examples(CHAT)
 
 
 class PIQA(T2LMetadataBenchmark):
     name, files = "piqa", ("eval/piqa/validation.jsonl", "t2l/tasks/piqa/metadata.yaml")
+    protocols = (CHAT, PAPER, LM_EVAL)
+
+    def build_examples(self, protocol: str) -> list[Example]:
+        out = []
+        for i, row in enumerate(read_jsonl(self.path(self.files[0]))):
+            gold, options = int(row["label"]), [row["sol1"], row["sol2"]]
+            if protocol == PAPER:
+                out.append(Example(f"piqa-{i}", _paper_format(self, PAPER_PIQA, row), self.name, gold, ["0", "1"],
+                                   options, target=str(row["label"]), system=""))
+            elif protocol == LM_EVAL:  # piqa.yaml
+                out.append(Example(f"piqa-{i}", "", self.name, gold, ["0", "1"], options,
+                                   **_cloze(f"Question: {row['goal']}\nAnswer:", options)))
+            else:
+                out.append(Example(f"piqa-{i}", self.render(row), self.name, gold, ["0", "1"], options))
+        return out
 
     def load_examples(self) -> list[Example]:
-        return [Example(f"piqa-{i}", self.render(row), self.name, int(row["label"]), ["0", "1"],
-                        [row["sol1"], row["sol2"]]) for i, row in enumerate(read_jsonl(self.path(self.files[0])))]
+        return self.build_examples(CHAT)
 
 
 class WinoGrande(T2LMetadataBenchmark):
     name, files = "winogrande", ("eval/winogrande/validation.jsonl", "t2l/tasks/winogrande/metadata.yaml")
+    protocols = (CHAT, PAPER, LM_EVAL)
+
+    def build_examples(self, protocol: str) -> list[Example]:
+        out = []
+        for i, row in enumerate(read_jsonl(self.path(self.files[0]))):
+            gold, options = int(row["answer"]) - 1, [row["option1"], row["option2"]]
+            if protocol == PAPER:
+                out.append(Example(f"winogrande-{i}", _paper_format(self, PAPER_WINOGRANDE, row), self.name, gold,
+                                   ["1", "2"], options, target=str(row["answer"]), system=""))
+            elif protocol == LM_EVAL:
+                # default.yaml + preprocess_winogrande.py, partial scoring: each option fills the blank
+                # of the context, and the same rest of the sentence is scored after it; acc only
+                sentence = row["sentence"]
+                if "_" not in sentence:
+                    raise T2LError(f"benchmark '{self.name}': item {i} has no blank '_' in its sentence")
+                cut = sentence.index("_")
+                rest = " " + sentence[cut + 1:].strip()
+                out.append(Example(f"winogrande-{i}", "", self.name, gold, ["1", "2"], options,
+                                   cloze=[(sentence[:cut] + o, rest) for o in options]))
+            else:
+                out.append(Example(f"winogrande-{i}", self.render(row), self.name, gold, ["1", "2"], options))
+        return out
 
     def load_examples(self) -> list[Example]:
-        return [Example(f"winogrande-{i}", self.render(row), self.name, int(row["answer"]) - 1, ["1", "2"],
-                        [row["option1"], row["option2"]])
-                for i, row in enumerate(read_jsonl(self.path(self.files[0])))]
+        return self.build_examples(CHAT)
 
 
 class GSM8K(T2LMetadataBenchmark):
     name, kind, metric, max_new_tokens = "gsm8k", "final_number", "em", 256
     files = ("eval/gsm8k/test.jsonl", "t2l/tasks/gsm8k/metadata.yaml")
+    protocols = (CHAT, PAPER)
+
+    def build_examples(self, protocol: str) -> list[Example]:
+        from t2l_framework.eval.scoring import gsm8k_gold, reference_number
+
+        rows = read_jsonl(self.path(self.files[0]))
+        if protocol == PAPER:  # gold: the last number of the answer field, as an integer (vllm_eval.eval_gsm8k)
+            golds = [reference_number(row["answer"]) for row in rows]
+            return [Example(f"gsm8k-{i}", _paper_format(self, PAPER_GSM8K, row), self.name,
+                            None if g is None else int(g), system="", prefill=PAPER_GSM8K_PREFILL)
+                    for i, (row, g) in enumerate(zip(rows, golds))]
+        return [Example(f"gsm8k-{i}", self.render(row), self.name, gsm8k_gold(row["answer"]))
+                for i, row in enumerate(rows)]
 
     def load_examples(self) -> list[Example]:
-        from t2l_framework.eval.scoring import gsm8k_gold
+        return self.build_examples(CHAT)
 
-        return [Example(f"gsm8k-{i}", self.render(row), self.name, gsm8k_gold(row["answer"]))
-                for i, row in enumerate(read_jsonl(self.path(self.files[0])))]
+
+def _before_fence(answer: str) -> str:
+    """The reference's completion body: everything before the first ``` (fishfarm evalplus)."""
+    end = answer.find("```")
+    return answer if end < 0 else answer[:end]
 
 
 class HumanEval(T2LMetadataBenchmark):
     name, kind, metric, max_new_tokens = "humaneval", "code", "pass@1", 384
     stop = ("\n```",)  # the closing fence: what a chat model writes after it is prose
     files = ("eval/humaneval/HumanEval.jsonl", "t2l/tasks/humaneval/metadata.yaml")
+    protocols = (CHAT, PAPER)
+
+    def build_examples(self, protocol: str) -> list[Example]:
+        out = []
+        for row in read_jsonl(self.path(self.files[0])):
+            tests = {"kind": "humaneval", "prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"]}
+            if protocol == PAPER:  # fishfarm evalplus data.map_humaneval_problem: the answer starts with the prompt
+                code = row["prompt"].strip()
+                out.append(Example(row["task_id"], f"Write a solution to the following problem:\n```python\n{code}\n```",
+                                   self.name, None, tests=tests, system="", prefill=f"```python\n{code}"))
+            else:
+                out.append(Example(row["task_id"], self.render(row), self.name, None, tests=tests))
+        return out
 
     def load_examples(self) -> list[Example]:
-        return [Example(row["task_id"], self.render(row), self.name, None,
-                        tests={"kind": "humaneval", "prompt": row["prompt"], "test": row["test"],
-                               "entry_point": row["entry_point"]})
-                for row in read_jsonl(self.path(self.files[0]))]
+        return self.build_examples(CHAT)
+
+    def stop_texts(self, protocol: str) -> tuple[str, ...]:
+        # paper: the reference keeps what comes before the first ```; stopping there changes nothing
+        return ("```",) if self.protocol(protocol) == PAPER else self.stop
+
+    def program(self, example: Example, answer: str, protocol: str) -> str:
+        from t2l_framework.eval import scoring
+
+        t = example.tests
+        if self.protocol(protocol) == PAPER:  # evalplus: solution = problem prompt + completion
+            return f"{t['prompt']}{_before_fence(answer)}\n\n\n{t['test'].strip(chr(10))}\n\n\ncheck({t['entry_point']})\n"
+        return scoring.humaneval_program(t["prompt"], scoring.extract_code(answer), t["test"], t["entry_point"])
 
 
 class MBPP(T2LMetadataBenchmark):
@@ -251,18 +517,39 @@ class MBPP(T2LMetadataBenchmark):
     name, kind, metric, max_new_tokens = "mbpp", "code", "pass@1", 384
     stop = ("\n```",)
     files = ("eval/mbpp/sanitized-mbpp.json", "t2l/tasks/mbpp/metadata.yaml")
+    protocols = (CHAT, PAPER)
 
-    def load_examples(self) -> list[Example]:
+    def build_examples(self, protocol: str) -> list[Example]:
         rows = json.loads(self.path(self.files[0]).read_text(encoding="utf-8"))
         out = []
         for row in sorted(rows, key=lambda r: r["task_id"]):
             if not 11 <= row["task_id"] <= 510:
                 continue
-            fields = {"prompt": row["prompt"], "assertions": row["test_list"][0]}
-            out.append(Example(f"mbpp-{row['task_id']}", self.render(fields), self.name, None,
-                               tests={"kind": "mbpp", "test_imports": list(row.get("test_imports") or []),
-                                      "tests": list(row["test_list"])}))
+            tests = {"kind": "mbpp", "test_imports": list(row.get("test_imports") or []), "tests": list(row["test_list"])}
+            if protocol == PAPER:  # fishfarm evalplus data.map_mbpp_problem
+                text = row["prompt"].strip()
+                text += "" if text.endswith(".") else "."
+                user = (f"{text} Your code should satisfy the following assertion:\n```python\n"
+                        f"{row['test_list'][0].strip()}\n```")
+                out.append(Example(f"mbpp-{row['task_id']}", user, self.name, None, tests=tests, system="",
+                                   prefill="```python"))
+            else:
+                fields = {"prompt": row["prompt"], "assertions": row["test_list"][0]}
+                out.append(Example(f"mbpp-{row['task_id']}", self.render(fields), self.name, None, tests=tests))
         return out
+
+    def load_examples(self) -> list[Example]:
+        return self.build_examples(CHAT)
+
+    def stop_texts(self, protocol: str) -> tuple[str, ...]:
+        return ("```",) if self.protocol(protocol) == PAPER else self.stop
+
+    def program(self, example: Example, answer: str, protocol: str) -> str:
+        from t2l_framework.eval import scoring
+
+        t = example.tests
+        code = _before_fence(answer) if self.protocol(protocol) == PAPER else scoring.extract_code(answer)
+        return scoring.mbpp_program(code, t["test_imports"], t["tests"])
 
 
 class SNIUnseen(Benchmark):

@@ -8,6 +8,9 @@ description in the prompt), ``t2l`` (a LoRA generated from the description) or a
 For each benchmark every (adapter, description) pair becomes a *unit*; the rows of all units
 that are not in the result cache are pooled, sorted by length and batched, each row carrying
 its own LoRA (zeros for the base model), so one batch mixes adapters.
+
+The protocol (``paper``, ``lm-eval``, ``chat``: ``eval.protocols``) decides prompts, answer
+length and grading; each benchmark builds its examples and grades answers under it.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from typing import Sequence
 from t2l_framework.errors import T2LError
 from t2l_framework.eval.benchmarks import Benchmark, Example
 from t2l_framework.eval.cache import ResultCache
-from t2l_framework.eval.stats import mean_se
+from t2l_framework.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS, adds_special_tokens, paper_chat_text
+from t2l_framework.eval.stats import clustered_mean_se, mean_se, paired_difference
 from t2l_framework.lora.weights import LoraWeights
 
-HARNESS_VERSION = "1"
+HARNESS_VERSION = "2"
 BUILTIN_ADAPTERS = ("base", "base+description", "t2l")
 
 
@@ -87,10 +91,10 @@ def parse_adapters(specs: Sequence[str], have_run: bool) -> list[AdapterSpec]:
 
 @dataclass
 class EvalSettings:
-    """limit: items per benchmark (0 = all). scoring: multiple choice by 'loglik' or 'generate'.
-    mc_answer: log-likelihood of the option 'label' (what the prompt asks for: "B") or its
-    'text' (length-normalised, lm-evaluation-harness's acc_norm). max_new_tokens: 0 = each
-    benchmark's own length, else a cap."""
+    """limit: items per benchmark (0 = all). protocol: paper | lm-eval | chat (``eval.protocols``).
+    scoring (chat only): multiple choice by 'loglik' or 'generate'. mc_answer (chat only):
+    log-likelihood of the option 'label' (what the prompt asks for: "B") or its 'text'
+    (normalised by its length in bytes). max_new_tokens: 0 = each benchmark's own length, else a cap."""
 
     limit: int = 0
     n_descriptions: int = 3
@@ -100,8 +104,11 @@ class EvalSettings:
     max_new_tokens: int = 0
     code_timeout_s: float = 10.0
     seed: int = 0
+    protocol: str = DEFAULT_PROTOCOL
 
     def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise T2LError(f"--protocol (eval.protocol) must be one of {', '.join(PROTOCOLS)}, not '{self.protocol}'")
         if self.scoring not in ("loglik", "generate"):
             raise T2LError(f"--scoring must be 'loglik' or 'generate', not '{self.scoring}'")
         if self.mc_answer not in ("label", "text"):
@@ -176,8 +183,15 @@ class Evaluator:
 
     # --- one benchmark -------------------------------------------------------------------
 
+    def _protocol(self, bench: Benchmark) -> str:
+        return bench.protocol(self.settings.protocol)
+
+    def _mode(self, bench: Benchmark) -> str:
+        """'cloze', 'loglik' or 'generate' (``Benchmark.scoring``)."""
+        return bench.scoring(self._protocol(bench), self.settings.scoring == "generate")
+
     def _units(self, bench: Benchmark, examples: list[Example], descs: dict[str, list[str]]) -> list[_Unit]:
-        s = self.settings
+        s, protocol, mode = self.settings, self._protocol(bench), self._mode(bench)
         n_slots = max(1, min(len(d) for d in descs.values()))
         fingerprint = bench.fingerprint()
         units = []
@@ -185,19 +199,20 @@ class Evaluator:
             for slot in range(n_slots if spec.uses_descriptions else 1):
                 key = {"harness": HARNESS_VERSION, "model": self.runtime.base_model_name, "dtype": self.runtime.dtype,
                        "adapter": self.identity[spec.name], "benchmark": bench.name, "data": fingerprint,
-                       "items": [e.id for e in examples], "scoring": s.scoring if bench.kind == "multiple_choice" else "",
-                       "mc_answer": s.mc_answer if bench.kind == "multiple_choice" and s.scoring == "loglik" else "",
-                       "max_new_tokens": self._max_new(bench), "stop": list(bench.stop), "chat_template": self.runtime.chat_template,
+                       "protocol": protocol, "items": [e.id for e in examples], "scoring": mode,
+                       "mc_answer": s.mc_answer if mode == "loglik" else "",
+                       "max_new_tokens": self._max_new(bench), "stop": list(bench.stop_texts(protocol)),
+                       "chat_template": self.runtime.chat_template,
                        "code_timeout_s": s.code_timeout_s if bench.kind == "code" else None,
                        "descriptions": {t: d[slot] for t, d in descs.items()} if spec.uses_descriptions else None}
                 units.append(_Unit(spec, slot, key))
         return units
 
     def _max_new(self, bench: Benchmark) -> int:
-        if bench.kind == "multiple_choice" and self.settings.scoring == "loglik":
+        if self._mode(bench) != "generate":
             return 0
-        cap = self.settings.max_new_tokens
-        return min(bench.max_new_tokens, cap) if cap else bench.max_new_tokens
+        own, cap = bench.answer_length(self._protocol(bench)), self.settings.max_new_tokens
+        return min(own, cap) if cap else own
 
     def _attach_weights(self, units: list[_Unit], descs: dict[str, list[str]]) -> None:
         """Every unit's adapter per task; T2L adapters of a benchmark come from one forward each."""
@@ -217,10 +232,22 @@ class Evaluator:
                 u.weights = {t: None for t in descs}
 
     def _prompt(self, bench: Benchmark, unit: _Unit, example: Example) -> str:
+        """The chat text up to where the answer starts; base+description puts the description
+        first in the user turn, as the reference does."""
         user = example.prompt
         if unit.adapter.kind == "description":
             user = f"{unit.key['descriptions'][example.task]}\n\n{user}"
-        return self.runtime.format(user) + bench.prefill
+        if example.system is not None:
+            text = paper_chat_text(self.runtime, user, example.system)
+        else:
+            text = self.runtime.format(user)
+        return text + (example.prefill if example.prefill is not None else bench.prefill)
+
+    def _cloze_context(self, unit: _Unit, example: Example, context: str) -> str:
+        """lm-eval contexts are raw text; base+description puts the description before them."""
+        if unit.adapter.kind == "description":
+            return f"{unit.key['descriptions'][example.task]}\n\n{context}"
+        return context
 
     def _fit(self, ids: list[int], reserve: int) -> tuple[list[int], bool]:
         """Cut a prompt from the left so that it and ``reserve`` more tokens fit the context."""
@@ -231,7 +258,7 @@ class Evaluator:
 
     def run_benchmark(self, bench: Benchmark) -> dict[str, dict]:
         """{adapter: {"score", "se", "n", "per_description", "cached", "truncated"}} + predictions."""
-        examples = bench.examples(self.settings.limit)
+        examples = bench.examples(self.settings.limit, self._protocol(bench))
         if not examples:
             raise T2LError(f"benchmark '{bench.name}' has no examples")
         tasks = list(dict.fromkeys(e.task for e in examples))
@@ -252,21 +279,55 @@ class Evaluator:
         return self._aggregate(bench, examples, units, done)
 
     def _aggregate(self, bench, examples, units, done) -> dict:
-        out, predictions = {}, []
+        """Per adapter: mean and SE of each metric over items (descriptions averaged per item first),
+        and the paired difference against ``base`` on the same items.
+
+        Items of several tasks (``sni_unseen``) are not independent: their SEs are clustered by
+        task (``stats.clustered_mean_se``); items of one benchmark are independent draws.
+        """
+        tasks = [ex.task for ex in examples]
+        clusters = tasks if len(set(tasks)) > 1 else None
+
+        def summary(values):
+            return clustered_mean_se(values, clusters) if clusters else mean_se(values)
+
+        def averaged(slots: list[list[float]]) -> list[float]:
+            return [sum(s[j] for s in slots) / len(slots) for j in range(len(examples))]
+
+        out, predictions, per_item = {}, [], {}
         for spec in self.adapters:
             idx = [i for i, u in enumerate(units) if u.adapter.name == spec.name]
             per_slot = [done[i]["scores"] for i in idx]
-            per_item = [sum(s[j] for s in per_slot) / len(per_slot) for j in range(len(examples))]
-            score, se = mean_se(per_item)
+            extra_names = list(done[idx[0]].get("extra") or {})
+            per_item[spec.name] = {bench.metric: averaged(per_slot)}
+            for name in extra_names:
+                per_item[spec.name][name] = averaged([done[i]["extra"][name] for i in idx])
+            score, se = summary(per_item[spec.name][bench.metric])
             out[spec.name] = {"score": score, "se": se, "n": len(examples),
                               "per_description": [sum(s) / len(s) for s in per_slot],
                               "cached": all(done[i]["cached"] for i in idx),
-                              "truncated": sum(done[i].get("truncated", 0) for i in idx)}
+                              "truncated": sum(done[i].get("truncated", 0) for i in idx),
+                              "metrics": {name: dict(zip(("score", "se"), summary(per_item[spec.name][name])))
+                                          for name in extra_names}}
             for i in idx:
-                for ex, pred, sc in zip(examples, done[i]["predictions"], done[i]["scores"]):
-                    predictions.append({"benchmark": bench.name, "adapter": spec.name, "description_slot": units[i].slot,
-                                        "id": ex.id, "prediction": pred, "score": sc})
-        return {"scores": out, "predictions": predictions, "n": len(examples)}
+                extra = done[i].get("extra") or {}
+                for j, (ex, pred, sc) in enumerate(zip(examples, done[i]["predictions"], done[i]["scores"])):
+                    row = {"benchmark": bench.name, "adapter": spec.name, "description_slot": units[i].slot,
+                           "id": ex.id, "prediction": pred, "score": sc}
+                    row.update({name: values[j] for name, values in extra.items()})
+                    predictions.append(row)
+        base = next((a.name for a in self.adapters if a.kind == "base"), None)
+        if base is not None:
+            for name, metrics in per_item.items():
+                if name == base:
+                    continue
+                for metric, values in metrics.items():
+                    if metric not in per_item[base]:
+                        continue
+                    diff = dict(zip(("diff", "se"), paired_difference(values, per_item[base][metric], clusters)))
+                    target = out[name] if metric == bench.metric else out[name]["metrics"][metric]
+                    target["vs_base"] = diff
+        return {"scores": out, "predictions": predictions, "n": len(examples), "clustered": clusters is not None}
 
     # --- scoring -------------------------------------------------------------------------
 
@@ -276,9 +337,62 @@ class Evaluator:
         return tqdm(total=total, desc=desc, unit="row", disable=not self.show_progress, leave=False, dynamic_ncols=True)
 
     def _score(self, units: list[_Unit], bench: Benchmark, examples: list[Example]) -> list[dict]:
-        if bench.kind == "multiple_choice" and self.settings.scoring == "loglik":
+        mode = self._mode(bench)
+        if mode == "cloze":
+            return self._score_cloze(units, bench, examples)
+        if mode == "loglik":
             return self._score_loglik(units, bench, examples)
         return self._score_generated(units, bench, examples)
+
+    def _score_cloze(self, units, bench, examples) -> list[dict]:
+        """lm-evaluation-harness multiple choice: log p(continuation | context) per option, raw text,
+        tokenized as the harness does; acc, and acc_norm where the benchmark defines it."""
+        from t2l_framework.eval.loglik import OptionsRow, encode_pair, option_logprobs, sequence_count
+        from t2l_framework.eval.scoring import ClozeAccuracy
+
+        tok, special = self.runtime.tokenizer, adds_special_tokens(self._protocol(bench))
+        rows, where, truncated = [], [], [0] * len(units)  # where[k][j]: (row, option) of each option
+        encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        for k, u in enumerate(units):
+            places = []
+            for ex in examples:
+                by_context: dict[str, list[int]] = {}
+                for i, (context, continuation) in enumerate(ex.cloze):
+                    by_context.setdefault(self._cloze_context(u, ex, context), []).append(i)
+                spots = [None] * len(ex.cloze)
+                for context, idx in by_context.items():
+                    pairs = []
+                    for i in idx:
+                        if (context, ex.cloze[i][1]) not in encoded:
+                            encoded[context, ex.cloze[i][1]] = encode_pair(tok, context, ex.cloze[i][1], special)
+                        pairs.append(encoded[context, ex.cloze[i][1]])
+                    ctx_ids, cut = self._fit(pairs[0][0], max(len(p[1]) for p in pairs))
+                    truncated[k] += cut
+                    for n, i in enumerate(idx):
+                        spots[i] = (len(rows), n)
+                    rows.append(OptionsRow(ctx_ids, [p[1] for p in pairs], u.weights[ex.task]))
+                places.append(spots)
+            where.append(places)
+        with self._bar(sequence_count(rows), f"{bench.name}: log-likelihood") as bar:
+            logprobs = option_logprobs(self.runtime.model, self.runtime.injection, rows, self.settings.batch_size,
+                                       self.runtime.pad_id, progress=bar.update)
+        out = []
+        for k in range(len(units)):
+            lls = [[logprobs[r][n] for r, n in spots] for spots in where[k]]
+            gold = [ex.gold for ex in examples]
+            acc = ClozeAccuracy()
+            acc.update(lls, gold)
+            value = {"scores": acc.scores(), "truncated": truncated[k], "extra": {},
+                     "predictions": [{"choice": ClozeAccuracy.choose(lp), "logprobs": [round(v, 5) for v in lp]}
+                                     for lp in lls]}
+            if all(ex.norm_lengths is not None for ex in examples):
+                norm = ClozeAccuracy(normalize=True)
+                norm.update(lls, gold, [ex.norm_lengths for ex in examples])
+                value["extra"]["acc_norm"] = norm.scores()
+                for pred, lp, ex in zip(value["predictions"], lls, examples):
+                    pred["choice_norm"] = ClozeAccuracy.choose(lp, ex.norm_lengths)
+            out.append(value)
+        return out
 
     def _score_loglik(self, units, bench, examples) -> list[dict]:
         from t2l_framework.eval.loglik import OptionsRow, encode_continuations, option_logprobs, sequence_count
@@ -314,10 +428,11 @@ class Evaluator:
     def _score_generated(self, units, bench, examples) -> list[dict]:
         from t2l_framework.eval.generation import greedy_decode
 
-        rt, max_new = self.runtime, self._max_new(bench)
+        rt, max_new, protocol = self.runtime, self._max_new(bench), self._protocol(bench)
+        stop = bench.stop_texts(protocol)
         prompts, weights, truncated = [], [], [0] * len(units)
         texts = [self._prompt(bench, u, ex) for u in units for ex in examples]
-        encoded = self.runtime.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        encoded = self.runtime.tokenizer(texts, add_special_tokens=adds_special_tokens(protocol))["input_ids"]
         for n, ids in enumerate(encoded):
             k, j = divmod(n, len(examples))
             ex = examples[j]
@@ -331,7 +446,7 @@ class Evaluator:
             for start in range(0, len(order), self.settings.batch_size):
                 idx = order[start:start + self.settings.batch_size]
                 outs = greedy_decode(rt.model, [prompts[i] for i in idx], [weights[i] for i in idx], rt.injection,
-                                     max_new, rt.eos_ids, rt.pad_id, bench.stop, rt.tokenizer)
+                                     max_new, rt.eos_ids, rt.pad_id, stop, rt.tokenizer)
                 for i, tokens in zip(idx, outs):
                     answers[i] = rt.tokenizer.decode(tokens, skip_special_tokens=True)
                 bar.update(len(idx))
@@ -339,34 +454,16 @@ class Evaluator:
                      truncated=truncated[k]) for k in range(len(units))]
 
     def _grade(self, bench: Benchmark, examples: list[Example], answers: list[str]) -> dict:
-        from t2l_framework.eval import scoring
-
-        if bench.kind == "multiple_choice":
-            metric = scoring.ChoiceExtractionAccuracy()
-            metric.update(answers, [ex.labels for ex in examples], [ex.gold for ex in examples],
-                          [ex.options for ex in examples])
-        elif bench.kind == "final_number":
-            metric = scoring.FinalNumberAccuracy()
-            metric.update(answers, [ex.gold for ex in examples])
-        elif bench.kind == "rouge":
-            metric = scoring.RougeL()
-            metric.update(answers, [ex.gold for ex in examples])
-        else:
+        if bench.kind == "code":
             return self._grade_code(bench, examples, answers)
-        return {"scores": metric.scores(), "predictions": answers}
+        return {"scores": bench.grade(examples, answers, self._protocol(bench)), "predictions": answers}
 
     def _grade_code(self, bench: Benchmark, examples: list[Example], answers: list[str]) -> dict:
         from t2l_framework.eval import scoring
         from t2l_framework.eval.sandbox import SandboxLimits, run_many
 
-        programs = []
-        for ex, answer in zip(examples, answers):
-            code = scoring.extract_code(answer)
-            t = ex.tests
-            if t["kind"] == "humaneval":
-                programs.append(scoring.humaneval_program(t["prompt"], code, t["test"], t["entry_point"]))
-            else:
-                programs.append(scoring.mbpp_program(code, t["test_imports"], t["tests"]))
+        protocol = self._protocol(bench)
+        programs = [bench.program(ex, answer, protocol) for ex, answer in zip(examples, answers)]
         with self._bar(len(programs), f"{bench.name}: running code") as bar:
             results = run_many(programs, SandboxLimits(timeout_s=self.settings.code_timeout_s),
                                progress=lambda n: bar.update(n - bar.n))
@@ -379,7 +476,8 @@ class Evaluator:
     def run(self, benchmarks: Sequence[Benchmark]) -> tuple[dict, list[dict]]:
         """(results, predictions) for ``write_outputs``."""
         start = time.perf_counter()
-        results = {"model": {"name": self.runtime.base_model_name, "dtype": self.runtime.dtype},
+        base = next((a.name for a in self.adapters if a.kind == "base"), None)
+        results = {"model": {"name": self.runtime.base_model_name, "dtype": self.runtime.dtype}, "baseline": base,
                    "adapters": {a.name: {"kind": a.kind, "path": str(a.path) if a.path else None,
                                          "identity": self.identity[a.name]} for a in self.adapters},
                    "settings": vars(self.settings).copy(), "benchmarks": {},
@@ -388,7 +486,10 @@ class Evaluator:
         for bench in benchmarks:
             t0 = time.perf_counter()
             part = self.run_benchmark(bench)
-            results["benchmarks"][bench.name] = {"kind": bench.kind, "metric": bench.metric, "n": part["n"],
+            extra = sorted({m for v in part["scores"].values() for m in v["metrics"]})
+            results["benchmarks"][bench.name] = {"kind": bench.kind, "metric": bench.metric, "metrics": extra,
+                                                 "protocol": self._protocol(bench), "scoring": self._mode(bench),
+                                                 "n": part["n"], "se_clustered_by_task": part["clustered"],
                                                  "seconds": round(time.perf_counter() - t0, 2)}
             for name, value in part["scores"].items():
                 results["scores"][name][bench.name] = value

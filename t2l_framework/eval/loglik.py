@@ -110,3 +110,21 @@ def encode_continuations(tokenizer, context_text: str, continuations: Sequence[s
         else:
             options.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return context, options
+
+
+def encode_pair(tokenizer, context: str, continuation: str, add_special_tokens: bool = True
+                ) -> tuple[list[int], list[int]]:
+    """Context and continuation token ids as lm-evaluation-harness 0.4 splits them (``_encode_pair``).
+
+    Trailing spaces of the context move to the continuation; the pair is encoded as one text and
+    the continuation is whatever follows as many tokens as the context alone encodes to (no
+    check that they are a prefix: a merge across the boundary is scored as the harness scores
+    it). ``add_special_tokens``: the tokenizer's own (BOS for Llama/Mistral), as the harness's
+    HF model encodes by default.
+    """
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = list(tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"])
+    ctx = list(tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"])
+    return ctx, whole[len(ctx):]

@@ -1,7 +1,10 @@
 """The outputs of ``t2l eval``: results JSON, a Markdown table and a PNG bar chart.
 
-Scores are shown in percent, as in the T2L paper, with the average over the benchmarks in the
-last column (over the benchmarks every adapter has a score for).
+Scores are shown in percent, as in the T2L paper. The "avg" column averages each adapter over
+the benchmarks that every adapter has a score for, so adapters are compared on the same
+benchmarks. Below the scores, each adapter's paired difference against ``base`` (same items;
+descriptions averaged per item first) with its paired standard error; the average difference's
+SE combines the benchmarks' as independent samples: sqrt(sum se_b^2) / B.
 """
 
 from __future__ import annotations
@@ -21,37 +24,107 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _ok(value: dict | None) -> bool:
+    return value is not None and not math.isnan(value["score"])
+
+
+def shared_benchmarks(results: dict) -> list[str]:
+    """Benchmarks every adapter has a score for, in the results' order."""
+    return [b for b in results["benchmarks"] if all(_ok(per.get(b)) for per in results["scores"].values())]
+
+
 def averages(results: dict) -> dict[str, float]:
-    """Mean score per adapter over the benchmarks (the paper's "Avg." column)."""
+    """Mean score per adapter over the shared benchmarks (the paper's "Avg." column); NaN if none."""
+    shared = shared_benchmarks(results)
+    return {adapter: (sum(per[b]["score"] for b in shared) / len(shared) if shared else float("nan"))
+            for adapter, per in results["scores"].items()}
+
+
+def average_differences(results: dict) -> dict[str, dict[str, float]]:
+    """{adapter: {"diff", "se"}}: mean paired difference against base over the shared benchmarks."""
+    shared = shared_benchmarks(results)
     out = {}
-    for adapter, per_bench in results["scores"].items():
-        values = [v["score"] for v in per_bench.values() if not math.isnan(v["score"])]
-        out[adapter] = sum(values) / len(values) if values else float("nan")
+    for adapter, per in results["scores"].items():
+        diffs = [per[b].get("vs_base") for b in shared]
+        if not shared or any(d is None for d in diffs):
+            continue
+        out[adapter] = {"diff": sum(d["diff"] for d in diffs) / len(diffs),
+                        "se": math.sqrt(sum(d["se"] ** 2 for d in diffs)) / len(diffs)}
     return out
 
 
+def _columns(results: dict) -> list[tuple[str, str | None]]:
+    """(benchmark, extra metric or None for the main one) per table column."""
+    cols = []
+    for b, info in results["benchmarks"].items():
+        cols.append((b, None))
+        cols += [(b, m) for m in info.get("metrics", [])]
+    return cols
+
+
+def _cell(value: dict | None, metric: str | None) -> dict | None:
+    if value is None:
+        return None
+    return value if metric is None else value.get("metrics", {}).get(metric)
+
+
+def _pct(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{100 * x:.1f}"
+
+
 def markdown_table(results: dict) -> str:
-    """Adapters x benchmarks (+ average), score ± standard error in percent."""
-    benches = list(results["benchmarks"])
-    avg = averages(results)
-    head = ["adapter"] + [f"{b} ({results['benchmarks'][b]['metric']})" for b in benches] + ["avg"]
+    """Adapters x benchmarks (+ avg): score ± SE in percent; then the paired differences against base."""
+    cols = _columns(results)
+    avg, avg_diff = averages(results), average_differences(results)
+    head = ["adapter"] + [f"{b} ({m or results['benchmarks'][b]['metric']})" for b, m in cols] + ["avg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for adapter, per_bench in results["scores"].items():
+    for adapter, per in results["scores"].items():
         cells = [adapter]
-        for b in benches:
-            v = per_bench.get(b)
-            cells.append("–" if v is None else f"{100 * v['score']:.1f} ± {100 * v['se']:.1f}")
-        cells.append(f"**{100 * avg[adapter]:.1f}**")
+        for b, m in cols:
+            v = _cell(per.get(b), m)
+            cells.append("–" if v is None else f"{_pct(v['score'])} ± {_pct(v['se'])}")
+        cells.append(f"**{_pct(avg[adapter])}**")
         lines.append("| " + " | ".join(cells) + " |")
-    n = ", ".join(f"{b} {results['benchmarks'][b]['n']}" for b in benches)
+    base = results.get("baseline")
+    diff_rows = [a for a in results["scores"] if a != base and any(
+        (_cell(results["scores"][a].get(b), m) or {}).get("vs_base") for b, m in cols)]
+    if base and diff_rows:
+        lines += ["", f"Paired difference against `{base}` (same items), ± its paired standard error:", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for adapter in diff_rows:
+            cells = [f"{adapter} − {base}"]
+            for b, m in cols:
+                d = (_cell(results["scores"][adapter].get(b), m) or {}).get("vs_base")
+                cells.append("–" if d is None else f"{100 * d['diff']:+.1f} ± {_pct(d['se'])}")
+            d = avg_diff.get(adapter)
+            cells.append("–" if d is None else f"**{100 * d['diff']:+.1f} ± {_pct(d['se'])}**")
+            lines.append("| " + " | ".join(cells) + " |")
+    bench = results["benchmarks"]
+    shared = shared_benchmarks(results)
     lines.append("")
-    lines.append(f"Items per benchmark: {n}. Adapters made from descriptions are averaged over "
-                 f"{results['settings']['n_descriptions']} descriptions per benchmark; ± is the standard error over items.")
+    n = ", ".join(f"{b} {bench[b]['n']}" for b in bench)
+    protocols = sorted({info.get("protocol", "") for info in bench.values()} - {""})
+    notes = [f"Items per benchmark: {n}."]
+    if protocols:
+        fallback = [b for b, info in bench.items() if info.get("protocol") != results["settings"].get("protocol")]
+        notes.append(f"Protocol: {results['settings'].get('protocol')}"
+                     + (f" ({', '.join(fallback)} scored under chat, which is all they define)" if fallback else "")
+                     + ".")
+    notes.append(f"avg: over the {len(shared)} benchmarks every adapter has" if len(shared) != len(bench)
+                 else "avg: over all benchmarks")
+    notes[-1] += ("; adapters made from descriptions are averaged over "
+                  f"{results['settings']['n_descriptions']} descriptions per benchmark; ± is the standard error over items")
+    clustered = [b for b, info in bench.items() if info.get("se_clustered_by_task")]
+    if clustered:
+        notes[-1] += f" (clustered by task for {', '.join(clustered)})"
+    notes[-1] += "."
+    lines.append(" ".join(notes))
     return "\n".join(lines) + "\n"
 
 
 def bar_chart(results: dict, path: Path) -> None:
-    """Grouped bars: one group per benchmark (and the average), one bar per adapter."""
+    """Left: bars per benchmark and adapter (+ the shared-benchmark average), ± SE. Right: each
+    adapter's paired difference against base per benchmark and on average, ± paired SE."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,10 +132,16 @@ def bar_chart(results: dict, path: Path) -> None:
 
     benches = list(results["benchmarks"])
     adapters = list(results["scores"])
-    avg = averages(results)
+    avg, avg_diff = averages(results), average_differences(results)
+    base = results.get("baseline")
+    diff_adapters = [a for a in adapters if a in avg_diff or any(
+        results["scores"][a].get(b, {}).get("vs_base") for b in benches)]
     groups = benches + ["avg"]
+    width_in = min(16.0, max(6.0, 0.28 * len(groups) * max(1, len(adapters)) + 3))
+    panels = 2 if base and diff_adapters else 1
+    fig, axes = plt.subplots(1, panels, figsize=(width_in * (1 if panels == 1 else 1.6), 4.5), squeeze=False)
+    ax = axes[0][0]
     width = 0.8 / max(1, len(adapters))
-    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.28 * len(groups) * max(1, len(adapters)) + 3)), 4.5))
     for k, adapter in enumerate(adapters):
         scores = [results["scores"][adapter].get(b, {}).get("score", float("nan")) for b in benches] + [avg[adapter]]
         errors = [results["scores"][adapter].get(b, {}).get("se", 0.0) for b in benches] + [0.0]
@@ -70,9 +149,26 @@ def bar_chart(results: dict, path: Path) -> None:
         ax.bar(xs, [100 * s for s in scores], width, yerr=[100 * e for e in errors], capsize=2, label=adapter)
     ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
     ax.set_ylabel("score (%)")
-    ax.set_title(f"{results['model']['name']}: {results['settings'].get('scoring', '')} scoring")
-    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_title(f"{results['model']['name']}: protocol {results['settings'].get('protocol', '')}")
     ax.grid(axis="y", alpha=0.3)
+    if panels == 2:
+        dx = axes[0][1]
+        width = 0.8 / max(1, len(diff_adapters))
+        colors = {a: f"C{adapters.index(a)}" for a in diff_adapters}
+        for k, adapter in enumerate(diff_adapters):
+            per = results["scores"][adapter]
+            diffs = [per.get(b, {}).get("vs_base") or {"diff": float("nan"), "se": 0.0} for b in benches]
+            diffs.append(avg_diff.get(adapter, {"diff": float("nan"), "se": 0.0}))
+            xs = [i + (k - (len(diff_adapters) - 1) / 2) * width for i in range(len(groups))]
+            dx.bar(xs, [100 * d["diff"] for d in diffs], width, yerr=[100 * d["se"] for d in diffs], capsize=2,
+                   color=colors[adapter], label=adapter)
+        dx.axhline(0, color="black", linewidth=0.8)
+        dx.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
+        dx.set_ylabel(f"difference vs {base} (points)")
+        dx.set_title(f"paired difference against {base} (± paired SE)")
+        dx.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    axes[0][-1].legend(handles, labels, fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -83,7 +179,8 @@ def bar_chart(results: dict, path: Path) -> None:
 
 def write_outputs(results: dict, predictions: list[dict], out_dir: Path) -> dict[str, Path]:
     """results.json, results.md, results.png and predictions.jsonl under ``out_dir``."""
-    results = dict(results, average=averages(results))
+    results = dict(results, average=averages(results), average_vs_base=average_differences(results),
+                   average_over=shared_benchmarks(results))
     files = {"json": out_dir / "results.json", "table": out_dir / "results.md", "plot": out_dir / "results.png",
              "predictions": out_dir / "predictions.jsonl"}
     _atomic_write(files["json"], (json.dumps(results, indent=2) + "\n").encode())

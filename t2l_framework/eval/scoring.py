@@ -1,6 +1,8 @@
 """Answer extraction and per-item scores for the evaluation benchmarks.
 
 - multiple choice by log-likelihood (``select_option``) or by generation (``extract_choice``);
+- the T2L reference's matching rules (``reference_choice``, ``reference_bool``,
+  ``reference_number``) and lm-evaluation-harness's acc / acc_norm (``ClozeAccuracy``);
 - GSM8K final numbers (``gsm8k_gold``, ``extract_final_number``, ``numbers_equal``);
 - HumanEval / MBPP: the program to run (``extract_code``, ``humaneval_program``, ``mbpp_program``);
   running it is ``eval.sandbox``'s job;
@@ -20,6 +22,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Sequence
 
+import numpy as np
 import torch
 import torchmetrics
 from torchmetrics.utilities import dim_zero_cat
@@ -138,6 +141,51 @@ def extract_choice(text: str, labels: Sequence[str], texts: Sequence[str] | None
         if len(hits) == 1:
             return hits[0]
     return None
+
+
+# --- the T2L reference's matching rules (protocol "paper") ------------------------------------
+# Restated from SakanaAI/text-to-lora@8ba77493 src/hyper_llm_modulator/utils/eval_tasks.py and
+# src/fishfarm/fishfarm/tasks/language_restricted_math.py, quirks included, so that numbers
+# under ``--protocol paper`` mean what the paper's mean.
+
+_REFERENCE_STRIP = ":`'\"(.) "
+_REFERENCE_CHOICES = tuple("abcdefghijklmnopqrstuvwxyz") + tuple("0123456789") + ("10",)
+# Looked for in this order, as substrings (so "not sure" reads as "no", "invalid" as "valid").
+_REFERENCE_BOOLS = (("1", True), ("0", False), ("yes", True), ("no", False), ("true", True), ("false", False),
+                    ("positive", True), ("negative", False), ("valid", True), ("invalid", False))
+
+
+def reference_choice(text: str) -> str | None:
+    """The reference's ``get_choice``: strip ``:`'"(.) `` and spaces from both ends, lower-case,
+    and return the first of a..z, 0..9 the text starts with ("Answer: B" -> "a"), else None."""
+    low = str(text).strip().strip(_REFERENCE_STRIP).lower()
+    return next((c for c in _REFERENCE_CHOICES if low.startswith(c)), None)
+
+
+def reference_choice_correct(generated: str, target: str) -> bool:
+    """The reference's ``get_choice_accuracy``: same first choice character (None == None counts)."""
+    return reference_choice(generated) == reference_choice(target)
+
+
+def reference_bool(text: str) -> bool | None:
+    """The reference's ``get_bool_value_from_text``: the first of 1/0/yes/no/true/false/positive/
+    negative/valid/invalid found anywhere in the text (case-insensitive), else None."""
+    text = str(text)
+    low = text.lower()
+    return next((value for word, value in _REFERENCE_BOOLS if word in (text if word.isdigit() else low)), None)
+
+
+def reference_bool_correct(generated: str, target: str) -> bool:
+    """The reference's ``get_binary_accuracy_flex``: both have a boolean value and they agree."""
+    got, want = reference_bool(generated), reference_bool(target)
+    return got is not None and want is not None and got == want
+
+
+def reference_number(text: str) -> float | None:
+    """fishfarm's ``extract_answer_number``: the last ``\\d*\\.?\\d+`` as a float (no sign, no
+    thousands separators: "1,234" -> 234.0), else None. Used for the answer and the gold field."""
+    matches = re.findall(r"\d*\.?\d+", str(text))
+    return float(matches[-1].replace(",", "")) if matches else None
 
 
 # --- GSM8K ------------------------------------------------------------------------------------
@@ -430,3 +478,55 @@ class RougeL(ItemScores):
     def update(self, texts: Sequence[str], references: Sequence[Sequence[str]]) -> None:
         _check_lengths(texts=texts, references=references)
         self._add([rouge_l(t, [refs] if isinstance(refs, str) else list(refs)) for t, refs in zip(texts, references)])
+
+
+class ClozeAccuracy(ItemScores):
+    """lm-evaluation-harness's ``acc`` (argmax of the options' log-likelihoods) or, with
+    ``normalize``, its ``acc_norm`` (argmax of log-likelihood / the option's length in characters).
+
+    Both use ``numpy.argmax`` as the harness does (ties and NaN go to the first such option).
+    """
+
+    def __init__(self, normalize: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.normalize = normalize
+
+    @staticmethod
+    def choose(option_logprobs: Sequence[float], lengths: Sequence[int] | None = None) -> int:
+        lls = np.asarray(option_logprobs, dtype=np.float64)
+        if lengths is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                lls = lls / np.asarray(lengths, dtype=np.float64)
+        return int(np.argmax(lls))
+
+    def update(self, option_logprobs: Sequence[Sequence[float]], gold: Sequence[int],
+               option_lengths: Sequence[Sequence[int]] | None = None) -> None:
+        _check_lengths(option_logprobs=option_logprobs, gold=gold, option_lengths=option_lengths)
+        if self.normalize and option_lengths is None:
+            raise ValueError("ClozeAccuracy(normalize=True) needs option_lengths")
+        lengths = option_lengths if self.normalize else [None] * len(gold)
+        self._add([self.choose(lp, n) == g for lp, n, g in zip(option_logprobs, lengths, gold)])
+
+
+class ReferenceChoiceAccuracy(ItemScores):
+    """Protocol ``paper``: 1 when the answer starts with the target's choice (``reference_choice``)."""
+
+    def update(self, texts: Sequence[str], targets: Sequence[str]) -> None:
+        _check_lengths(texts=texts, targets=targets)
+        self._add([reference_choice_correct(t, g) for t, g in zip(texts, targets)])
+
+
+class ReferenceBoolAccuracy(ItemScores):
+    """Protocol ``paper`` (BoolQ): 1 when the answer's loose boolean equals the target's."""
+
+    def update(self, texts: Sequence[str], targets: Sequence[str]) -> None:
+        _check_lengths(texts=texts, targets=targets)
+        self._add([reference_bool_correct(t, g) for t, g in zip(texts, targets)])
+
+
+class ReferenceNumberAccuracy(ItemScores):
+    """Protocol ``paper`` (GSM8K): 1 when the answer's last number equals the gold integer."""
+
+    def update(self, texts: Sequence[str], gold: Sequence[int | None]) -> None:
+        _check_lengths(texts=texts, gold=gold)
+        self._add([g is not None and reference_number(t) == g for t, g in zip(texts, gold)])
