@@ -285,9 +285,13 @@ def test_cli_import_then_generate_uses_the_recorded_encoder(tmp_path, capsys):
                              args={"model_dir": str(world["llm"]), "emb_model": str(gte)})
     assert main(["import-reference", str(folder), "-o", str(tmp_path / "run")]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert main(["generate", str(tmp_path / "run"), "answer with apple", "-o", str(tmp_path / "adapter")]) == 0
+    # gte-large-en-v1.5 ships its own modelling code, so an imported run asks for the flag.
+    assert main(["generate", str(tmp_path / "run"), "answer with apple", "-o", str(tmp_path / "adapter")]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "run"), "answer with apple", "-o", str(tmp_path / "adapter"),
+                 "--trust-remote-code"]) == 0
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_rslora"] is True
-    runtime = load_run(tmp_path / "run", device="cpu")
+    runtime = load_run(tmp_path / "run", device="cpu", trust_remote_code=True)
     assert runtime.generator.encoder.pooling == "cls"
     desc = "answer with apple"
     emb = runtime.generator.encoder.encode([desc])
