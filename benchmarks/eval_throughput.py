@@ -37,7 +37,7 @@ def main() -> None:
     from t2l_framework.config import find_recipe, load_recipe
     from t2l_framework.eval.benchmarks import get_benchmarks
     from t2l_framework.eval.loglik import OptionsRow, encode_continuations, option_logprobs
-    from t2l_framework.inference import runtime_for
+    from t2l_framework.runtime.loaded import runtime_for
     from t2l_framework.lora.weights import LoraWeights
 
     cfg = load_recipe(find_recipe(args.recipe))

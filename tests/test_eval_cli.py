@@ -19,7 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     world = build_trained_world(tmp_path_factory.mktemp("eval_world"), "evalrun", steps=3)
-    from t2l_framework.inference import load_run
+    from t2l_framework.runtime.loaded import load_run
 
     # A PEFT folder holding exactly the T2L adapter that arc_easy's first description makes:
     # evaluated as a separate adapter it must reproduce that T2L unit's numbers.

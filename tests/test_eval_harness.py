@@ -157,7 +157,7 @@ def test_result_cache_round_trip_and_misses(tmp_path):
 
 
 def test_greedy_decode_drops_finished_rows_and_matches_one_row_at_a_time(tiny_llama):
-    from t2l_framework.eval.generation import greedy_decode
+    from t2l_framework.runtime.greedy import greedy_decode
 
     model = tiny_llama()
     injection = inject_lora(model, TARGETS)

@@ -59,7 +59,7 @@ def test_several_descriptions_write_numbered_folders_in_one_batch(world, tmp_pat
 
 
 def test_chat_prints_base_and_adapted_answers(world, tmp_path, capsys):
-    from t2l_framework.inference import load_run
+    from t2l_framework.runtime.loaded import load_run
 
     assert main(["generate", str(world["run"]), DESCRIPTIONS[0], "-o", str(tmp_path / "a"),
                  "--chat", "red blue small", "--max-new-tokens", "5"]) == 0
@@ -89,7 +89,7 @@ def test_runs_saved_before_reference_task_embeddings_keep_unit_norm(world, tmp_p
     import json
     import shutil
 
-    from t2l_framework.inference import load_generator
+    from t2l_framework.runtime.loaded import load_generator
 
     new = load_generator(world["run"], "cpu")
     assert new.encoder.normalize_scale == "sqrt_dim" and new.encoder.full_stop

@@ -275,7 +275,7 @@ def test_peft_export_of_an_imported_adapter_gives_our_logits(tiny_llama, tmp_pat
 def test_cli_import_then_generate_uses_the_recorded_encoder(tmp_path, capsys):
     from tests.tiny_world import build_world
 
-    from t2l_framework.inference import load_run
+    from t2l_framework.runtime.loaded import load_run
 
     world = build_world(tmp_path / "world")
     gte = shutil.copytree(world["encoder"], tmp_path / "tiny-gte")  # the reference picks CLS pooling for gte

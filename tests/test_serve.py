@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from t2l_framework.errors import T2LError
-from t2l_framework.inference import load_run
+from t2l_framework.runtime.loaded import load_run
 from tests.tiny_world import build_trained_world
 
 fastapi_testclient = pytest.importorskip("fastapi.testclient", reason="the serve extra is not installed")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from t2l_framework.cli import main
 from t2l_framework.errors import T2LError
 from t2l_framework.hypernet.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from t2l_framework.inference import load_generator, load_run
+from t2l_framework.runtime.loaded import load_generator, load_run
 from t2l_framework.training.checkpoint_io import load_checkpoint_file, save_checkpoint_file
 from tests.tiny_world import build_trained_world
 

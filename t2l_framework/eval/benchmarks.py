@@ -585,27 +585,3 @@ class SNIUnseen(Benchmark):
 BUILTIN_BENCHMARKS: list[type[Benchmark]] = [ARCChallenge, ARCEasy, BoolQ, GSM8K, HellaSwag, OpenBookQA, PIQA,
                                              WinoGrande, HumanEval, MBPP, SNIUnseen]
 PAPER_BENCHMARKS = [b.name for b in BUILTIN_BENCHMARKS if b is not SNIUnseen]
-
-
-def get_benchmarks(names: list[str], data_root: str | Path | None = None) -> list[Benchmark]:
-    """Instantiate registered benchmarks by name ('paper' = the ten of the T2L paper, 'all')."""
-    from t2l_framework.plugins import registry
-
-    reg = registry()
-    expanded: list[str] = []
-    for name in names:
-        if name == "paper":
-            expanded += PAPER_BENCHMARKS
-        elif name == "all":
-            expanded += reg.names("benchmarks")
-        else:
-            expanded.append(name)
-    out = []
-    for name in dict.fromkeys(expanded):
-        factory = reg.get("benchmarks", name, key="--benchmarks")
-        bench = factory(data_root)
-        if not isinstance(bench, Benchmark) or bench.kind not in KINDS:
-            raise T2LError(f"benchmark '{name}' must be a Benchmark with kind in {KINDS}")
-        bench.name = name  # the registered name is the one results are reported under
-        out.append(bench)
-    return out

@@ -20,14 +20,16 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
+from t2l_framework.config import EvalConfig
 from t2l_framework.errors import T2LError
 from t2l_framework.eval.benchmarks import Benchmark, Example
 from t2l_framework.eval.cache import ResultCache
-from t2l_framework.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS, adds_special_tokens, paper_chat_text
+from t2l_framework.eval.protocols import PROTOCOLS, adds_special_tokens, paper_chat_text
 from t2l_framework.eval.stats import clustered_mean_se, mean_se, paired_difference
 from t2l_framework.lora.weights import LoraWeights
+from t2l_framework.runtime.adapters import AdapterGenerator
 
 HARNESS_VERSION = "2"
 BUILTIN_ADAPTERS = ("base", "base+description", "t2l")
@@ -77,7 +79,7 @@ def parse_adapters(specs: Sequence[str], have_run: bool) -> list[AdapterSpec]:
             elif (folder / "adapter" / "adapter_config.json").is_file():
                 folder, kind = folder / "adapter", "peft"  # a LoRA-baseline run folder
             else:
-                kind = "t2l"  # load_generator explains what is missing if it is not a T2L folder
+                kind = "t2l"  # load_adapter_generator explains what is missing if it is not a T2L folder
             default_name = (folder.parent if folder.name in ("adapter", "hypernet") else folder).resolve().name
             out.append(AdapterSpec(name or default_name, kind, folder))
     names = [a.name for a in out]
@@ -89,6 +91,9 @@ def parse_adapters(specs: Sequence[str], have_run: bool) -> list[AdapterSpec]:
     return out
 
 
+_DEFAULTS = EvalConfig()  # one home for evaluation defaults: the recipe schema
+
+
 @dataclass
 class EvalSettings:
     """limit: items per benchmark (0 = all). protocol: paper | lm-eval | chat (``eval.protocols``).
@@ -96,15 +101,15 @@ class EvalSettings:
     log-likelihood of the option 'label' (what the prompt asks for: "B") or its 'text'
     (normalised by its length in bytes). max_new_tokens: 0 = each benchmark's own length, else a cap."""
 
-    limit: int = 0
-    n_descriptions: int = 3
+    limit: int = _DEFAULTS.limit
+    n_descriptions: int = _DEFAULTS.n_descriptions
     scoring: str = "loglik"
     mc_answer: str = "label"
-    batch_size: int = 16
+    batch_size: int = _DEFAULTS.batch_size
     max_new_tokens: int = 0
     code_timeout_s: float = 10.0
     seed: int = 0
-    protocol: str = DEFAULT_PROTOCOL
+    protocol: str = _DEFAULTS.protocol
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -144,8 +149,10 @@ class Evaluator:
     """Scores ``adapters`` on benchmarks with one runtime (base model + injected LoRA)."""
 
     def __init__(self, runtime, adapters: Sequence[AdapterSpec], settings: EvalSettings,
-                 cache: ResultCache | None = None, show_progress: bool = True):
-        from t2l_framework.inference import load_generator
+                 cache: ResultCache | None = None, show_progress: bool = True,
+                 load_generator: Callable[[Path, Any], AdapterGenerator] | None = None):
+        """load_generator(folder, device): an ``AdapterGenerator`` for a ``t2l=PATH`` adapter
+        (``assembly.load_adapter_generator``; the assembly layer passes it)."""
         from t2l_framework.lora.peft_io import import_peft_adapter
 
         self.runtime, self.adapters, self.settings = runtime, list(adapters), settings
@@ -156,6 +163,9 @@ class Evaluator:
             if spec.kind == "t2l":
                 gen = runtime.generator
                 if spec.path is not None:
+                    if load_generator is None:
+                        raise T2LError(f"--adapters {spec.name}: loading another run's hypernetwork needs "
+                                       "Evaluator(load_generator=t2l_framework.assembly.load_adapter_generator)")
                     gen = load_generator(spec.path, runtime.device)
                     if gen.base_config.name_or_path != runtime.base_model_name:
                         raise T2LError(f"--adapters {spec.name}: its hypernetwork was trained for "
@@ -426,7 +436,7 @@ class Evaluator:
         return out
 
     def _score_generated(self, units, bench, examples) -> list[dict]:
-        from t2l_framework.eval.generation import greedy_decode
+        from t2l_framework.runtime.greedy import greedy_decode
 
         rt, max_new, protocol = self.runtime, self._max_new(bench), self._protocol(bench)
         stop = bench.stop_texts(protocol)

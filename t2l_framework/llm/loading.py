@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -108,12 +108,14 @@ def convert_gguf(source: str, gguf_file: str, out_dir: Path) -> Path:
 
 
 def load_base_model(cfg: BaseModelConfig, device: str | torch.device | None = None, say=None,
-                    runs_on: str | torch.device | None = None) -> LoadedModel:
+                    runs_on: str | torch.device | None = None,
+                    families: Mapping[str, ModelFamily] | None = None) -> LoadedModel:
     """Load the recipe's base model frozen (``requires_grad=False``) and in eval mode.
 
     device: moved there when given. runs_on: where it will run when that is not ``device``
     (training: Lightning places it); decides ``dtype: auto``. say: called with a line that
-    names the dtype chosen and why.
+    names the dtype chosen and why. families: name -> ``ModelFamily`` to resolve
+    ``base_model.family`` from (the assembly layer passes the registered ones; default built-ins).
     """
     from transformers import AutoConfig
 
@@ -136,7 +138,7 @@ def load_base_model(cfg: BaseModelConfig, device: str | torch.device | None = No
         hf_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **extra)
     except OSError as exc:
         raise T2LError(f"base_model.name_or_path: cannot load '{cfg.name_or_path}': {exc}") from None
-    family = get_family(cfg.family, hf_config.model_type)
+    family = get_family(cfg.family, hf_config.model_type, families)
     model = family.load_model(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **extra)
     tokenizer = family.load_tokenizer(source, trust_remote_code=cfg.trust_remote_code, **extra)
     model.requires_grad_(False)

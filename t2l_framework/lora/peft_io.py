@@ -20,19 +20,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from t2l_framework.errors import T2LError
+from t2l_framework.lora.targets import find_targets
+from t2l_framework.run_folder import PEFT_CONFIG as CONFIG_NAME
+from t2l_framework.run_folder import PEFT_WEIGHTS as WEIGHTS_NAME
 from t2l_framework.lora.weights import LoraWeights
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _LAYER = re.compile(r"^(?P<prefix>.+)\.(?P<layer>\d+)\.(?P<module>.+)$")
 
 
-def module_paths(model: nn.Module, target_modules: list[str]) -> dict[str, list[str]]:
-    """target -> module path per decoder layer, e.g. ``model.layers.3.self_attn.q_proj``."""
-    from t2l_framework.llm.targets import find_targets
-
-    return {t: [path for path, _ in mods] for t, mods in find_targets(model, target_modules).items()}
+def module_paths(model: nn.Module, target_modules: list[str], family=None) -> dict[str, list[str]]:
+    """target -> module path per decoder layer, e.g. ``model.layers.3.self_attn.q_proj``
+    (family: the loaded model's ``ModelFamily``, for fused projections)."""
+    return {t: [path for path, _ in mods] for t, mods in find_targets(model, target_modules, family).items()}
 
 
 def export_peft_adapter(
