@@ -14,7 +14,7 @@ import torch
 from examples.factorized_head import FactorizedHead
 from t2l_framework.hypernet.heads import PerLayerHead
 from t2l_framework.lora.weights import ModuleShapes
-from t2l_framework.training.run import fit
+from t2l_framework.assembly import fit
 from tests.tiny_world import build_world
 
 HEAD = "examples.factorized_head:FactorizedHead"

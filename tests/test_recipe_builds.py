@@ -7,7 +7,8 @@ down here (from their config.json), so shapes and parameter counts are checked o
 import pytest
 import torch
 
-from t2l_framework.config import load_recipe, recipes_dir
+from t2l_framework.assembly import load_recipe
+from t2l_framework.config import recipes_dir
 from t2l_framework.hypernet.hypernetwork import HyperNetwork
 from t2l_framework.lora.targets import target_shapes
 

@@ -12,10 +12,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-from t2l_framework.config import load_recipe, recipes_dir
+from t2l_framework.assembly import load_recipe
+from t2l_framework.config import recipes_dir
 from t2l_framework.errors import T2LError
 from t2l_framework.training.checkpoint_io import load_checkpoint_file
-from t2l_framework.training.run import TrainingInterrupted, fit, latest_checkpoint
+from t2l_framework.assembly import fit
+from t2l_framework.training.run import TrainingInterrupted, latest_checkpoint
 from tests.tiny_world import build_world
 
 

@@ -41,11 +41,13 @@ def export_peft_adapter(
     base_model_name_or_path: str,
     model: nn.Module | None = None,
     paths: dict[str, list[str]] | None = None,
+    family=None,
 ) -> Path:
     """Write one adapter (``weights`` of batch 1) as a PEFT LoRA folder, atomically.
 
     weights.A[m]: [1, n_layers, r, in_m]; weights.B[m]: [1, n_layers, out_m, r].
-    Module paths come from ``paths`` (e.g. ``LoraInjection.paths``) or from ``model``.
+    Module paths come from ``paths`` (e.g. ``LoraInjection.paths``) or from ``model`` (with
+    its ``ModelFamily``, whose fused projections PEFT cannot express).
     """
     from peft import LoraConfig
 
@@ -54,7 +56,7 @@ def export_peft_adapter(
     if paths is None:
         if model is None:
             raise T2LError("export_peft_adapter needs the base model (or module paths) to name the LoRA modules")
-        paths = module_paths(model, weights.modules)
+        paths = module_paths(model, weights.modules, family)
     _refuse_fused(paths, weights.modules)
     tensors = {}
     for target in weights.modules:
