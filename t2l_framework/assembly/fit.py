@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from t2l_framework.assembly.loading import load_base
+from t2l_framework.assembly import loading
 from t2l_framework.assembly.lookups import build_encoder, head_lookup, load_recipe
 from t2l_framework.config import find_recipe
 from t2l_framework.console import say
@@ -63,8 +63,8 @@ def build_pieces(cfg, recipe_file: Path | None, run: RunFolder) -> RunPieces:
 
         t0 = time.time()
         say(f"loading base model {cfg.base_model.name_or_path} ...")
-        base, injection = load_base(cfg.base_model, list(cfg.lora.target_modules),
-                                    runs_on=planned_device(cfg.trainer.accelerator))
+        base, injection = loading.load_base(cfg.base_model, list(cfg.lora.target_modules),
+                                            runs_on=planned_device(cfg.trainer.accelerator))
         say(f"base model loaded in {time.time() - t0:.1f} s")
         shapes = injection.shapes
         fmt = partial(base.family.format_prompt, base.tokenizer, chat_template=bool(cfg.base_model.chat_template))

@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from t2l_framework.atomic import atomic_folder
 from t2l_framework.config import BaseModelConfig
 from t2l_framework.errors import T2LError
 from t2l_framework.llm.dtype import DtypeChoice, pick_dtype
@@ -93,17 +92,13 @@ def convert_gguf(source: str, gguf_file: str, out_dir: Path) -> Path:
     model.load_state_dict(gguf_model.state_dict(), assign=True)
     model.tie_weights()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, out_dir)  # another process may have won the race; its copy is equal
-    except OSError:
+        with atomic_folder(out_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:  # another process may have won the race; its copy is equal
         if not (out_dir / "config.json").is_file():
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -11,19 +11,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from t2l_framework.atomic import atomic_folder
 from t2l_framework.errors import T2LError
 from t2l_framework.lora.targets import find_targets
+from t2l_framework.lora.weights import LoraWeights
 from t2l_framework.run_folder import PEFT_CONFIG as CONFIG_NAME
 from t2l_framework.run_folder import PEFT_WEIGHTS as WEIGHTS_NAME
-from t2l_framework.lora.weights import LoraWeights
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _LAYER = re.compile(r"^(?P<prefix>.+)\.(?P<layer>\d+)\.(?P<module>.+)$")
@@ -72,16 +71,9 @@ def export_peft_adapter(
     )
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, replace=True) as tmp:  # replaces an older export of the same name
         config.save_pretrained(tmp)
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        if out.exists():  # replace an older export of the same name
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
