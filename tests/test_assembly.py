@@ -124,3 +124,62 @@ def test_run_folder_layout_and_locating_a_hypernet(tmp_path):
     assert lora.is_lora_run() and not lora.has_hypernet()
     with pytest.raises(T2LError, match="LoRA-baseline run"):
         locate_hypernet(lora.root)
+
+
+class _WordCount:
+    """A plugin benchmark with a metric of its own: the share of answers of at most two words."""
+
+    def build(self, data_root=None):
+        from t2l_framework.eval.benchmarks import Benchmark, Example
+
+        class Brevity(Benchmark):
+            name, kind, metric, version = "brevity", "short_answer", "brevity", "1"
+            max_new_tokens = 3
+
+            def load_examples(self):
+                return [Example(f"b-{i}", f"Say something about {w}.", self.name, gold=None)
+                        for i, w in enumerate(["rivers", "stones"])]
+
+            def descriptions(self, task):
+                return ["Answer in as few words as possible."]
+
+            def grade(self, examples, answers, protocol, context=None):
+                return [1.0 if len(a.split()) <= 2 else 0.0 for a in answers]
+
+        return Brevity(data_root)
+
+
+def test_a_plugin_benchmark_with_its_own_metric_runs_without_harness_changes(monkeypatch, world, tmp_path):
+    from t2l_framework.assembly import get_benchmarks, runtime_for
+    from t2l_framework.assembly import load_recipe
+    from t2l_framework.eval.harness import EvalSettings, Evaluator, parse_adapters
+    from t2l_framework.plugins import hookimpl, manager
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def t2l_register_benchmarks(register):
+            register("brevity", _WordCount().build)
+
+    class FakeEntryPoint:
+        name, value, dist = "brevity-plugin", f"{__name__}:Plugin", None
+
+        def load(self):
+            return Plugin
+
+    monkeypatch.setattr(manager, "_entry_points", lambda: [FakeEntryPoint()])
+    monkeypatch.setattr(manager, "_REGISTRY", None)
+    try:
+        (bench,) = get_benchmarks(["brevity"])
+        cfg = load_recipe(world["recipe"], check_files=False)
+        runtime = runtime_for(cfg.base_model, "cpu", "float32")
+        evaluator = Evaluator(runtime, parse_adapters(["base", "base+description"], have_run=False),
+                              EvalSettings(protocol="chat", batch_size=2), show_progress=False)
+        results, predictions = evaluator.run([bench])
+    finally:
+        manager.registry(reload=True)
+    assert results["benchmarks"]["brevity"]["metric"] == "brevity"
+    for name in ("base", "base+description"):
+        rows = [p for p in predictions if p["adapter"] == name]
+        expected = sum(1.0 if len(p["prediction"].split()) <= 2 else 0.0 for p in rows) / len(rows)
+        assert results["scores"][name]["brevity"]["score"] == pytest.approx(expected)

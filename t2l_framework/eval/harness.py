@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from t2l_framework.config import EvalConfig
+from t2l_framework.console import say
 from t2l_framework.errors import T2LError
-from t2l_framework.eval.benchmarks import Benchmark, Example
+from t2l_framework.eval.benchmarks import Benchmark, Example, GradeContext, Graded
 from t2l_framework.eval.cache import ResultCache
 from t2l_framework.eval.protocols import PROTOCOLS, adds_special_tokens, paper_chat_text
 from t2l_framework.eval.stats import clustered_mean_se, mean_se, paired_difference
@@ -213,7 +214,7 @@ class Evaluator:
                        "mc_answer": s.mc_answer if mode == "loglik" else "",
                        "max_new_tokens": self._max_new(bench), "stop": list(bench.stop_texts(protocol)),
                        "chat_template": self.runtime.chat_template,
-                       "code_timeout_s": s.code_timeout_s if bench.kind == "code" else None,
+                       "code_timeout_s": s.code_timeout_s if bench.runs_programs else None,
                        "descriptions": {t: d[slot] for t, d in descs.items()} if spec.uses_descriptions else None}
                 units.append(_Unit(spec, slot, key))
         return units
@@ -464,22 +465,16 @@ class Evaluator:
                      truncated=truncated[k]) for k in range(len(units))]
 
     def _grade(self, bench: Benchmark, examples: list[Example], answers: list[str]) -> dict:
-        if bench.kind == "code":
-            return self._grade_code(bench, examples, answers)
-        return {"scores": bench.grade(examples, answers, self._protocol(bench)), "predictions": answers}
-
-    def _grade_code(self, bench: Benchmark, examples: list[Example], answers: list[str]) -> dict:
-        from t2l_framework.eval import scoring
-        from t2l_framework.eval.sandbox import SandboxLimits, run_many
-
-        protocol = self._protocol(bench)
-        programs = [bench.program(ex, answer, protocol) for ex, answer in zip(examples, answers)]
-        with self._bar(len(programs), f"{bench.name}: running code") as bar:
-            results = run_many(programs, SandboxLimits(timeout_s=self.settings.code_timeout_s),
-                               progress=lambda n: bar.update(n - bar.n))
-        metric = scoring.PassAtOne()
-        metric.update([r.passed for r in results])
-        return {"scores": metric.scores(), "predictions": answers, "status": [r.status for r in results]}
+        """The benchmark grades its own answers (built-in scorers, the sandbox, or a plugin's metric)."""
+        with self._bar(len(answers), f"{bench.name}: grading") as bar:
+            context = GradeContext(self.settings.code_timeout_s, progress=lambda n: bar.update(n - bar.n))
+            graded = bench.grade(examples, answers, self._protocol(bench), context)
+        if not isinstance(graded, Graded):
+            graded = Graded(list(graded))
+        if len(graded.scores) != len(answers):
+            raise T2LError(f"benchmark '{bench.name}': grade() gave {len(graded.scores)} scores for "
+                           f"{len(answers)} answers")
+        return {"scores": [float(v) for v in graded.scores], "predictions": answers, **graded.details}
 
     # --- everything --------------------------------------------------------------------------
 
@@ -507,7 +502,7 @@ class Evaluator:
             if self.show_progress:
                 line = "  ".join(f"{n} {100 * v['score']:.1f}" for n, v in part["scores"].items())
                 cached = " (cached)" if all(v["cached"] for v in part["scores"].values()) else ""
-                print(f"[t2l] {bench.name}: {line}  [{time.perf_counter() - t0:.1f} s{cached}]", flush=True)
+                say(f"{bench.name}: {line}  [{time.perf_counter() - t0:.1f} s{cached}]")
         results["seconds"] = round(time.perf_counter() - start, 2)
         results["cache"] = {"hits": self.cache.hits, "misses": self.cache.misses,
                             "folder": str(self.cache.folder) if self.cache.folder else None}
