@@ -183,3 +183,19 @@ def test_a_plugin_benchmark_with_its_own_metric_runs_without_harness_changes(mon
         rows = [p for p in predictions if p["adapter"] == name]
         expected = sum(1.0 if len(p["prediction"].split()) <= 2 else 0.0 for p in rows) / len(rows)
         assert results["scores"][name]["brevity"]["score"] == pytest.approx(expected)
+
+
+def test_code_benchmarks_grade_themselves_in_the_sandbox():
+    """HumanEval's own grade() runs each answer as a program (no harness branch for code)."""
+    from t2l_framework.eval.benchmarks import GradeContext, Graded, HumanEval
+
+    bench = HumanEval()
+    (ex,) = bench.examples(1, "chat")
+    right = ("```python\n    for i, a in enumerate(numbers):\n        for j, b in enumerate(numbers):\n"
+             "            if i != j and abs(a - b) < threshold:\n                return True\n    return False\n```")
+    wrong = "```python\n    return False\n```"
+    done = []
+    graded = bench.grade([ex, ex], [right, wrong], "chat", GradeContext(code_timeout_s=20, progress=done.append))
+    assert isinstance(graded, Graded) and bench.runs_programs
+    assert graded.scores == [1.0, 0.0], graded.details
+    assert len(graded.details["status"]) == 2 and done and done[-1] == 2
