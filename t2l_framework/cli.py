@@ -287,7 +287,7 @@ def cmd_data_fetch(args) -> int:
     report = fetch_tasks(args.task_set, resolve_path(args.output), resolve_path(args.tasks_file), source=source,
                          retries=args.retries, backoff_s=args.backoff, max_train=args.max_train,
                          max_test=args.max_test, only=_split_list(args.only) or None,
-                         give_up_after=args.give_up_after, say=_say)
+                         give_up_after=args.give_up_after, say=say)
     print(summary(report, args.task_set))
     if args.output != "data/sni_hub" and report.missing == 0:  # the paper recipes' data.fetched_dir
         print(f"recipes read it with data.fetched_dir={args.output}")

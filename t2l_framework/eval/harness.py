@@ -233,7 +233,7 @@ class Evaluator:
             if not todo:
                 continue
             texts = [descs[t][u.slot] for u in todo for t in descs]
-            weights = gen.generate(texts).conform(shapes, self.rank).to(self.runtime.device)
+            weights = gen.adapters(texts).conform(shapes, self.rank).to(self.runtime.device)
             for i, u in enumerate(todo):
                 u.weights = {t: weights.select(i * len(descs) + j) for j, t in enumerate(descs)}
         for u in units:
