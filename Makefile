@@ -28,7 +28,8 @@ demo: install  ## train the CPU demo end to end and print the results table
 demo-eval:  ## after `make demo`: the ten benchmarks, 50 items each (~15 min on 2 cores)
 	$(BIN)/t2l eval runs/smollm2_demo --limit 50
 
-test: install  ## the default test suite (under 15 minutes on 2 cores)
+test: install  ## the default test suite (under 15 minutes on 2 cores) and the import layers
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 	$(BIN)/python -m pytest plugins/t2l-plugin-e5/tests
 

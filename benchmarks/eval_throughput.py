@@ -34,10 +34,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from t2l_framework.config import find_recipe, load_recipe
-    from t2l_framework.eval.benchmarks import get_benchmarks
+    from t2l_framework.assembly import get_benchmarks, load_recipe, runtime_for
+    from t2l_framework.config import find_recipe
     from t2l_framework.eval.loglik import OptionsRow, encode_continuations, option_logprobs
-    from t2l_framework.inference import runtime_for
     from t2l_framework.lora.weights import LoraWeights
 
     cfg = load_recipe(find_recipe(args.recipe))

@@ -41,7 +41,8 @@ HARNESS_TASKS = {
 
 def local_model_folder(recipe: str) -> Path:
     """The safetensors folder ``t2l`` loads the recipe's base model from (converted from GGUF once)."""
-    from t2l_framework.config import find_recipe, load_recipe
+    from t2l_framework.assembly import load_recipe
+    from t2l_framework.config import find_recipe
     from t2l_framework.llm.loading import convert_gguf, gguf_cache_dir, resolve_source
 
     cfg = load_recipe(find_recipe(recipe)).base_model

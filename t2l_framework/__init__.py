@@ -11,7 +11,8 @@ _EXPORTS = {
     "LoraWeights": "t2l_framework.lora.weights",
     "ModuleShapes": "t2l_framework.lora.weights",
     "T2LError": "t2l_framework.errors",
-    "load_recipe": "t2l_framework.config",
+    "load_recipe": "t2l_framework.assembly",  # the recipe schema plus the registry's name checks
+    "load_runtime": "t2l_framework.assembly",
     "hookimpl": "t2l_framework.plugins.hookspecs",
 }
 

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from t2l_framework.console import say
 from t2l_framework.errors import T2LError, did_you_mean
 from t2l_framework.eval.protocols import DEFAULT_PROTOCOL, PROTOCOL_HELP, PROTOCOLS
 from t2l_framework.llm.dtype import DTYPE_CHOICES
@@ -27,7 +28,8 @@ def _parser_for(sub, name: str, help: str, example: str) -> argparse.ArgumentPar
 # --- validate -----------------------------------------------------------------------------
 
 def cmd_validate(args) -> int:
-    from t2l_framework.config import find_recipe, load_recipe, to_yaml
+    from t2l_framework.assembly import load_recipe
+    from t2l_framework.config import find_recipe, to_yaml
 
     cfg = load_recipe(args.recipe, args.overrides, import_code=args.trust_remote_code)
     print(to_yaml(cfg), end="")
@@ -89,8 +91,7 @@ def cmd_plugins(args) -> int:
 # --- fit --------------------------------------------------------------------------------
 
 def cmd_fit(args) -> int:
-    from t2l_framework.training.run import fit
-
+    from t2l_framework.assembly import fit
     from t2l_framework.training.run import TrainingInterrupted
 
     try:
@@ -123,14 +124,10 @@ def _dtype(args) -> str | None:
     return None if args.dtype == "recipe" else args.dtype
 
 
-def _say(msg: str) -> None:
-    print(f"[t2l] {msg}", file=sys.stderr, flush=True)
-
-
 def cmd_generate(args) -> int:
     import json
 
-    from t2l_framework.inference import load_run
+    from t2l_framework.assembly import load_runtime
 
     descriptions = [d.strip() for d in args.descriptions]
     if args.from_file:
@@ -143,8 +140,8 @@ def cmd_generate(args) -> int:
     out = Path(args.output or ("adapter" if len(descriptions) == 1 else "adapters"))
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise T2LError(f"{out} already exists; pass --force to overwrite it, or -o DIR for another folder")
-    _say(f"loading {args.run} ...")
-    runtime = load_run(args.run, dtype=_dtype(args), trust_remote_code=args.trust_remote_code)
+    say(f"loading {args.run} ...")
+    runtime = load_runtime(args.run, dtype=_dtype(args), trust_remote_code=args.trust_remote_code)
     weights = runtime.adapters(descriptions)  # one hypernetwork forward for all of them
     folders = [out] if len(descriptions) == 1 else [out / f"adapter_{i:03d}" for i in range(len(descriptions))]
     runtime.export(weights, folders)
@@ -176,17 +173,17 @@ def cmd_serve(args) -> int:
     except ModuleNotFoundError as exc:
         raise T2LError(f"t2l serve needs the 'serve' extra ({exc.name} is missing): "
                        "pip install 't2l-framework[serve]'") from None
-    from t2l_framework.inference import load_run
+    from t2l_framework.assembly import load_runtime
 
     if args.max_batch < 1 or args.cache_size < 1 or args.batch_window_ms < 0:
         raise T2LError("--max-batch and --cache-size must be at least 1, --batch-window-ms at least 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.host not in LOOPBACK:
-        _say(f"binding to {args.host}: the API has no authentication; anyone who can reach this port can use it")
-    _say(f"loading {args.run} ...")
+        say(f"binding to {args.host}: the API has no authentication; anyone who can reach this port can use it")
+    say(f"loading {args.run} ...")
     if args.max_body_kb < 1:
         raise T2LError("--max-body-kb must be at least 1")
-    app = create_app(load_run(args.run, dtype=_dtype(args), trust_remote_code=args.trust_remote_code),
+    app = create_app(load_runtime(args.run, dtype=_dtype(args), trust_remote_code=args.trust_remote_code),
                      max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, cache_size=args.cache_size,
                      max_body_bytes=args.max_body_kb * 1024, allowed_hosts=allowed_hosts(args.host))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
@@ -201,59 +198,62 @@ def _split_list(values: list[str] | None) -> list[str]:
 
 
 def cmd_eval(args) -> int:
-    from t2l_framework.config import find_recipe, load_recipe
-    from t2l_framework.eval.benchmarks import get_benchmarks
+    from t2l_framework.assembly import (
+        check_run_trust, default_device, get_benchmarks, load_adapter_generator, load_recipe, runtime_for,
+    )
+    from t2l_framework.config import EvalConfig, find_recipe
     from t2l_framework.eval.cache import ResultCache, default_cache_dir
     from t2l_framework.eval.harness import EvalSettings, Evaluator, parse_adapters
     from t2l_framework.eval.report import markdown_table, write_outputs
-    from t2l_framework.inference import check_run_trust, load_generator, runtime_for
+    from t2l_framework.run_folder import RunFolder
 
     target = Path(args.run_or_recipe).expanduser()
+    run = RunFolder(target)
     own_adapter: list[str] = []
     generator = None
-    if target.is_dir() and (target / "adapter" / "adapter_config.json").is_file() and (target / "recipe.yaml").is_file():
-        recipe_file = target / "recipe.yaml"  # a LoRA-baseline run: its base model, and its adapter by default
-        cfg, default_out = load_recipe(recipe_file, check_files=False), target / "eval"
+    if target.is_dir() and run.is_lora_run():
+        recipe_file = run.recipe  # a LoRA-baseline run: its base model, and its adapter by default
+        cfg, default_out = load_recipe(recipe_file, check_files=False), run.eval_dir
         check_run_trust(cfg, recipe_file, args.trust_remote_code)
-        own_adapter = [f"{target.resolve().name}={target / 'adapter'}"]
+        own_adapter = [f"{run.name}={run.adapter}"]
     elif target.is_dir():  # a trained T2L run (or hypernet) folder; loaded once the arguments are checked
-        recipe_file = target / "recipe.yaml" if (target / "recipe.yaml").is_file() else None
-        cfg, default_out = (load_recipe(recipe_file, check_files=False) if recipe_file else None), target / "eval"
+        recipe_file = run.recipe if run.has_recipe() else None
+        cfg, default_out = (load_recipe(recipe_file, check_files=False) if recipe_file else None), run.eval_dir
     else:
         recipe_file = find_recipe(args.run_or_recipe)
         cfg, default_out = load_recipe(recipe_file), Path("eval_results") / recipe_file.stem
     is_t2l_run = target.is_dir() and not own_adapter
-    ev = cfg.eval if cfg is not None else None
+    ev = cfg.eval if cfg is not None else EvalConfig()  # the defaults live in EvalConfig only
     adapters = _split_list(args.adapters) or (["base", "base+description"] + (["t2l"] if is_t2l_run else []) + own_adapter)
-    if not args.adapters and not own_adapter and ev is not None and ev.baseline_adapter:
+    if not args.adapters and not own_adapter and ev.baseline_adapter:
         from t2l_framework.config import resolve_path
 
         baseline = resolve_path(ev.baseline_adapter, recipe_file)
         if baseline.is_dir():
             adapters.append(str(baseline))
         else:
-            _say(f"eval.baseline_adapter {ev.baseline_adapter} does not exist; evaluating without it")
+            say(f"eval.baseline_adapter {ev.baseline_adapter} does not exist; evaluating without it")
     specs = parse_adapters(adapters, have_run=is_t2l_run)
-    names = _split_list(args.benchmarks) or (list(ev.benchmarks) if ev is not None and ev.benchmarks else ["paper"])
+    names = _split_list(args.benchmarks) or list(ev.benchmarks) or ["paper"]
     benchmarks = get_benchmarks(names, args.data_root)
     settings = EvalSettings(
-        limit=args.limit if args.limit is not None else (ev.limit if ev is not None else 0),
-        n_descriptions=args.n_descriptions or (ev.n_descriptions if ev is not None else 3),
+        limit=args.limit if args.limit is not None else ev.limit,
+        n_descriptions=args.n_descriptions or ev.n_descriptions,
         scoring=args.scoring, mc_answer=args.mc_answer,
-        protocol=args.protocol or (ev.protocol if ev is not None else DEFAULT_PROTOCOL),
-        batch_size=args.batch_size or (ev.batch_size if ev is not None else 16),
+        protocol=args.protocol or ev.protocol,
+        batch_size=args.batch_size or ev.batch_size,
         max_new_tokens=args.max_new_tokens, code_timeout_s=args.code_timeout, seed=args.seed)
-    device = args.device or _default_device()
+    device = args.device or default_device()
     if is_t2l_run:
-        generator = load_generator(target, device, trust_remote_code=args.trust_remote_code)
+        generator = load_adapter_generator(target, device, trust_remote_code=args.trust_remote_code)
         base_cfg = generator.base_config
     else:
         base_cfg = cfg.base_model
-    _say(f"loading {base_cfg.name_or_path} ...")
+    say(f"loading {base_cfg.name_or_path} ...")
     runtime = runtime_for(base_cfg, device, _dtype(args), generator)
     cache = ResultCache(None if args.no_cache else (args.cache_dir or default_cache_dir()))
-    evaluator = Evaluator(runtime, specs, settings, cache)
-    _say(f"evaluating {', '.join(s.name for s in specs)} on {', '.join(b.name for b in benchmarks)}"
+    evaluator = Evaluator(runtime, specs, settings, cache, load_generator=load_adapter_generator)
+    say(f"evaluating {', '.join(s.name for s in specs)} on {', '.join(b.name for b in benchmarks)}"
          f" ({'all' if not settings.limit else settings.limit} items each)")
     results, predictions = evaluator.run(benchmarks)
     files = write_outputs(results, predictions, Path(args.output) if args.output else default_out)
@@ -276,12 +276,6 @@ def cmd_import_reference(args) -> int:
     return 0
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # --- data fetch ---------------------------------------------------------------------------
 
 def cmd_data_fetch(args) -> int:
@@ -293,7 +287,7 @@ def cmd_data_fetch(args) -> int:
     report = fetch_tasks(args.task_set, resolve_path(args.output), resolve_path(args.tasks_file), source=source,
                          retries=args.retries, backoff_s=args.backoff, max_train=args.max_train,
                          max_test=args.max_test, only=_split_list(args.only) or None,
-                         give_up_after=args.give_up_after, say=_say)
+                         give_up_after=args.give_up_after, say=say)
     print(summary(report, args.task_set))
     if args.output != "data/sni_hub" and report.missing == 0:  # the paper recipes' data.fetched_dir
         print(f"recipes read it with data.fetched_dir={args.output}")

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -247,6 +247,9 @@ RANGES: dict[str, tuple] = {
     "eval.report_max_items": (0, None, True),
 }
 # Data paths are checked only when the recipe's mode needs them.
+# (recipe, where it came from, import_code) -> None or T2LError; see ``load_recipe``.
+NameCheck = Callable[[DictConfig, str, bool], None]
+
 PATH_KEYS = {"sft": ("data.tasks_file", "data.instances_file"), "lora": ("data.tasks_file", "data.instances_file"),
              "recon": ("data.tasks_file", "data.lora_library")}
 
@@ -370,11 +373,14 @@ def _merge(cfg: DictConfig, other: Any, origin: str) -> DictConfig:
 
 
 def load_recipe(path_or_name: str | Path | None = None, overrides: list[str] | None = None,
-                check_files: bool = True, check_plugins: bool = True, import_code: bool = False) -> DictConfig:
+                check_files: bool = True, check_names: NameCheck | None = None,
+                import_code: bool = False) -> DictConfig:
     """Defaults <- recipe file <- overrides, then every value checked. Returns a read-only config.
 
-    import_code: also import a head named by import path (runs that module's code); by default
-    it is only looked up, so loading a recipe never executes code from it.
+    check_names: checks the plugin names the recipe uses (heads, encoders, families,
+    benchmarks); ``t2l_framework.assembly.load_recipe`` passes the registry's. import_code: also
+    import a head named by import path (runs that module's code); by default it is only looked
+    up, so loading a recipe never executes code from it.
     """
     cfg = OmegaConf.structured(Recipe)
     recipe_file = None
@@ -391,7 +397,7 @@ def load_recipe(path_or_name: str | Path | None = None, overrides: list[str] | N
         except OmegaConfBaseException as exc:
             raise T2LError(f"command-line overrides: {str(exc).splitlines()[0]}") from None
         cfg = _merge(cfg, dot, "command-line override")
-    validate(cfg, recipe_file, check_files=check_files, check_plugins=check_plugins, import_code=import_code)
+    validate(cfg, recipe_file, check_files=check_files, check_names=check_names, import_code=import_code)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -416,7 +422,7 @@ def range_problem(value: Any, low: Any, high: Any, low_inclusive: bool = True) -
 
 
 def validate(cfg: DictConfig, recipe_file: Optional[Path] = None, check_files: bool = True,
-             check_plugins: bool = True, import_code: bool = False) -> None:
+             check_names: NameCheck | None = None, import_code: bool = False) -> None:
     """Value checks the schema's types cannot express: choices, ranges, plugin names, files."""
     origin = str(recipe_file) if recipe_file else "recipe"
     for key, choices in CHOICES.items():
@@ -429,20 +435,8 @@ def validate(cfg: DictConfig, recipe_file: Optional[Path] = None, check_files: b
             raise T2LError(f"{origin}: {key}: {problem}")
     if not cfg.lora.target_modules:
         raise T2LError(f"{origin}: lora.target_modules: expected at least one module name")
-    if check_plugins:
-        from t2l_framework.plugins import registry
-
-        reg = registry()
-        try:
-            reg.get("heads", cfg.hypernet.head, key=f"{origin}: hypernet.head", import_code=import_code)
-            reg.get("encoders", cfg.encoder.name, key=f"{origin}: encoder.name")
-            if cfg.base_model.family != "auto":
-                reg.get("base_models", cfg.base_model.family, key=f"{origin}: base_model.family")
-            for name in cfg.eval.benchmarks:
-                if name not in ("paper", "all"):
-                    reg.get("benchmarks", name, key=f"{origin}: eval.benchmarks")
-        except T2LError:
-            raise
+    if check_names is not None:
+        check_names(cfg, origin, import_code)
     if check_files:
         for key in PATH_KEYS[cfg.training.mode]:
             value = OmegaConf.select(cfg, key)

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from t2l_framework.config import find_recipe, load_recipe, recipe_description, recipes_dir
+from t2l_framework.assembly import load_recipe
+from t2l_framework.config import find_recipe, recipe_description, recipes_dir
 from t2l_framework.errors import T2LError
 
 SHIPPED = sorted(recipes_dir().glob("*.yaml"))

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from t2l_framework.cli import main
-from t2l_framework.config import DataConfig, load_recipe, project_root
+from t2l_framework.assembly import load_recipe
+from t2l_framework.config import DataConfig, project_root
 from t2l_framework.data import load_tasks
 from t2l_framework.data import task_sets
 from t2l_framework.data.fetch import HubSource, fetch_tasks, fetched_parts, summary
@@ -176,7 +177,7 @@ def test_paper_recipes_need_the_whole_set_before_fit(tmp_path):
     assert cfg.data.task_set == "paper479"
     with pytest.raises(T2LError, match=r"data.task_set 'paper479': 347 of 479 tasks missing .*run `t2l data fetch`"):
         check_task_set(cfg.data)
-    from t2l_framework.training.run import fit
+    from t2l_framework.assembly import fit
 
     with pytest.raises(T2LError, match="347 of 479 tasks missing"):  # before any model is loaded
         fit("mistral_L", [f"data.fetched_dir={tmp_path}", f"training.output_dir={tmp_path / 'runs'}"])

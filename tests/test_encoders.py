@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from t2l_framework.config import EncoderConfig
-from t2l_framework.encoders import EmbeddingCache, TextEncoder, TransformersEncoder, add_full_stop, build_encoder
+from t2l_framework.assembly import build_encoder
+from t2l_framework.encoders import EmbeddingCache, TextEncoder, TransformersEncoder, add_full_stop
 from t2l_framework.encoders import base as encoder_base
 from t2l_framework.errors import T2LError
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from t2l_framework.cli import main
-from t2l_framework.eval.benchmarks import get_benchmarks
+from t2l_framework.assembly import get_benchmarks
 from t2l_framework.eval.harness import pick_descriptions
 from tests.tiny_world import build_trained_world
 
@@ -19,13 +19,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     world = build_trained_world(tmp_path_factory.mktemp("eval_world"), "evalrun", steps=3)
-    from t2l_framework.inference import load_run
+    from t2l_framework.assembly import load_runtime
 
     # A PEFT folder holding exactly the T2L adapter that arc_easy's first description makes:
     # evaluated as a separate adapter it must reproduce that T2L unit's numbers.
     (arc,) = get_benchmarks(["arc_easy"])
     first = pick_descriptions(arc.descriptions("arc_easy"), 2, 0, "arc_easy")[0]
-    runtime = load_run(world["run"])
+    runtime = load_runtime(world["run"])
     world["same_as_t2l"] = runtime.export([first], [world["root"] / "same_as_t2l"])[0]
     return world
 

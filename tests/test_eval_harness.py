@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from t2l_framework.errors import T2LError
-from t2l_framework.eval.benchmarks import PAPER_BENCHMARKS, get_benchmarks
+from t2l_framework.assembly import get_benchmarks
+from t2l_framework.eval.benchmarks import PAPER_BENCHMARKS
 from t2l_framework.eval.cache import ResultCache
 from t2l_framework.eval.harness import parse_adapters, pick_descriptions
 from t2l_framework.eval.loglik import OptionsRow, option_logprobs, sequence_count
@@ -157,7 +158,7 @@ def test_result_cache_round_trip_and_misses(tmp_path):
 
 
 def test_greedy_decode_drops_finished_rows_and_matches_one_row_at_a_time(tiny_llama):
-    from t2l_framework.eval.generation import greedy_decode
+    from t2l_framework.runtime.greedy import greedy_decode
 
     model = tiny_llama()
     injection = inject_lora(model, TARGETS)
@@ -193,7 +194,7 @@ def test_greedy_decode_drops_finished_rows_and_matches_one_row_at_a_time(tiny_ll
 
 
 def test_recipe_eval_benchmarks_are_checked_against_the_registry(tmp_path):
-    from t2l_framework.config import load_recipe
+    from t2l_framework.assembly import load_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("eval:\n  benchmarks: [paper, sni_unseen, hellaswg]\n")

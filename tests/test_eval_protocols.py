@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from t2l_framework.eval.benchmarks import PAPER_ARC, PAPER_WINOGRANDE, get_benchmarks
+from t2l_framework.assembly import get_benchmarks
+from t2l_framework.eval.benchmarks import PAPER_ARC, PAPER_WINOGRANDE
 from t2l_framework.eval.loglik import encode_pair
 from t2l_framework.eval.protocols import PROTOCOLS, paper_chat_text, reference_chat_template
 from t2l_framework.eval.scoring import (ClozeAccuracy, ReferenceBoolAccuracy, ReferenceChoiceAccuracy,

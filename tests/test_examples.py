@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from examples.factorized_head import FactorizedHead
+from t2l_framework.assembly import fit, head_lookup
 from t2l_framework.hypernet.heads import PerLayerHead
 from t2l_framework.lora.weights import ModuleShapes
-from t2l_framework.training.run import fit
 from tests.tiny_world import build_world
 
 HEAD = "examples.factorized_head:FactorizedHead"
@@ -38,7 +38,7 @@ def test_fewer_parameters_than_per_layer_b_zero_at_init_and_task_dependent_after
     assert _params(head) < _params(per_layer) / 4
     torch.manual_seed(0)
     net = HyperNetwork(shapes, 24, {"head": HEAD, "latent_size": 128},
-                       {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]})
+                       {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}, heads=head_lookup())
     emb = torch.randn(6, 24)
     w = net(emb)
     A, B = w.A["v_proj"], w.B["v_proj"]
@@ -64,7 +64,7 @@ def test_trains_by_import_path_loss_falls_and_is_smaller(world):
     assert len(val) == 4 and val[-1] < val[0] * 0.9, val
     from t2l_framework.hypernet.hypernetwork import HyperNetwork
 
-    net = HyperNetwork.from_pretrained(run / "hypernet")
+    net = HyperNetwork.from_pretrained(run / "hypernet", heads=head_lookup())
     assert type(net.head).__name__ == "FactorizedHead"
     per_layer = PerLayerHead(net.head.latent_size, net.shapes, net.rank, net.trunk.width)
     assert _params(net.head) < _params(per_layer)

@@ -15,6 +15,7 @@ from t2l_framework.llm.families import find_family
 from t2l_framework.lora.batched import BatchedLoraLinear, inject_lora
 from t2l_framework.lora.peft_io import export_peft_adapter
 from t2l_framework.lora.weights import LoraWeights
+from t2l_framework.assembly import model_families
 from t2l_framework.plugins import manager
 from tests.plugin_factory import make_plugin
 
@@ -61,20 +62,27 @@ def _merged(model, weights: LoraWeights, sample: int):
     return ref
 
 
+def _gpt2():
+    """The family the assembly layer resolves for GPT-2 once the plugin is installed."""
+    return find_family("gpt2", model_families())
+
+
 def test_family_comes_from_the_plugin_registration(gpt2_plugin):
     assert gpt2_plugin.owners["base_models"]["gpt2"] == "gpt2"
     assert next(p for p in gpt2_plugin.plugins if p.name == "gpt2").registered == {"base_models": ["gpt2"]}
-    assert find_family("gpt2").fused_targets["q_proj"][0] == "c_attn"
+    assert _gpt2().fused_targets["q_proj"][0] == "c_attn"
 
 
 def test_without_the_plugin_q_proj_is_not_found():
     manager.registry(reload=True)
+    with pytest.raises(T2LError, match="no model family covers model_type 'gpt2'"):
+        _gpt2()
     with pytest.raises(T2LError, match="'q_proj' not found in GPT2LMHeadModel.*c_attn"):
-        inject_lora(_tiny_gpt2(), ["q_proj", "v_proj"])
+        inject_lora(_tiny_gpt2(), ["q_proj", "v_proj"])  # no family: no fused projections
 
 
 def test_shapes_are_the_slices(gpt2_plugin):
-    injection = inject_lora(_tiny_gpt2(), ["q_proj", "v_proj"])
+    injection = inject_lora(_tiny_gpt2(), ["q_proj", "v_proj"], _gpt2())
     assert injection.shapes.n_layers == 2
     assert injection.shapes.shapes == {"q_proj": (EMBD, EMBD), "v_proj": (EMBD, EMBD)}
     assert injection.slices == {"q_proj": slice(0, EMBD), "v_proj": slice(2 * EMBD, 3 * EMBD)}
@@ -84,7 +92,7 @@ def test_shapes_are_the_slices(gpt2_plugin):
 def test_slice_lora_on_c_attn_equals_manual_reference(gpt2_plugin):
     model = _tiny_gpt2()
     base_attn = model.transformer.h[0].attn.c_attn
-    injection = inject_lora(model, ["q_proj", "v_proj"])
+    injection = inject_lora(model, ["q_proj", "v_proj"], _gpt2())
     weights = _random_weights(batch=2)
     x = torch.randn(2, 5, EMBD)
     base = base_attn(x)  # [2, 5, 3E]
@@ -106,7 +114,7 @@ def test_model_logits_equal_merged_weights(gpt2_plugin, batch):
     weights = _random_weights(batch)
     refs = [_merged(model, weights, k) for k in range(batch)]
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
-    injection = inject_lora(model, ["q_proj", "v_proj"])
+    injection = inject_lora(model, ["q_proj", "v_proj"], _gpt2())
     with injection.use(weights):
         logits = model(ids).logits
     for row in range(2):
@@ -120,7 +128,7 @@ def test_model_logits_equal_merged_weights(gpt2_plugin, batch):
 
 def test_gradients_reach_both_slices(gpt2_plugin):
     model = _tiny_gpt2()
-    injection = inject_lora(model, ["q_proj", "v_proj"])
+    injection = inject_lora(model, ["q_proj", "v_proj"], _gpt2())
     weights = _random_weights(batch=2)
     for t in (weights.A, weights.B):
         for v in t.values():
@@ -135,7 +143,7 @@ def test_hypernetwork_builds_from_the_slice_shapes_and_starts_at_the_base_model(
     model = _tiny_gpt2()
     ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(4))
     base_logits = model(ids).logits
-    injection = inject_lora(model, ["q_proj", "v_proj"])
+    injection = inject_lora(model, ["q_proj", "v_proj"], _gpt2())
     hypernet = HyperNetwork(injection.shapes, enc_dim=16, hypernet_cfg={"latent_size": 32, "task_dim": 16},
                             lora_cfg={"rank": RANK, "alpha": ALPHA, "target_modules": ["q_proj", "v_proj"]})
     weights = hypernet(torch.randn(3, 16))
@@ -147,10 +155,10 @@ def test_hypernetwork_builds_from_the_slice_shapes_and_starts_at_the_base_model(
 
 def test_peft_export_of_a_fused_slice_is_refused(gpt2_plugin, tmp_path):
     model = _tiny_gpt2()
-    injection = inject_lora(model, ["q_proj", "v_proj"])
+    injection = inject_lora(model, ["q_proj", "v_proj"], _gpt2())
     with pytest.raises(T2LError, match="'q_proj'.*output slice of the fused layer 'transformer.h.0.attn.c_attn'.*PEFT"):
         export_peft_adapter(_random_weights(1), tmp_path / "a", "gpt2", paths=injection.paths)
     injection.remove()
     with pytest.raises(T2LError, match="fused layer"):
-        export_peft_adapter(_random_weights(1), tmp_path / "b", "gpt2", model=model)
+        export_peft_adapter(_random_weights(1), tmp_path / "b", "gpt2", model=model, family=_gpt2())
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

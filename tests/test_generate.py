@@ -59,12 +59,12 @@ def test_several_descriptions_write_numbered_folders_in_one_batch(world, tmp_pat
 
 
 def test_chat_prints_base_and_adapted_answers(world, tmp_path, capsys):
-    from t2l_framework.inference import load_run
+    from t2l_framework.assembly import load_runtime
 
     assert main(["generate", str(world["run"]), DESCRIPTIONS[0], "-o", str(tmp_path / "a"),
                  "--chat", "red blue small", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
-    runtime = load_run(world["run"])
+    runtime = load_runtime(world["run"])
     base, adapted = runtime.chat(["red blue small"] * 2, [None, runtime.adapters(DESCRIPTIONS[:1])], max_new_tokens=5)
     assert f"base model  {base.text.strip()}" in out
     assert f"adapted     {adapted.text.strip()}" in out
@@ -89,9 +89,9 @@ def test_runs_saved_before_reference_task_embeddings_keep_unit_norm(world, tmp_p
     import json
     import shutil
 
-    from t2l_framework.inference import load_generator
+    from t2l_framework.assembly import load_adapter_generator
 
-    new = load_generator(world["run"], "cpu")
+    new = load_adapter_generator(world["run"], "cpu")
     assert new.encoder.normalize_scale == "sqrt_dim" and new.encoder.full_stop
     old = tmp_path / "old_run"
     shutil.copytree(world["run"], old)
@@ -100,7 +100,7 @@ def test_runs_saved_before_reference_task_embeddings_keep_unit_norm(world, tmp_p
     for key in ("normalize_scale", "full_stop"):
         config["encoder"].pop(key)
     config_file.write_text(json.dumps(config))
-    legacy = load_generator(old, "cpu")
+    legacy = load_adapter_generator(old, "cpu")
     assert legacy.encoder.normalize_scale == "unit" and not legacy.encoder.full_stop
     emb = legacy.encoder.encode(["answer with apple"])
     assert torch.allclose(emb.norm(dim=-1), torch.ones(1), atol=1e-5)

@@ -10,10 +10,12 @@ import json
 import pytest
 import torch
 
-from t2l_framework.config import HypernetConfig, load_recipe
+from t2l_framework.assembly import head_lookup, load_recipe
+from t2l_framework.config import HypernetConfig
 from t2l_framework.errors import T2LError
 from t2l_framework.hypernet import HyperNetwork, HypernetHead, PerLayerHead
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
+from t2l_framework.runtime import AdapterGenerator
 
 HEADS = ["per_layer", "shared", "chunked", "chunked_learned"]
 TINY = ModuleShapes(2, {"q_proj": (32, 32), "v_proj": (32, 16)})
@@ -164,21 +166,28 @@ def test_trunk_and_head_settings_are_checked():
 
 def test_custom_head_by_import_path():
     cfg = tiny_cfg(f"{__name__}:MyHead")
-    net = HyperNetwork(TINY, ENC_DIM, cfg, LORA)
+    net = HyperNetwork(TINY, ENC_DIM, cfg, LORA, heads=head_lookup())
     assert type(net.head).__name__ == "MyHead" and isinstance(net.head, HypernetHead)
     assert net(torch.randn(1, ENC_DIM)).A["q_proj"].shape == (1, 2, 4, 32)
 
 
 def test_import_path_to_non_head_is_refused():
     with pytest.raises(T2LError, match="not a subclass of t2l_framework.HypernetHead"):
-        HyperNetwork(TINY, ENC_DIM, tiny_cfg(f"{__name__}:NotAHead"), LORA)
+        HyperNetwork(TINY, ENC_DIM, tiny_cfg(f"{__name__}:NotAHead"), LORA, heads=head_lookup())
     with pytest.raises(T2LError, match="no attribute 'Nope'"):
-        HyperNetwork(TINY, ENC_DIM, tiny_cfg(f"{__name__}:Nope"), LORA)
+        HyperNetwork(TINY, ENC_DIM, tiny_cfg(f"{__name__}:Nope"), LORA, heads=head_lookup())
 
 
 def test_unknown_head_name_suggests():
     with pytest.raises(T2LError, match="did you mean 'shared'"):
-        HyperNetwork(TINY, ENC_DIM, tiny_cfg("sharde"), LORA)
+        HyperNetwork(TINY, ENC_DIM, tiny_cfg("sharde"), LORA)  # built-in heads only
+    with pytest.raises(T2LError, match="did you mean 'shared'"):
+        HyperNetwork(TINY, ENC_DIM, tiny_cfg("sharde"), LORA, heads=head_lookup())
+
+
+def test_without_the_assembly_lookup_only_builtin_heads_resolve():
+    with pytest.raises(T2LError, match="unknown head 't2l_framework.hypernet.heads:SharedHead'"):
+        HyperNetwork(TINY, ENC_DIM, tiny_cfg("t2l_framework.hypernet.heads:SharedHead"), LORA)
 
 
 def test_custom_head_through_a_plugin(monkeypatch):
@@ -200,7 +209,7 @@ def test_custom_head_through_a_plugin(monkeypatch):
     monkeypatch.setattr(manager, "_REGISTRY", None)
     try:
         assert manager.registry().owners["heads"]["my_head"] == "my-plugin"
-        net = HyperNetwork(TINY, ENC_DIM, tiny_cfg("my_head"), LORA)
+        net = HyperNetwork(TINY, ENC_DIM, tiny_cfg("my_head"), LORA, heads=head_lookup())
         assert isinstance(net.head, MyHead)
     finally:
         manager.registry(reload=True)
@@ -290,7 +299,7 @@ def test_weights_with_wrong_keys_are_refused(tmp_path):
         HyperNetwork.from_pretrained(tmp_path / "nowhere")
 
 
-def test_generate_from_descriptions_and_embeddings():
+def test_adapters_from_descriptions_equal_the_forward_on_their_embeddings():
     class FakeEncoder:
         dim = ENC_DIM
 
@@ -298,11 +307,12 @@ def test_generate_from_descriptions_and_embeddings():
             return torch.stack([torch.full((ENC_DIM,), float(len(t))) for t in texts])
 
     net = tiny("shared").eval()
-    by_text = net.generate(["solve math", "translate"], FakeEncoder())
-    by_emb = net.generate(FakeEncoder().encode(["solve math", "translate"]))
+    by_text = AdapterGenerator(net, FakeEncoder()).adapters(["solve math", "translate"])
+    with torch.no_grad():
+        by_emb = net(FakeEncoder().encode(["solve math", "translate"]))
     assert by_text.batch_size == 2 and torch.equal(by_text.A["q_proj"], by_emb.A["q_proj"])
-    with pytest.raises(T2LError, match="no encoder"):
-        net.generate(["x"])
+    with pytest.raises(T2LError, match="non-empty"):
+        AdapterGenerator(net, FakeEncoder()).adapters(["x", " "])
 
 
 @pytest.mark.parametrize("head", HEADS)

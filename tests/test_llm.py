@@ -10,7 +10,8 @@ import torch
 
 from t2l_framework.config import BaseModelConfig
 from t2l_framework.errors import T2LError
-from t2l_framework.llm import find_family, get_family, load_base_model, target_shapes
+from t2l_framework.llm import find_family, get_family, load_base_model
+from t2l_framework.lora import target_shapes
 from t2l_framework.llm import loading
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from t2l_framework.config import load_recipe
+from t2l_framework.assembly import load_recipe
 from t2l_framework.errors import T2LError
 from t2l_framework.lora import LoraWeights, inject_lora
 from t2l_framework.training.module import (T2LModule, generated_l2, lr_lambda, recon_l1, sft_token_loss,
@@ -114,13 +114,12 @@ def test_schedule_equals_transformers(kind, hf_name):
 
 
 def test_warmup_ratio_is_a_fraction_of_max_steps():
-    cfg = load_recipe(overrides=["training.warmup_ratio=0.2", "training.warmup_steps=7"], check_files=False,
-                      check_plugins=False)
+    cfg = load_recipe(overrides=["training.warmup_ratio=0.2", "training.warmup_steps=7"], check_files=False)
     assert warmup_steps(cfg.training, 1_180_000) == 236_000
-    cfg = load_recipe(overrides=["training.warmup_steps=7"], check_files=False, check_plugins=False)
+    cfg = load_recipe(overrides=["training.warmup_steps=7"], check_files=False)
     assert warmup_steps(cfg.training, 1_180_000) == 7
     with pytest.raises(T2LError, match="training.warmup_ratio"):  # refused when the recipe loads
-        load_recipe(overrides=["training.warmup_ratio=1.5"], check_files=False, check_plugins=False)
+        load_recipe(overrides=["training.warmup_ratio=1.5"], check_files=False)
 
 
 @pytest.fixture
@@ -135,7 +134,7 @@ def sft_module(tiny_llama):
     weights = LoraWeights(A, B, 4, 8.0, True)
 
     def make(*overrides):
-        cfg = load_recipe(overrides=["training.neftune_alpha=0", *overrides], check_files=False, check_plugins=False)
+        cfg = load_recipe(overrides=["training.neftune_alpha=0", *overrides], check_files=False)
         return T2LModule(cfg, torch.nn.Identity(), model, injection), weights, injection
 
     return make

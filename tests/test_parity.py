@@ -258,7 +258,8 @@ def test_peft_export_of_an_imported_adapter_gives_our_logits(tiny_llama, tmp_pat
     folder = write_reference(tmp_path / "ref", state, "M", order=["q_proj", "v_proj"])
     run = import_reference(folder, tmp_path / "run")
     net = HyperNetwork.from_pretrained(run / "hypernet").eval()
-    weights = net.generate(torch.randn(1, ENC))
+    with torch.no_grad():
+        weights = net(torch.randn(1, ENC))
     injection = inject_lora(copy.deepcopy(model), net.target_modules)
     out = export_peft_adapter(weights, tmp_path / "adapter", "tiny", paths=injection.paths)
     assert json.loads((out / "adapter_config.json").read_text())["use_rslora"] is True
@@ -275,7 +276,7 @@ def test_peft_export_of_an_imported_adapter_gives_our_logits(tiny_llama, tmp_pat
 def test_cli_import_then_generate_uses_the_recorded_encoder(tmp_path, capsys):
     from tests.tiny_world import build_world
 
-    from t2l_framework.inference import load_run
+    from t2l_framework.assembly import load_runtime
 
     world = build_world(tmp_path / "world")
     gte = shutil.copytree(world["encoder"], tmp_path / "tiny-gte")  # the reference picks CLS pooling for gte
@@ -291,7 +292,7 @@ def test_cli_import_then_generate_uses_the_recorded_encoder(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "run"), "answer with apple", "-o", str(tmp_path / "adapter"),
                  "--trust-remote-code"]) == 0
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_rslora"] is True
-    runtime = load_run(tmp_path / "run", device="cpu", trust_remote_code=True)
+    runtime = load_runtime(tmp_path / "run", device="cpu", trust_remote_code=True)
     assert runtime.generator.encoder.pooling == "cls"
     desc = "answer with apple"
     emb = runtime.generator.encoder.encode([desc])

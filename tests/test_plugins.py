@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from t2l_framework.config import load_recipe
+from t2l_framework.assembly import load_recipe
 from t2l_framework.errors import T2LError
 from t2l_framework.plugins import manager
 from tests.plugin_factory import BROKEN_PLUGIN, CLASHING_PLUGIN, GOOD_PLUGIN, make_plugin

@@ -7,9 +7,10 @@ down here (from their config.json), so shapes and parameter counts are checked o
 import pytest
 import torch
 
-from t2l_framework.config import load_recipe, recipes_dir
+from t2l_framework.assembly import load_recipe
+from t2l_framework.config import recipes_dir
 from t2l_framework.hypernet.hypernetwork import HyperNetwork
-from t2l_framework.llm.targets import target_shapes
+from t2l_framework.lora.targets import target_shapes
 
 HUB_CONFIGS = {
     "mistralai/Mistral-7B-Instruct-v0.2": ("MistralConfig", dict(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from t2l_framework.cli import main
-from t2l_framework.config import load_recipe
+from t2l_framework.assembly import load_recipe
 from t2l_framework.errors import T2LError
 
 

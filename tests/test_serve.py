@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from t2l_framework.errors import T2LError
-from t2l_framework.inference import load_run
+from t2l_framework.assembly import load_runtime
 from tests.tiny_world import build_trained_world
 
 fastapi_testclient = pytest.importorskip("fastapi.testclient", reason="the serve extra is not installed")
@@ -39,7 +39,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runtime(world):
-    return load_run(world["run"])
+    return load_runtime(world["run"])
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +62,15 @@ def _stats(client) -> dict:
 # --- runtime ------------------------------------------------------------------------------
 
 def test_load_run_accepts_run_and_hypernet_folders_and_names_bad_ones(world, runtime, tmp_path):
-    assert load_run(world["run"] / "hypernet").identity == runtime.identity
+    assert load_runtime(world["run"] / "hypernet").identity == runtime.identity
     with pytest.raises(T2LError, match="not a T2L run folder"):
-        load_run(tmp_path)
+        load_runtime(tmp_path)
     with pytest.raises(T2LError, match="no such folder"):
-        load_run(tmp_path / "missing")
+        load_runtime(tmp_path / "missing")
     (tmp_path / "lora" / "adapter").mkdir(parents=True)
     (tmp_path / "lora" / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(T2LError, match="LoRA-baseline run"):
-        load_run(tmp_path / "lora")
+        load_runtime(tmp_path / "lora")
 
 
 def test_mixed_batch_rows_match_each_row_alone(runtime):

@@ -12,10 +12,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-from t2l_framework.config import load_recipe, recipes_dir
+from t2l_framework.assembly import load_recipe
+from t2l_framework.config import recipes_dir
 from t2l_framework.errors import T2LError
 from t2l_framework.training.checkpoint_io import load_checkpoint_file
-from t2l_framework.training.run import TrainingInterrupted, fit, latest_checkpoint
+from t2l_framework.assembly import fit
+from t2l_framework.training.run import TrainingInterrupted, latest_checkpoint
 from tests.tiny_world import build_world
 
 
@@ -131,11 +133,11 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(world):
 @pytest.mark.parametrize("signum, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
 def test_t2l_fit_interrupted_exits_non_zero_after_its_checkpoint(world, monkeypatch, capsys, signum, code, name):
     """`make` and scripts must not take an interrupted run for a finished one (Lightning exits 0 / 1)."""
-    import t2l_framework.training.run as run_module
+    import t2l_framework.assembly as assembly
     from t2l_framework.cli import main
 
-    real_fit = run_module.fit
-    monkeypatch.setattr(run_module, "fit", lambda *a, **k: real_fit(*a, **k, callbacks=[_SignalAt(2, signum)]))
+    real_fit = assembly.fit
+    monkeypatch.setattr(assembly, "fit", lambda *a, **k: real_fit(*a, **k, callbacks=[_SignalAt(2, signum)]))
     run_name = f"signal{code}"
     status = main(["fit", str(world["recipe"]), "trainer.max_steps=6", "trainer.val_check_interval=100",
                    f"training.run_name={run_name}"])

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from t2l_framework.cli import main
 from t2l_framework.errors import T2LError
 from t2l_framework.hypernet.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from t2l_framework.inference import load_generator, load_run
+from t2l_framework.assembly import load_adapter_generator, load_runtime
 from t2l_framework.training.checkpoint_io import load_checkpoint_file, save_checkpoint_file
 from tests.tiny_world import build_trained_world
 
@@ -79,14 +79,14 @@ def test_a_recipe_asking_for_remote_code_is_refused_without_the_flag(world, run,
 
     _edit_recipe(run, trusting)
     with pytest.raises(T2LError, match=r"base_model.trust_remote_code is true.*--trust-remote-code"):
-        load_run(run)
+        load_runtime(run)
     code, err = _generate(capsys, run, tmp_path / "out")
     assert code == 2 and "--trust-remote-code" in err and len(err.strip().splitlines()) == 2, err  # [t2l] + error
     assert not marker.exists()
     _edit_recipe(run, lambda r: r["base_model"].update(trust_remote_code=False))
     _edit_recipe(run, lambda r: r["encoder"].update(trust_remote_code=True))
     with pytest.raises(T2LError, match=r"encoder.trust_remote_code is true"):
-        load_generator(run, "cpu")
+        load_adapter_generator(run, "cpu")
 
 
 def test_a_head_import_path_in_a_checkpoint_is_not_imported_without_the_flag(run, tmp_path, monkeypatch, capsys):
@@ -98,12 +98,12 @@ def test_a_head_import_path_in_a_checkpoint_is_not_imported_without_the_flag(run
     _edit_json(run / "hypernet" / CONFIG_NAME, lambda c: c["hypernet"].update(head=head))
     _edit_recipe(run, lambda r: r["hypernet"].update(head=head))
     with pytest.raises(T2LError, match=r"hypernet.head 'planted_head:Head' is an import path.*--trust-remote-code"):
-        load_generator(run, "cpu")
+        load_adapter_generator(run, "cpu")
     code, err = _generate(capsys, run, tmp_path / "out")
     assert code == 2 and "import path" in err
     assert not marker.exists() and "planted_head" not in sys.modules
     # the flag is what allows it, and then the run works
-    generator = load_generator(run, "cpu", trust_remote_code=True)
+    generator = load_adapter_generator(run, "cpu", trust_remote_code=True)
     assert marker.exists() and type(generator.hypernet.head).__name__ == "PerLayerHead"
     code, err = _generate(capsys, run, tmp_path / "out2", "--trust-remote-code")
     assert code == 0 and (tmp_path / "out2" / "adapter_config.json").is_file(), err
@@ -118,7 +118,7 @@ def test_the_current_folder_is_never_searched_for_modules(run, tmp_path, monkeyp
     monkeypatch.chdir(run)
     path_before = list(sys.path)
     with pytest.raises(T2LError, match=r"cannot import module 'next_to_the_run'.*current folder is not searched"):
-        load_generator(run, "cpu", trust_remote_code=True)
+        load_adapter_generator(run, "cpu", trust_remote_code=True)
     assert not marker.exists() and sys.path == path_before and str(run) not in sys.path
 
 
@@ -150,7 +150,7 @@ def test_validate_looks_a_head_up_without_importing_it(world, tmp_path, monkeypa
 def test_malformed_hypernet_config_is_one_clear_error(run, change, words):
     _edit_json(run / "hypernet" / CONFIG_NAME, change)
     with pytest.raises(T2LError, match=words):
-        load_generator(run / "hypernet", "cpu")
+        load_adapter_generator(run / "hypernet", "cpu")
 
 
 def test_absurd_sizes_are_refused_before_allocating(run):
@@ -158,11 +158,11 @@ def test_absurd_sizes_are_refused_before_allocating(run):
     _edit_json(run / "hypernet" / CONFIG_NAME, lambda c: c["hypernet"].update(latent_size=10_000_000))
     start = time.perf_counter()
     with pytest.raises(T2LError, match=r"'hypernet.latent_size': expected a positive integer up to 65536"):
-        load_generator(run / "hypernet", "cpu")
+        load_adapter_generator(run / "hypernet", "cpu")
     # in range but not what the file holds: caught on the safetensors header, on the meta device
     _edit_json(run / "hypernet" / CONFIG_NAME, lambda c: c["hypernet"].update(latent_size=60_000))
     with pytest.raises(T2LError, match=r"weights do not match this hypernetwork \(wrong shapes: .*60000"):
-        load_generator(run / "hypernet", "cpu")
+        load_adapter_generator(run / "hypernet", "cpu")
     assert time.perf_counter() - start < 10
 
 
@@ -173,7 +173,7 @@ def test_a_checkpoint_missing_a_tensor_is_one_clear_error(run, tmp_path):
     del state[dropped]
     save_file(state, weights)
     with pytest.raises(T2LError, match=rf"weights do not match this hypernetwork \(missing keys: {dropped}"):
-        load_generator(run, "cpu")
+        load_adapter_generator(run, "cpu")
     # a training checkpoint whose metadata names a tensor the file does not hold
     ckpt = tmp_path / "last.ckpt"
     save_checkpoint_file({"global_step": 3, "state_dict": {"w": torch.ones(2)}}, ckpt)
@@ -189,7 +189,7 @@ def test_a_checkpoint_missing_a_tensor_is_one_clear_error(run, tmp_path):
 def test_deeply_nested_json_is_one_clear_error(run, tmp_path):
     (run / "hypernet" / CONFIG_NAME).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(T2LError, match=r"malformed JSON: nested too deeply"):
-        load_generator(run, "cpu")
+        load_adapter_generator(run, "cpu")
     ckpt = tmp_path / "deep.ckpt"
     save_file({}, str(ckpt), metadata={"t2l_checkpoint": '{"__list__":' * 100_000 + "[]" + "}" * 100_000})
     with pytest.raises(T2LError, match=r"nested too deeply"):

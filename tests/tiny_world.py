@@ -138,7 +138,7 @@ eval:
 
 def build_trained_world(root: Path, run_name: str, steps: int = 2) -> dict[str, Path]:
     """``build_world`` plus a run folder trained ``steps`` steps (for generate / serve tests)."""
-    from t2l_framework.training.run import fit
+    from t2l_framework.assembly import fit
 
     world = build_world(root)
     world["run"] = fit(str(world["recipe"]), [f"trainer.max_steps={steps}", f"training.run_name={run_name}",

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from typing import Callable, Optional, Protocol
 
 import yaml
 
+from t2l_framework.atomic import atomic_file, atomic_folder
 from t2l_framework.config import project_root
 from t2l_framework.data.task_sets import FETCHED_INSTANCES, FETCHED_TASKS, task_ids_in, task_set_ids
 from t2l_framework.errors import T2LError
@@ -170,16 +169,10 @@ def _write_jsonl(path: Path, rows) -> None:
 
 def save_part(out: Path, record: dict, instances: list[dict]) -> Path:
     """Write ``out/parts/<task>/`` as a whole or not at all (rename of a finished temp folder)."""
-    parts = out / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    final = parts / record["task"]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{record['task']}.", dir=parts))
-    try:
+    final = out / "parts" / record["task"]
+    with atomic_folder(final) as tmp:
         _write_jsonl(tmp / FETCHED_TASKS, [record])
         _write_jsonl(tmp / FETCHED_INSTANCES, instances)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -198,12 +191,10 @@ def merge_parts(out: Path, order: list[str]) -> int:
     have = fetched_parts(out)
     tasks = [t for t in order if t in have]
     for name in (FETCHED_INSTANCES, FETCHED_TASKS):  # instances first: tasks.jsonl is what readers look for
-        tmp = out / f".{name}.tmp"
-        with open(tmp, "w", encoding="utf-8") as dst:
+        with atomic_file(out / name) as tmp, open(tmp, "w", encoding="utf-8") as dst:
             for t in tasks:
                 with open(out / "parts" / t / name, encoding="utf-8") as src:
                     shutil.copyfileobj(src, dst)
-        os.replace(tmp, out / name)
     return len(tasks)
 
 

@@ -7,15 +7,16 @@ from t2l_framework.encoders.st import SentenceTransformersEncoder
 
 __all__ = [
     "TextEncoder", "BaseEncoder", "TransformersEncoder", "SentenceTransformersEncoder",
-    "EmbeddingCache", "cache_key", "add_full_stop", "minilm_path", "resolve_model", "build_encoder",
+    "EmbeddingCache", "cache_key", "add_full_stop", "minilm_path", "resolve_model", "make_encoder",
 ]
 
 
-def build_encoder(cfg) -> TextEncoder:
-    """The encoder an ``EncoderConfig`` names, through the plugin registry."""
-    from t2l_framework.plugins import registry
+def make_encoder(factory, cfg) -> TextEncoder:
+    """The encoder ``factory(cfg)`` builds for an ``EncoderConfig``, with the recipe's text policy.
 
-    factory = registry().get("encoders", cfg.name, key="encoder.name")
+    factory: what an encoder plugin registered; ``t2l_framework.assembly.build_encoder`` looks
+    it up by ``encoder.name``.
+    """
     encoder = factory(cfg)
     if isinstance(encoder, BaseEncoder):  # one text/scale policy for built-in and plugin encoders alike
         encoder.set_text_policy(getattr(cfg, "normalize_scale", "sqrt_dim"), getattr(cfg, "full_stop", True))

@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import yaml
 
@@ -31,7 +31,24 @@ from t2l_framework.config import project_root
 from t2l_framework.errors import T2LError
 from t2l_framework.eval.protocols import CHAT, LM_EVAL, PAPER, PAPER_MAX_NEW_TOKENS
 
-KINDS = ("multiple_choice", "final_number", "code", "rouge")
+
+
+@dataclass
+class GradeContext:
+    """What grading may need from the harness: the sandbox's time limit per program, and a
+    ``progress(done)`` callback for long grading (running programs)."""
+
+    code_timeout_s: float = 10.0
+    progress: Callable[[int], None] | None = None
+
+
+@dataclass
+class Graded:
+    """Per-item scores (0..1) under the benchmark's ``metric``, plus optional per-item details
+    (e.g. ``{"status": [...]}`` of sandboxed programs) that go into predictions.jsonl."""
+
+    scores: list[float]
+    details: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,6 +85,9 @@ class Example:
 class Benchmark(ABC):
     """Base class: set the class attributes, implement ``load_examples`` and ``descriptions``.
 
+    A benchmark grades itself: ``grade`` turns generated answers into per-item scores under
+    ``metric`` (any name: the harness reports whatever the benchmark names). The built-in
+    ``kind`` values pick a built-in scorer; a benchmark with another kind overrides ``grade``.
     ``version`` goes into the result-cache key: bump it when prompts or scoring change.
     """
 
@@ -80,6 +100,7 @@ class Benchmark(ABC):
     files: ClassVar[tuple[str, ...]] = ()  # data files, relative to the data root
     protocols: ClassVar[tuple[str, ...]] = (CHAT,)  # protocols this benchmark defines (others: scored as chat)
     paper_match: ClassVar[str] = "choice"  # multiple choice under paper: "choice" (first letter) or "bool"
+    runs_programs: ClassVar[bool] = False  # grading runs code in the sandbox (its time limit is in the cache key)
 
     def __init__(self, data_root: str | Path | None = None):
         self.data_root = Path(data_root) if data_root else project_root() / "data"
@@ -137,8 +158,9 @@ class Benchmark(ABC):
         """Texts that end a generated answer early under ``protocol`` (besides EOS)."""
         return self.stop
 
-    def grade(self, examples: list[Example], answers: list[str], protocol: str) -> list[float]:
-        """Per-item scores of generated answers (code: ``program``, run by the harness's sandbox)."""
+    def grade(self, examples: list[Example], answers: list[str], protocol: str,
+              context: GradeContext | None = None) -> list[float] | Graded:
+        """Per-item scores of generated answers, by the built-in scorer of ``kind``."""
         from t2l_framework.eval import scoring
 
         paper = self.protocol(protocol) == PAPER
@@ -159,7 +181,8 @@ class Benchmark(ABC):
             metric = scoring.RougeL()
             metric.update(answers, [ex.gold for ex in examples])
         else:
-            raise T2LError(f"benchmark '{self.name}': {self.kind} answers are graded by running programs")
+            raise T2LError(f"benchmark '{self.name}': kind '{self.kind}' has no built-in scorer; override grade() "
+                           "to score its answers")
         return metric.scores()
 
     def program(self, example: Example, answer: str, protocol: str) -> str:
@@ -477,7 +500,26 @@ def _before_fence(answer: str) -> str:
     return answer if end < 0 else answer[:end]
 
 
-class HumanEval(T2LMetadataBenchmark):
+class ProgramGraded:
+    """Mixin for code benchmarks: each answer becomes a program (``program``) run in the sandbox;
+    pass@1 = the share of programs that exit 0."""
+
+    runs_programs: ClassVar[bool] = True
+
+    def grade(self, examples: list[Example], answers: list[str], protocol: str,
+              context: GradeContext | None = None) -> Graded:
+        from t2l_framework.eval import scoring
+        from t2l_framework.eval.sandbox import SandboxLimits, run_many
+
+        context = context or GradeContext()
+        programs = [self.program(ex, answer, protocol) for ex, answer in zip(examples, answers)]
+        results = run_many(programs, SandboxLimits(timeout_s=context.code_timeout_s), progress=context.progress)
+        metric = scoring.PassAtOne()
+        metric.update([r.passed for r in results])
+        return Graded(metric.scores(), {"status": [r.status for r in results]})
+
+
+class HumanEval(ProgramGraded, T2LMetadataBenchmark):
     name, kind, metric, max_new_tokens = "humaneval", "code", "pass@1", 384
     stop = ("\n```",)  # the closing fence: what a chat model writes after it is prose
     files = ("eval/humaneval/HumanEval.jsonl", "t2l/tasks/humaneval/metadata.yaml")
@@ -511,7 +553,7 @@ class HumanEval(T2LMetadataBenchmark):
         return scoring.humaneval_program(t["prompt"], scoring.extract_code(answer), t["test"], t["entry_point"])
 
 
-class MBPP(T2LMetadataBenchmark):
+class MBPP(ProgramGraded, T2LMetadataBenchmark):
     """MBPP sanitized, test split (task ids 11-510); the prompt shows the first assertion, as in T2L."""
 
     name, kind, metric, max_new_tokens = "mbpp", "code", "pass@1", 384
@@ -585,27 +627,3 @@ class SNIUnseen(Benchmark):
 BUILTIN_BENCHMARKS: list[type[Benchmark]] = [ARCChallenge, ARCEasy, BoolQ, GSM8K, HellaSwag, OpenBookQA, PIQA,
                                              WinoGrande, HumanEval, MBPP, SNIUnseen]
 PAPER_BENCHMARKS = [b.name for b in BUILTIN_BENCHMARKS if b is not SNIUnseen]
-
-
-def get_benchmarks(names: list[str], data_root: str | Path | None = None) -> list[Benchmark]:
-    """Instantiate registered benchmarks by name ('paper' = the ten of the T2L paper, 'all')."""
-    from t2l_framework.plugins import registry
-
-    reg = registry()
-    expanded: list[str] = []
-    for name in names:
-        if name == "paper":
-            expanded += PAPER_BENCHMARKS
-        elif name == "all":
-            expanded += reg.names("benchmarks")
-        else:
-            expanded.append(name)
-    out = []
-    for name in dict.fromkeys(expanded):
-        factory = reg.get("benchmarks", name, key="--benchmarks")
-        bench = factory(data_root)
-        if not isinstance(bench, Benchmark) or bench.kind not in KINDS:
-            raise T2LError(f"benchmark '{name}' must be a Benchmark with kind in {KINDS}")
-        bench.name = name  # the registered name is the one results are reported under
-        out.append(bench)
-    return out

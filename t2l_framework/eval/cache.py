@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from t2l_framework.atomic import atomic_file
 
 
 def default_cache_dir() -> Path:
@@ -49,13 +50,5 @@ class ResultCache:
     def put(self, parts: dict, value: dict) -> None:
         if self.folder is None:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        target = self._file(parts)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem[:12]}.", dir=self.folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"key": json.loads(json.dumps(parts, sort_keys=True, default=str)), "value": value}, f)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(self._file(parts)) as tmp, open(tmp, "w") as f:
+            json.dump({"key": json.loads(json.dumps(parts, sort_keys=True, default=str)), "value": value}, f)

@@ -20,14 +20,17 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
+from t2l_framework.config import EvalConfig
+from t2l_framework.console import say
 from t2l_framework.errors import T2LError
-from t2l_framework.eval.benchmarks import Benchmark, Example
+from t2l_framework.eval.benchmarks import Benchmark, Example, GradeContext, Graded
 from t2l_framework.eval.cache import ResultCache
-from t2l_framework.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS, adds_special_tokens, paper_chat_text
+from t2l_framework.eval.protocols import PROTOCOLS, adds_special_tokens, paper_chat_text
 from t2l_framework.eval.stats import clustered_mean_se, mean_se, paired_difference
 from t2l_framework.lora.weights import LoraWeights
+from t2l_framework.runtime.adapters import AdapterGenerator
 
 HARNESS_VERSION = "2"
 BUILTIN_ADAPTERS = ("base", "base+description", "t2l")
@@ -77,7 +80,7 @@ def parse_adapters(specs: Sequence[str], have_run: bool) -> list[AdapterSpec]:
             elif (folder / "adapter" / "adapter_config.json").is_file():
                 folder, kind = folder / "adapter", "peft"  # a LoRA-baseline run folder
             else:
-                kind = "t2l"  # load_generator explains what is missing if it is not a T2L folder
+                kind = "t2l"  # load_adapter_generator explains what is missing if it is not a T2L folder
             default_name = (folder.parent if folder.name in ("adapter", "hypernet") else folder).resolve().name
             out.append(AdapterSpec(name or default_name, kind, folder))
     names = [a.name for a in out]
@@ -89,6 +92,9 @@ def parse_adapters(specs: Sequence[str], have_run: bool) -> list[AdapterSpec]:
     return out
 
 
+_DEFAULTS = EvalConfig()  # one home for evaluation defaults: the recipe schema
+
+
 @dataclass
 class EvalSettings:
     """limit: items per benchmark (0 = all). protocol: paper | lm-eval | chat (``eval.protocols``).
@@ -96,15 +102,15 @@ class EvalSettings:
     log-likelihood of the option 'label' (what the prompt asks for: "B") or its 'text'
     (normalised by its length in bytes). max_new_tokens: 0 = each benchmark's own length, else a cap."""
 
-    limit: int = 0
-    n_descriptions: int = 3
+    limit: int = _DEFAULTS.limit
+    n_descriptions: int = _DEFAULTS.n_descriptions
     scoring: str = "loglik"
     mc_answer: str = "label"
-    batch_size: int = 16
+    batch_size: int = _DEFAULTS.batch_size
     max_new_tokens: int = 0
     code_timeout_s: float = 10.0
     seed: int = 0
-    protocol: str = DEFAULT_PROTOCOL
+    protocol: str = _DEFAULTS.protocol
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -144,8 +150,10 @@ class Evaluator:
     """Scores ``adapters`` on benchmarks with one runtime (base model + injected LoRA)."""
 
     def __init__(self, runtime, adapters: Sequence[AdapterSpec], settings: EvalSettings,
-                 cache: ResultCache | None = None, show_progress: bool = True):
-        from t2l_framework.inference import load_generator
+                 cache: ResultCache | None = None, show_progress: bool = True,
+                 load_generator: Callable[[Path, Any], AdapterGenerator] | None = None):
+        """load_generator(folder, device): an ``AdapterGenerator`` for a ``t2l=PATH`` adapter
+        (``assembly.load_adapter_generator``; the assembly layer passes it)."""
         from t2l_framework.lora.peft_io import import_peft_adapter
 
         self.runtime, self.adapters, self.settings = runtime, list(adapters), settings
@@ -156,6 +164,9 @@ class Evaluator:
             if spec.kind == "t2l":
                 gen = runtime.generator
                 if spec.path is not None:
+                    if load_generator is None:
+                        raise T2LError(f"--adapters {spec.name}: loading another run's hypernetwork needs "
+                                       "Evaluator(load_generator=t2l_framework.assembly.load_adapter_generator)")
                     gen = load_generator(spec.path, runtime.device)
                     if gen.base_config.name_or_path != runtime.base_model_name:
                         raise T2LError(f"--adapters {spec.name}: its hypernetwork was trained for "
@@ -203,7 +214,7 @@ class Evaluator:
                        "mc_answer": s.mc_answer if mode == "loglik" else "",
                        "max_new_tokens": self._max_new(bench), "stop": list(bench.stop_texts(protocol)),
                        "chat_template": self.runtime.chat_template,
-                       "code_timeout_s": s.code_timeout_s if bench.kind == "code" else None,
+                       "code_timeout_s": s.code_timeout_s if bench.runs_programs else None,
                        "descriptions": {t: d[slot] for t, d in descs.items()} if spec.uses_descriptions else None}
                 units.append(_Unit(spec, slot, key))
         return units
@@ -222,7 +233,7 @@ class Evaluator:
             if not todo:
                 continue
             texts = [descs[t][u.slot] for u in todo for t in descs]
-            weights = gen.generate(texts).conform(shapes, self.rank).to(self.runtime.device)
+            weights = gen.adapters(texts).conform(shapes, self.rank).to(self.runtime.device)
             for i, u in enumerate(todo):
                 u.weights = {t: weights.select(i * len(descs) + j) for j, t in enumerate(descs)}
         for u in units:
@@ -426,7 +437,7 @@ class Evaluator:
         return out
 
     def _score_generated(self, units, bench, examples) -> list[dict]:
-        from t2l_framework.eval.generation import greedy_decode
+        from t2l_framework.runtime.greedy import greedy_decode
 
         rt, max_new, protocol = self.runtime, self._max_new(bench), self._protocol(bench)
         stop = bench.stop_texts(protocol)
@@ -454,22 +465,16 @@ class Evaluator:
                      truncated=truncated[k]) for k in range(len(units))]
 
     def _grade(self, bench: Benchmark, examples: list[Example], answers: list[str]) -> dict:
-        if bench.kind == "code":
-            return self._grade_code(bench, examples, answers)
-        return {"scores": bench.grade(examples, answers, self._protocol(bench)), "predictions": answers}
-
-    def _grade_code(self, bench: Benchmark, examples: list[Example], answers: list[str]) -> dict:
-        from t2l_framework.eval import scoring
-        from t2l_framework.eval.sandbox import SandboxLimits, run_many
-
-        protocol = self._protocol(bench)
-        programs = [bench.program(ex, answer, protocol) for ex, answer in zip(examples, answers)]
-        with self._bar(len(programs), f"{bench.name}: running code") as bar:
-            results = run_many(programs, SandboxLimits(timeout_s=self.settings.code_timeout_s),
-                               progress=lambda n: bar.update(n - bar.n))
-        metric = scoring.PassAtOne()
-        metric.update([r.passed for r in results])
-        return {"scores": metric.scores(), "predictions": answers, "status": [r.status for r in results]}
+        """The benchmark grades its own answers (built-in scorers, the sandbox, or a plugin's metric)."""
+        with self._bar(len(answers), f"{bench.name}: grading") as bar:
+            context = GradeContext(self.settings.code_timeout_s, progress=lambda n: bar.update(n - bar.n))
+            graded = bench.grade(examples, answers, self._protocol(bench), context)
+        if not isinstance(graded, Graded):
+            graded = Graded(list(graded))
+        if len(graded.scores) != len(answers):
+            raise T2LError(f"benchmark '{bench.name}': grade() gave {len(graded.scores)} scores for "
+                           f"{len(answers)} answers")
+        return {"scores": [float(v) for v in graded.scores], "predictions": answers, **graded.details}
 
     # --- everything --------------------------------------------------------------------------
 
@@ -497,7 +502,7 @@ class Evaluator:
             if self.show_progress:
                 line = "  ".join(f"{n} {100 * v['score']:.1f}" for n, v in part["scores"].items())
                 cached = " (cached)" if all(v["cached"] for v in part["scores"].values()) else ""
-                print(f"[t2l] {bench.name}: {line}  [{time.perf_counter() - t0:.1f} s{cached}]", flush=True)
+                say(f"{bench.name}: {line}  [{time.perf_counter() - t0:.1f} s{cached}]")
         results["seconds"] = round(time.perf_counter() - start, 2)
         results["cache"] = {"hits": self.cache.hits, "misses": self.cache.misses,
                             "folder": str(self.cache.folder) if self.cache.folder else None}

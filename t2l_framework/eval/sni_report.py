@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from t2l_framework.eval.generation import greedy_generate
+from t2l_framework.runtime.greedy import greedy_generate
 from t2l_framework.eval.stats import mean_se
 from t2l_framework.eval.text_metrics import exact_match, rouge_l
 from t2l_framework.lora.weights import LoraWeights

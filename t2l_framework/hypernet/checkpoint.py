@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from t2l_framework.errors import T2LError
 from t2l_framework.lora.weights import ModuleShapes
+from t2l_framework.run_folder import HYPERNET_CONFIG as CONFIG_NAME
+from t2l_framework.run_folder import HYPERNET_WEIGHTS as WEIGHTS_NAME
 
-WEIGHTS_NAME = "hypernet.safetensors"
-CONFIG_NAME = "hypernet_config.json"
 FORMAT = "t2l-hypernet"
 FORMAT_VERSION = 1
 
@@ -113,12 +113,12 @@ def read_config(directory) -> dict:
     return config
 
 
-def _build(cls, config: dict, lora: dict):
+def _build(cls, config: dict, lora: dict, heads):
     return cls(ModuleShapes.from_dict(config["shapes"]), config["enc_dim"], config["hypernet"],
-               lora, base_model=config["base_model"], encoder=config["encoder"])
+               lora, base_model=config["base_model"], encoder=config["encoder"], heads=heads)
 
 
-def load_pretrained(cls, directory, expect_base_model=None, expect_rank=None, device="cpu"):
+def load_pretrained(cls, directory, expect_base_model=None, expect_rank=None, device="cpu", heads=None):
     """Rebuild and load a hypernetwork; shapes are checked against the safetensors header on the
     meta device first, so a doctored config cannot make us allocate what the file does not hold."""
     config = read_config(directory)
@@ -134,9 +134,9 @@ def load_pretrained(cls, directory, expect_base_model=None, expect_rank=None, de
     lora = {"use_rslora": False, **config["lora"]}
     weights = Path(directory) / WEIGHTS_NAME
     with torch.device("meta"):
-        skeleton = _build(cls, config, lora)  # no memory: shapes only
+        skeleton = _build(cls, config, lora, heads)  # no memory: shapes only
     _check_shapes({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, header_shapes(weights), weights)
-    model = _build(cls, config, lora)
+    model = _build(cls, config, lora, heads)
     load_weights(model, weights)
     return model.to(device).eval()
 

@@ -245,3 +245,7 @@ class ChunkedHead(_ABConditionedHead):
         a = self._linear(z[:, 0], i, in_f)  # [rows, r, in]
         b = self._linear(z[:, 1], i, out_f)  # [rows, r, out]
         return a, b.transpose(1, 2)
+
+
+# hypernet.head names of the built-in heads (the paper's L, M and S), registered as a plugin.
+BUILTIN_HEADS: dict[str, type[HypernetHead]] = {"per_layer": PerLayerHead, "shared": SharedHead, "chunked": ChunkedHead}

@@ -8,18 +8,29 @@ go through a Python loop); the head finishes the trunk for its rows (see ``Hyper
 from __future__ import annotations
 
 from dataclasses import asdict, fields, is_dataclass
-from typing import Any, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from t2l_framework.config import HypernetConfig, LoraConfig
-from t2l_framework.errors import T2LError
-from t2l_framework.hypernet.heads import HypernetHead
+from t2l_framework.errors import T2LError, did_you_mean
+from t2l_framework.hypernet.heads import BUILTIN_HEADS, HypernetHead
 from t2l_framework.hypernet.trunk import Trunk
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
 
 HYPERNET_KEYS = [f.name for f in fields(HypernetConfig)]
+
+HeadLookup = Callable[[str], type]  # hypernet.head name -> HypernetHead subclass
+
+
+def builtin_head(name: str) -> type:
+    """The built-in head class called ``name``; the assembly layer passes a lookup that also
+    knows plugin heads and import paths."""
+    if name not in BUILTIN_HEADS:
+        raise T2LError(f"hypernet.head: unknown head '{name}'{did_you_mean(name, BUILTIN_HEADS)}; built-in heads: "
+                       f"{', '.join(BUILTIN_HEADS)} (plugin heads and import paths resolve through t2l_framework.assembly)")
+    return BUILTIN_HEADS[name]
 
 
 def _as_dict(cfg: Any, keys: list[str], defaults: Any) -> dict:
@@ -36,12 +47,11 @@ def _as_dict(cfg: Any, keys: list[str], defaults: Any) -> dict:
     return {k: cfg.get(k, base[k]) for k in keys}
 
 
-def build_head(name: str, hypernet_cfg: dict, shapes: ModuleShapes, rank: int, trunk_width: int) -> HypernetHead:
-    """The head a recipe names (a registered name or a ``pkg.module:Class`` import path), built
-    by its ``from_config`` from the ``hypernet`` section ``hypernet_cfg``."""
-    from t2l_framework.plugins import registry
-
-    cls = registry().get("heads", name, key="hypernet.head")
+def build_head(name: str, hypernet_cfg: dict, shapes: ModuleShapes, rank: int, trunk_width: int,
+               heads: HeadLookup | None = None) -> HypernetHead:
+    """The head called ``name``, resolved by ``heads`` (default: built-ins only) and built by its
+    ``from_config`` from the ``hypernet`` section ``hypernet_cfg``."""
+    cls = (heads or builtin_head)(name)
     if not (isinstance(cls, type) and issubclass(cls, HypernetHead)):
         raise T2LError(
             f"hypernet.head: '{name}' resolves to {cls!r}, which is not a subclass of "
@@ -57,10 +67,12 @@ class HyperNetwork(nn.Module):
     width. hypernet_cfg / lora_cfg: ``HypernetConfig`` / ``LoraConfig`` (dataclass, OmegaConf
     node or dict). base_model, encoder: recorded in checkpoints so generation uses the same
     base model and encoder (encoder: dict with name, model, prefix, normalize, pooling).
+    heads: name -> head class (``t2l_framework.assembly.head_lookup`` knows plugins and import
+    paths); default: the built-in heads.
     """
 
     def __init__(self, shapes: ModuleShapes, enc_dim: int, hypernet_cfg: Any = None, lora_cfg: Any = None,
-                 base_model: str = "", encoder: dict | None = None):
+                 base_model: str = "", encoder: dict | None = None, heads: HeadLookup | None = None):
         super().__init__()
         self.shapes = shapes
         self.enc_dim = int(enc_dim)
@@ -78,19 +90,20 @@ class HyperNetwork(nn.Module):
         hc = self.hypernet_cfg
         self.head_name = str(hc["head"])
         self.trunk = Trunk.from_config(_Attrs(hc), self.enc_dim, shapes.n_layers, len(shapes.modules))
-        self.head = build_head(self.head_name, hc, shapes, self.rank, self.trunk.width)
+        self.head = build_head(self.head_name, hc, shapes, self.rank, self.trunk.width, heads)
         self.register_buffer("layer_idx", torch.arange(shapes.n_layers), persistent=False)
         self.register_buffer("module_idx", torch.arange(len(shapes.modules)), persistent=False)
 
     @classmethod
-    def from_recipe(cls, recipe: Any, shapes: ModuleShapes, enc_dim: int) -> "HyperNetwork":
+    def from_recipe(cls, recipe: Any, shapes: ModuleShapes, enc_dim: int,
+                    heads: HeadLookup | None = None) -> "HyperNetwork":
         """Build from a loaded recipe (``load_recipe``) for a base model with ``shapes``."""
         enc = recipe.encoder
         encoder = {"name": enc.name, "model": enc.model, "prefix": enc.prefix,
                    "normalize": bool(enc.normalize), "pooling": enc.pooling,
                    "normalize_scale": enc.normalize_scale, "full_stop": bool(enc.full_stop)}
         return cls(shapes, enc_dim, recipe.hypernet, recipe.lora, base_model=recipe.base_model.name_or_path,
-                   encoder=encoder)
+                   encoder=encoder, heads=heads)
 
     @property
     def metadata(self) -> dict:
@@ -116,20 +129,6 @@ class HyperNetwork(nn.Module):
             A[module], B[module] = a.unflatten(0, (batch, n_layers)), b.unflatten(0, (batch, n_layers))
         return LoraWeights(A, B, self.rank, self.alpha, self.use_rslora)
 
-    @torch.inference_mode()
-    def generate(self, descriptions: Sequence[str] | torch.Tensor, encoder=None) -> LoraWeights:
-        """Adapters for task descriptions (embedded with ``encoder``) or precomputed
-        embeddings ``[batch, enc_dim]``, without autograd."""
-        if isinstance(descriptions, str):
-            descriptions = [descriptions]
-        if torch.is_tensor(descriptions):
-            emb = descriptions
-        else:
-            if encoder is None:
-                raise T2LError("generate() got descriptions but no encoder to embed them")
-            emb = encoder.encode(list(descriptions))
-        return self(emb.to(self.layer_idx.device))
-
     def save_pretrained(self, directory) -> None:
         """Write ``hypernet.safetensors`` + ``hypernet_config.json`` to ``directory``."""
         from t2l_framework.hypernet.checkpoint import save_pretrained
@@ -138,12 +137,12 @@ class HyperNetwork(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, expect_base_model: str | None = None, expect_rank: int | None = None,
-                        device: str | torch.device = "cpu") -> "HyperNetwork":
+                        device: str | torch.device = "cpu", heads: HeadLookup | None = None) -> "HyperNetwork":
         """Load a checkpoint written by ``save_pretrained``; refuse one made for another base
         model or rank when ``expect_base_model`` / ``expect_rank`` are given."""
         from t2l_framework.hypernet.checkpoint import load_pretrained
 
-        return load_pretrained(cls, directory, expect_base_model, expect_rank, device)
+        return load_pretrained(cls, directory, expect_base_model, expect_rank, device, heads)
 
     def load_weights(self, path) -> None:
         """Load a ``hypernet.safetensors`` file; missing, unexpected or mis-shaped keys -> T2LError."""

@@ -34,6 +34,7 @@ import yaml
 
 from t2l_framework.errors import T2LError
 from t2l_framework.lora.weights import ModuleShapes
+from t2l_framework.run_folder import RunFolder
 
 FILES = ("hypermod.pt", "args.yaml", "adapter_config.json")
 BUFFERS = ("AB_offset", "mean_recon_target", "std_recon_target")  # zeros unless a mode we refuse
@@ -309,12 +310,13 @@ def import_reference(src: str | Path, out: str | Path, module_order: Sequence[st
     if out.exists() and not out.is_dir():
         raise T2LError(f"{out} is a file; -o needs a folder")
     out.mkdir(parents=True, exist_ok=True)  # with force, our files are overwritten and nothing is deleted
-    (out / "recipe.yaml").write_text(OmegaConf.to_yaml(recipe))
-    net.save_pretrained(out / "hypernet")
-    (out / "reference").mkdir(exist_ok=True)
+    run = RunFolder(out)
+    run.recipe.write_text(OmegaConf.to_yaml(recipe))
+    net.save_pretrained(run.hypernet)
+    run.reference.mkdir(exist_ok=True)
     for name in ("args.yaml", "adapter_config.json"):
-        shutil.copyfile(ref.folder / name, out / "reference" / name)
-    (out / "reference" / "import.json").write_text(json.dumps({
+        shutil.copyfile(ref.folder / name, run.reference / name)
+    (run.reference / "import.json").write_text(json.dumps({
         "source": str(ref.folder.resolve()), "head": net.head_name, "module_order": net.target_modules,
         "module_order_from": "--module-order" if module_order else "adapter_config.json target_modules",
         "emb_model": sections["encoder"]["model"], "base_model": sections["base_model"]["name_or_path"],

@@ -1,14 +1,15 @@
-"""Model families: which ``config.model_type`` values a family covers, how to load it, what
-LoRA targets by default and how a prompt is chat-formatted.
+"""Model families: which ``config.model_type`` values a family covers, how to load it, which
+projections are fused and how a prompt is chat-formatted.
 
 Families are plugins (``t2l_register_base_models``); the built-ins below are registered
-through that same hook, so ``find_family`` sees third-party families too.
+through that same hook; the assembly layer hands the registered ones to ``find_family`` /
+``get_family``, so third-party families are found without this module asking the registry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -34,7 +35,6 @@ class ModelFamily:
 
     name: str
     model_types: tuple[str, ...]
-    default_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     system_role: bool = True
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     load_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -81,18 +81,15 @@ QWEN = ModelFamily("qwen", ("qwen2", "qwen3"), template_kwargs={"enable_thinking
 BUILTIN_FAMILIES: list[ModelFamily] = [LLAMA, MISTRAL, GEMMA, QWEN]
 
 
-def _families() -> dict[str, ModelFamily]:
-    from t2l_framework.plugins import registry
-
-    reg = registry()
-    registered = {name: reg.get("base_models", name) for name in reg.names("base_models")}
-    # Built-ins stay usable even if the built-in plugin was skipped over another component.
-    return {**{f.name: f for f in BUILTIN_FAMILIES}, **registered}
+def _by_name(families: Mapping[str, ModelFamily] | None) -> dict[str, ModelFamily]:
+    # The assembly layer passes the registered families; a caller without it gets the built-ins.
+    return dict(families) if families is not None else {f.name: f for f in BUILTIN_FAMILIES}
 
 
-def find_family(model_type: str) -> ModelFamily:
-    """The registered family whose ``model_types`` include ``model_type``."""
-    families = _families()
+def find_family(model_type: str, families: Mapping[str, ModelFamily] | None = None) -> ModelFamily:
+    """The family (of ``families``: name -> family, default the built-ins) whose ``model_types``
+    include ``model_type``."""
+    families = _by_name(families)
     for family in families.values():
         if model_type in family.model_types:
             return family
@@ -103,11 +100,11 @@ def find_family(model_type: str) -> ModelFamily:
     )
 
 
-def get_family(name: str, model_type: str) -> ModelFamily:
-    """``base_model.family``: 'auto' detects from ``model_type``, else a registered name."""
+def get_family(name: str, model_type: str, families: Mapping[str, ModelFamily] | None = None) -> ModelFamily:
+    """``base_model.family``: 'auto' detects from ``model_type``, else a name of ``families``."""
     if name == "auto":
-        return find_family(model_type)
-    families = _families()
+        return find_family(model_type, families)
+    families = _by_name(families)
     if name not in families:
         raise T2LError(
             f"base_model.family: unknown model family '{name}'{did_you_mean(name, families)}; "

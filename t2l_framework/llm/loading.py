@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
+from t2l_framework.atomic import atomic_folder
 from t2l_framework.config import BaseModelConfig
 from t2l_framework.errors import T2LError
 from t2l_framework.llm.dtype import DtypeChoice, pick_dtype
@@ -93,27 +92,25 @@ def convert_gguf(source: str, gguf_file: str, out_dir: Path) -> Path:
     model.load_state_dict(gguf_model.state_dict(), assign=True)
     model.tie_weights()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, out_dir)  # another process may have won the race; its copy is equal
-    except OSError:
+        with atomic_folder(out_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:  # another process may have won the race; its copy is equal
         if not (out_dir / "config.json").is_file():
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
 def load_base_model(cfg: BaseModelConfig, device: str | torch.device | None = None, say=None,
-                    runs_on: str | torch.device | None = None) -> LoadedModel:
+                    runs_on: str | torch.device | None = None,
+                    families: Mapping[str, ModelFamily] | None = None) -> LoadedModel:
     """Load the recipe's base model frozen (``requires_grad=False``) and in eval mode.
 
     device: moved there when given. runs_on: where it will run when that is not ``device``
     (training: Lightning places it); decides ``dtype: auto``. say: called with a line that
-    names the dtype chosen and why.
+    names the dtype chosen and why. families: name -> ``ModelFamily`` to resolve
+    ``base_model.family`` from (the assembly layer passes the registered ones; default built-ins).
     """
     from transformers import AutoConfig
 
@@ -136,7 +133,7 @@ def load_base_model(cfg: BaseModelConfig, device: str | torch.device | None = No
         hf_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **extra)
     except OSError as exc:
         raise T2LError(f"base_model.name_or_path: cannot load '{cfg.name_or_path}': {exc}") from None
-    family = get_family(cfg.family, hf_config.model_type)
+    family = get_family(cfg.family, hf_config.model_type, families)
     model = family.load_model(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **extra)
     tokenizer = family.load_tokenizer(source, trust_remote_code=cfg.trust_remote_code, **extra)
     model.requires_grad_(False)

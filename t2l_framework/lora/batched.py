@@ -28,29 +28,8 @@ import torch
 from torch import nn
 
 from t2l_framework.errors import T2LError
+from t2l_framework.lora.targets import find_targets, layer_features, target_shapes, target_slices, unwrap
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The original layer under any LoRA wrappers (ours nest; PEFT's keep ``base_layer`` too)."""
-    while hasattr(module, "base_layer"):
-        module = module.base_layer
-    return module
-
-
-def layer_features(module: nn.Module) -> tuple[int, int] | None:
-    """(in_features, out_features) of a linear layer, or None for anything else.
-
-    transformers' ``Conv1D`` (GPT-2, GPT-J's ancestors) is a linear layer whose weight is
-    stored transposed, ``[in, out]``; its output is ``x @ W + b``.
-    """
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, Conv1D):
-        return module.nx, module.nf
-    return None
 
 
 class BatchedLoraLinear(nn.Module):
@@ -179,10 +158,9 @@ class LoraInjection:
 def inject_lora(model: nn.Module, target_modules: list[str], family=None) -> LoraInjection:
     """Wrap every targeted linear layer of ``model`` for batched per-sample LoRA.
 
-    family: the ``ModelFamily`` whose ``fused_targets`` apply (default: found from the model type).
+    family: the ``ModelFamily`` whose ``fused_targets`` apply, as the assembly layer resolved it
+    for the loaded base model (None: no fused projections).
     """
-    from t2l_framework.llm.targets import find_targets, target_shapes, target_slices
-
     shapes = target_shapes(model, target_modules, family)
     found = find_targets(model, target_modules, family)
     slices = target_slices(model, target_modules, family)

@@ -11,28 +11,27 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from t2l_framework.atomic import atomic_folder
 from t2l_framework.errors import T2LError
+from t2l_framework.lora.targets import find_targets
 from t2l_framework.lora.weights import LoraWeights
+from t2l_framework.run_folder import PEFT_CONFIG as CONFIG_NAME
+from t2l_framework.run_folder import PEFT_WEIGHTS as WEIGHTS_NAME
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _LAYER = re.compile(r"^(?P<prefix>.+)\.(?P<layer>\d+)\.(?P<module>.+)$")
 
 
-def module_paths(model: nn.Module, target_modules: list[str]) -> dict[str, list[str]]:
-    """target -> module path per decoder layer, e.g. ``model.layers.3.self_attn.q_proj``."""
-    from t2l_framework.llm.targets import find_targets
-
-    return {t: [path for path, _ in mods] for t, mods in find_targets(model, target_modules).items()}
+def module_paths(model: nn.Module, target_modules: list[str], family=None) -> dict[str, list[str]]:
+    """target -> module path per decoder layer, e.g. ``model.layers.3.self_attn.q_proj``
+    (family: the loaded model's ``ModelFamily``, for fused projections)."""
+    return {t: [path for path, _ in mods] for t, mods in find_targets(model, target_modules, family).items()}
 
 
 def export_peft_adapter(
@@ -41,11 +40,13 @@ def export_peft_adapter(
     base_model_name_or_path: str,
     model: nn.Module | None = None,
     paths: dict[str, list[str]] | None = None,
+    family=None,
 ) -> Path:
     """Write one adapter (``weights`` of batch 1) as a PEFT LoRA folder, atomically.
 
     weights.A[m]: [1, n_layers, r, in_m]; weights.B[m]: [1, n_layers, out_m, r].
-    Module paths come from ``paths`` (e.g. ``LoraInjection.paths``) or from ``model``.
+    Module paths come from ``paths`` (e.g. ``LoraInjection.paths``) or from ``model`` (with
+    its ``ModelFamily``, whose fused projections PEFT cannot express).
     """
     from peft import LoraConfig
 
@@ -54,7 +55,7 @@ def export_peft_adapter(
     if paths is None:
         if model is None:
             raise T2LError("export_peft_adapter needs the base model (or module paths) to name the LoRA modules")
-        paths = module_paths(model, weights.modules)
+        paths = module_paths(model, weights.modules, family)
     _refuse_fused(paths, weights.modules)
     tensors = {}
     for target in weights.modules:
@@ -70,16 +71,9 @@ def export_peft_adapter(
     )
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, replace=True) as tmp:  # replaces an older export of the same name
         config.save_pretrained(tmp)
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        if out.exists():  # replace an older export of the same name
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -13,11 +13,10 @@ def t2l_register_encoders(register):
 
 @hookimpl
 def t2l_register_heads(register):
-    from t2l_framework.hypernet.heads import ChunkedHead, PerLayerHead, SharedHead
+    from t2l_framework.hypernet.heads import BUILTIN_HEADS
 
-    register("per_layer", PerLayerHead)
-    register("shared", SharedHead)
-    register("chunked", ChunkedHead)
+    for name, head in BUILTIN_HEADS.items():
+        register(name, head)
 
 
 @hookimpl

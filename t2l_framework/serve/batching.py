@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from t2l_framework.inference import Completion
+from t2l_framework.runtime.loaded import Completion
 from t2l_framework.lora.weights import LoraWeights
 
 log = logging.getLogger("t2l.serve")

@@ -9,9 +9,7 @@ file's metadata, so ``load_checkpoint`` rebuilds the exact structure without unp
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from t2l_framework.atomic import atomic_file
 from t2l_framework.errors import T2LError
 
 SKELETON_KEY = "t2l_checkpoint"
@@ -84,14 +83,8 @@ def save_checkpoint_file(checkpoint: dict, path: str | Path) -> None:
     skeleton = json.dumps(_encode(checkpoint, tensors, "checkpoint"))
     # safetensors refuses tensors that share memory; checkpoints may hold views of one buffer.
     tensors = {k: v.clone() if v.numel() else v for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=TEMP_SUFFIX) as tmp:
         save_file(tensors, tmp, metadata={SKELETON_KEY: skeleton})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class _Malformed(ValueError):

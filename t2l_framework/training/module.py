@@ -268,7 +268,7 @@ class T2LModule(L.LightningModule):
 
     def _update_rouge(self, batch: dict) -> None:
         """Greedy answers with each sample's own generated adapter, scored by ROUGE-L."""
-        from t2l_framework.eval.generation import greedy_generate, prompt_ids_from_batch
+        from t2l_framework.runtime.greedy import greedy_generate, prompt_ids_from_batch
 
         weights = self.generate_weights(batch["desc_idx"]) if self.mode == "sft" else self.generator()
         preds = greedy_generate(self.base_model, self.tokenizer, prompt_ids_from_batch(batch), self.injection,

@@ -20,8 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from t2l_framework.config import load_recipe
-from t2l_framework.encoders import TransformersEncoder, build_encoder
+from t2l_framework.assembly import load_recipe
+from t2l_framework.assembly import build_encoder
+from t2l_framework.encoders import TransformersEncoder
 from t2l_framework.errors import T2LError
 from t2l_framework.plugins import registry
 from t2l_plugin_e5 import DEFAULT_MODEL, QUERY_PREFIX, E5Encoder
@@ -97,7 +98,7 @@ def test_cls_pooling_is_refused(tiny_bert):
 
 
 def test_a_recipe_with_encoder_e5_validates_and_trains(tmp_path):
-    from t2l_framework.training.run import fit
+    from t2l_framework.assembly import fit
     from tests.tiny_world import build_world
 
     world = build_world(tmp_path / "world")

@@ -10,8 +10,29 @@ from __future__ import annotations
 from torch import nn
 
 from t2l_framework.errors import T2LError
-from t2l_framework.lora.batched import layer_features, unwrap
 from t2l_framework.lora.weights import ModuleShapes
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The original layer under any LoRA wrappers (ours nest; PEFT's keep ``base_layer`` too)."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def layer_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a linear layer, or None for anything else.
+
+    transformers' ``Conv1D`` (GPT-2, GPT-J's ancestors) is a linear layer whose weight is
+    stored transposed, ``[in, out]``; its output is ``x @ W + b``.
+    """
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf
+    return None
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -48,18 +69,11 @@ def linear_names(layer: nn.Module) -> list[str]:
 def fused_targets(model: nn.Module, family=None) -> dict[str, tuple[str, slice]]:
     """Logical target -> (physical layer name, output slice) for a model with fused projections.
 
-    ``family`` defaults to the registered family of ``model.config.model_type``; a model no
-    family covers simply has no fused targets.
+    ``family``: the ``ModelFamily`` the caller resolved (the assembly layer does, once per run);
+    None = no fused projections, every target is a linear layer of its own.
     """
-    from t2l_framework.llm.families import find_family
-
     config = getattr(model, "config", None)
-    if family is None:
-        try:
-            family = find_family(getattr(config, "model_type", None))
-        except T2LError:
-            return {}
-    if not family.fused_targets:
+    if family is None or not family.fused_targets:
         return {}
     text_config = config.get_text_config()
     return {t: (name, fn(text_config)) for t, (name, fn) in family.fused_targets.items()}

@@ -8,7 +8,10 @@ from pathlib import Path
 import torch
 
 from t2l_framework.config import resolve_path
+from t2l_framework.console import say
 from t2l_framework.eval.sni_report import evaluate_conditions, write_report
+from t2l_framework.lora.peft_io import import_peft_adapter
+from t2l_framework.run_folder import RunFolder
 
 
 def _progress(name: str, done: int, total: int) -> None:
@@ -16,11 +19,13 @@ def _progress(name: str, done: int, total: int) -> None:
     print(f"  {name:<28} {done:>4}/{total}", end=end, file=sys.stderr, flush=True)
 
 
-def final_report(cfg, run_dir: Path, base, injection, dm, embeddings, generator, recipe_file=None) -> str:
-    """Score base / base+description / T2L / wrong-description control / baseline LoRA and
-    write ``report.md`` + ``report.json`` into ``run_dir``; returns the Markdown."""
-    from t2l_framework.lora.peft_io import import_peft_adapter
-
+def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None) -> str:
+    """Score base / base+description / T2L / wrong-description control / baseline LoRA with the
+    trained ``pieces`` (``RunPieces``) and write ``report.md`` + ``report.json`` into the run
+    folder; returns the Markdown."""
+    base, injection, dm, embeddings, generator = (pieces.base, pieces.injection, pieces.datamodule,
+                                                  pieces.embeddings, pieces.trainable)
+    run_dir = run.root
     model, device = base.model, next(base.model.parameters()).device
     generator.eval()
     make_weights = None
@@ -41,8 +46,8 @@ def final_report(cfg, run_dir: Path, base, injection, dm, embeddings, generator,
         if path.exists():
             baseline = import_peft_adapter(path)
         else:
-            print(f"[t2l] eval.baseline_adapter {path} not found; the table leaves out (e). "
-                  "Train it with the multi-task LoRA recipe first.", file=sys.stderr)
+            say(f"eval.baseline_adapter {path} not found; the table leaves out (e). "
+                "Train it with the multi-task LoRA recipe first.")
     limit = int(cfg.eval.report_max_items)
     tables, items = {}, {}
     for split, title in (("seen", "Training tasks, held-out instances and descriptions"),
@@ -52,7 +57,7 @@ def final_report(cfg, run_dir: Path, base, injection, dm, embeddings, generator,
             its = its[:limit]
         if not its:
             continue
-        print(f"[t2l] evaluating {len(its)} items: {title}", file=sys.stderr)
+        say(f"evaluating {len(its)} items: {title}")
         items[title] = its
         tables[title] = evaluate_conditions(model, base.tokenizer, injection, its, make_weights, baseline,
                                             batch_size=int(cfg.eval.batch_size),

@@ -1,25 +1,26 @@
-"""Using a trained hypernetwork: ``load_run(folder) -> T2LRuntime``.
+"""``T2LRuntime``: a loaded run, ready to answer prompts (``t2l_framework.assembly.load_runtime`` builds it).
 
 A runtime holds the frozen base model (with batched LoRA injected once), its tokenizer and
-chat format, the text encoder and the hypernetwork. It turns descriptions into adapters
-(one hypernetwork forward per batch), exports them as PEFT folders, and chats with a batch
-of prompts where every row may carry its own adapter or none (base model).
+chat format, and the ``AdapterGenerator`` (text encoder + hypernetwork). It exports adapters
+as PEFT folders and chats with a batch of prompts where every row may carry its own adapter
+or none (base model).
 """
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from omegaconf import OmegaConf
-
-from t2l_framework.console import say
 from t2l_framework.errors import T2LError
+from t2l_framework.lora.peft_io import export_peft_adapter
+from t2l_framework.lora.batched import inject_lora
 from t2l_framework.lora.weights import LoraWeights, stack_rows
+from t2l_framework.runtime.adapters import AdapterGenerator
+from t2l_framework.runtime.decoding import RowLimits, RowStreamer, RowTemperature, cut_row
+from t2l_framework.runtime.greedy import left_pad
 
 Messages = list[dict]  # OpenAI-style [{"role": "system" | "user" | "assistant", "content": str}]
 RowWeights = LoraWeights | Sequence[LoraWeights | None] | None
@@ -37,145 +38,6 @@ class Completion:
 
 def _is_ids(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], int)
-
-
-def _file_digest(paths: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _locate(folder: Path) -> tuple[Path, Path | None]:
-    """(hypernet folder, recipe.yaml or None) for a run folder or a hypernet folder."""
-    from t2l_framework.hypernet.checkpoint import CONFIG_NAME
-
-    if not folder.is_dir():
-        raise T2LError(f"{folder}: no such folder; expected a run folder (runs/NAME) or its hypernet/ folder")
-    if (folder / CONFIG_NAME).is_file():
-        recipe = folder.parent / "recipe.yaml"
-        return folder, recipe if recipe.is_file() else None
-    if (folder / "hypernet" / CONFIG_NAME).is_file():
-        recipe = folder / "recipe.yaml"
-        return folder / "hypernet", recipe if recipe.is_file() else None
-    if (folder / "adapter" / "adapter_config.json").is_file():
-        raise T2LError(f"{folder}: a LoRA-baseline run (its adapter/ is already a PEFT folder); "
-                       "generating adapters needs a T2L run with a hypernet/ folder")
-    raise T2LError(f"{folder}: not a T2L run folder (no recipe.yaml + hypernet/) nor a hypernet folder "
-                   "(no hypernet_config.json); train one with `t2l fit RECIPE`")
-
-
-@dataclass
-class AdapterGenerator:
-    """A trained hypernetwork and its text encoder: descriptions in, LoRA weights out.
-
-    identity: sha256 of the hypernetwork's files; adapters are only comparable (and
-    cacheable) under the same identity. base_config: the base model it was trained for.
-    """
-
-    hypernet: object
-    encoder: object
-    identity: str
-    name: str
-    base_config: object
-    chat_template: bool = True
-
-    @torch.inference_mode()
-    def generate(self, descriptions: Sequence[str]) -> LoraWeights:
-        """One encoder + hypernetwork forward for all descriptions: A[m]: [n, layers, r, in]."""
-        descriptions = [descriptions] if isinstance(descriptions, str) else list(descriptions)
-        if not descriptions or any(not d.strip() for d in descriptions):
-            raise T2LError("task descriptions must be non-empty text")
-        return self.hypernet.generate(descriptions, self.encoder)
-
-
-TRUST_HINT = "pass --trust-remote-code (Python: trust_remote_code=True) only if you trust where this run came from"
-
-
-def check_run_trust(cfg, where, trust_remote_code: bool) -> None:
-    """Refuse a run's recipe that would execute code (a model's custom modelling code, or a head
-    named by import path) unless the user said they trust it: run folders are downloaded input."""
-    if trust_remote_code:
-        return
-    for key in ("base_model.trust_remote_code", "encoder.trust_remote_code"):
-        if cfg is not None and OmegaConf.select(cfg, key, default=False):
-            raise T2LError(f"{where}: {key} is true, so loading this run would execute Python code that ships "
-                           f"with its model; {TRUST_HINT}")
-    head = OmegaConf.select(cfg, "hypernet.head", default="") if cfg is not None else ""
-    if ":" in str(head):
-        raise T2LError(f"{where}: hypernet.head '{head}' is an import path, so loading this run would import and "
-                       f"run that module; {TRUST_HINT}")
-
-
-def load_generator(folder: str | Path, device: str | torch.device, trust_remote_code: bool = False) -> AdapterGenerator:
-    """The hypernetwork and encoder of a run folder (``recipe.yaml`` + ``hypernet/``) or a bare
-    hypernet folder; a bare folder takes the base model and encoder its config records.
-
-    Nothing in the folder runs as code unless ``trust_remote_code``: a recipe asking for a
-    model's custom code or a head named by import path is refused with the reason.
-    """
-    from t2l_framework.config import BaseModelConfig, EncoderConfig, load_recipe
-    from t2l_framework.encoders import build_encoder
-    from t2l_framework.hypernet.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config
-    from t2l_framework.hypernet.hypernetwork import HyperNetwork
-
-    hyper_dir, recipe = _locate(Path(folder).expanduser())
-    meta = read_config(hyper_dir)
-    check_run_trust(OmegaConf.create({"hypernet": meta["hypernet"]}), hyper_dir / CONFIG_NAME, trust_remote_code)
-    if recipe is not None:
-        cfg = load_recipe(recipe, check_files=False)  # its data files belong to the machine it was trained on
-        check_run_trust(cfg, recipe, trust_remote_code)
-        base_cfg, enc_cfg = cfg.base_model, cfg.encoder
-    else:
-        base_cfg = OmegaConf.structured(BaseModelConfig(name_or_path=meta["base_model"]))
-        known = set(EncoderConfig.__dataclass_fields__)
-        try:
-            enc_cfg = OmegaConf.structured(EncoderConfig(**{k: v for k, v in meta["encoder"].items() if k in known}))
-        except Exception as exc:  # noqa: BLE001 - OmegaConf's type errors, named for the user
-            raise T2LError(f"{hyper_dir / CONFIG_NAME}: 'encoder': {str(exc).splitlines()[0]}") from None
-        check_run_trust(OmegaConf.create({"encoder": OmegaConf.to_container(enc_cfg)}), hyper_dir / CONFIG_NAME,
-                        trust_remote_code)
-    if "normalize_scale" not in meta.get("encoder", {}):
-        # Saved before task embeddings followed the reference (x sqrt(d), full stop): keep what it was trained on.
-        enc_cfg = OmegaConf.merge(enc_cfg, {"normalize_scale": "unit", "full_stop": False})
-    hypernet = HyperNetwork.from_pretrained(hyper_dir, expect_base_model=base_cfg.name_or_path, device=device)
-    encoder = build_encoder(enc_cfg).to(device)
-    identity = _file_digest([hyper_dir / CONFIG_NAME, hyper_dir / WEIGHTS_NAME])
-    name = (hyper_dir.parent if recipe is not None else hyper_dir).resolve().name
-    return AdapterGenerator(hypernet, encoder, identity, name, base_cfg, bool(base_cfg.chat_template))
-
-
-def load_run(folder: str | Path, device: str | torch.device | None = None, dtype: str | None = "auto",
-             trust_remote_code: bool = False) -> "T2LRuntime":
-    """Load a run folder (``recipe.yaml`` + ``hypernet/``) or a bare hypernet folder.
-
-    The recipe gives the base model and encoder settings; a bare hypernet folder falls back
-    to what its ``hypernet_config.json`` records (base model name, encoder). dtype: the base
-    model's weights: 'auto' = bfloat16 where the device does it natively, else float32
-    (``llm/dtype.py``); None = the recipe's ``base_model.dtype``. trust_remote_code: see
-    ``load_generator``; without it, opening a run never executes code from it.
-    """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    generator = load_generator(folder, device, trust_remote_code)
-    return runtime_for(generator.base_config, device, dtype, generator)
-
-
-def runtime_for(base_cfg, device: str | torch.device | None = None, dtype: str | None = "auto",
-                generator: AdapterGenerator | None = None, target_modules: Sequence[str] = ()) -> "T2LRuntime":
-    """Load the base model of ``base_cfg`` (a ``BaseModelConfig``) with LoRA injected on the
-    generator's targets (or ``target_modules`` when there is no generator)."""
-    from t2l_framework.llm.loading import load_base_model
-    from t2l_framework.lora.batched import inject_lora
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is not None:
-        base_cfg = OmegaConf.merge(base_cfg, {"dtype": dtype})
-    base = load_base_model(base_cfg, device=device, say=say)
-    targets = generator.hypernet.target_modules if generator is not None else list(target_modules)
-    injection = inject_lora(base.model, targets) if targets else None
-    return T2LRuntime(base, injection, generator, bool(base_cfg.chat_template), base.dtype.name)
 
 
 class T2LRuntime:
@@ -211,27 +73,23 @@ class T2LRuntime:
     # --- adapters --------------------------------------------------------------------------
 
     def adapters(self, descriptions: Sequence[str]) -> LoraWeights:
-        """One encoder + hypernetwork forward for all descriptions: A[m]: [n, layers, r, in]."""
+        """``AdapterGenerator.adapters`` of this run's hypernetwork: A[m]: [n, layers, r, in]."""
         if self.generator is None:
             raise T2LError("this runtime has no hypernetwork (it was loaded from a recipe, not a run folder)")
-        return self.generator.generate(descriptions)
+        return self.generator.adapters(descriptions)
 
     def retarget(self, target_modules: Sequence[str]) -> None:
         """Re-inject LoRA so that it covers ``target_modules`` too (e.g. a PEFT adapter's)."""
-        from t2l_framework.lora.batched import inject_lora
-
         current = list(self.injection.shapes.modules) if self.injection else []
         wanted = current + [t for t in target_modules if t not in current]
         if wanted == current:
             return
         if self.injection is not None:
             self.injection.remove()
-        self.injection = inject_lora(self.model, wanted)
+        self.injection = inject_lora(self.model, wanted, self.base.family)
 
     def export(self, descriptions: Sequence[str] | LoraWeights, out_dirs: Sequence[str | Path]) -> list[Path]:
         """Write one PEFT adapter folder per description (or per row of given weights)."""
-        from t2l_framework.lora.peft_io import export_peft_adapter
-
         weights = descriptions if isinstance(descriptions, LoraWeights) else self.adapters(descriptions)
         if weights.batch_size != len(out_dirs):
             raise T2LError(f"{weights.batch_size} adapters but {len(out_dirs)} output folders")
@@ -291,9 +149,6 @@ class T2LRuntime:
         or one per row (temperature 0 = greedy). on_text(row, delta): streamed text.
         """
         from transformers import LogitsProcessorList, StoppingCriteriaList
-
-        from t2l_framework.decoding import RowLimits, RowStreamer, RowTemperature, cut_row
-        from t2l_framework.eval.generation import left_pad
 
         n = len(prompts)
         if n == 0:
