@@ -81,16 +81,21 @@ def cmd_plugins(args) -> int:
 # --- fit --------------------------------------------------------------------------------
 
 def cmd_fit(args) -> int:
+    from t2l_framework.training.budget import exit_status
     from t2l_framework.training.run import fit
 
     try:
-        fit(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
+        run_dir = fit(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
     except Exception as exc:
         if type(exc).__name__ == "SIGTERMException":
             print("stopped by SIGTERM; a checkpoint was written: continue with --resume", file=sys.stderr)
             return 143
         raise
-    return 0
+    code = exit_status(run_dir)
+    if code:
+        print(f"error: training was cut short by trainer.max_time (see {run_dir}/training_status.json); "
+              "set training.allow_cut_short=true to accept that", file=sys.stderr)
+    return code
 
 
 # --- generate / serve -----------------------------------------------------------------------

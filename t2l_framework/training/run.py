@@ -4,7 +4,8 @@ Run folder (``training.output_dir/run_name``): ``recipe.yaml`` (resolved), ``log
 (CSV metrics), ``tb/`` (TensorBoard), ``checkpoints/`` (safetensors, atomic; ``last.ckpt``
 every ``checkpoint_every_n_steps`` and ``interrupted.ckpt`` on Ctrl-C / SIGTERM), and the
 result: ``hypernet/`` (``save_pretrained``) or ``adapter/`` (PEFT, lora mode), plus
-``report.md`` / ``report.json`` when the recipe asks for the end-of-training table.
+``report.md`` / ``report.json`` when the recipe asks for the end-of-training table, and
+``training_status.json`` (steps done of ``max_steps``, examples, wall time, cut short or not).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from omegaconf import OmegaConf
 
 from t2l_framework.config import find_recipe, load_recipe, resolve_path
 from t2l_framework.errors import T2LError
+from t2l_framework.training.budget import TrainingStatus
+from t2l_framework.training.budget import record as record_status
 
 
 def planned_device(accelerator: str) -> str:
@@ -166,9 +169,11 @@ def fit(recipe: str, overrides: list[str] | None = None, resume: bool = False, o
     module = T2LModule(cfg, generator, base.model if base else None, injection, embeddings, recon_targets,
                        tokenizer=base.tokenizer if base else None)
     trainer = _trainer(cfg, run_dir, list(callbacks or []))
+    previous = TrainingStatus.load(run_dir) if ckpt else None
     t0 = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     say(f"trained to step {trainer.global_step} in {time.time() - t0:.0f} s")
+    record_status(trainer, cfg, run_dir, time.time() - t0, previous)
     save_result(cfg, run_dir, generator, injection)
     if cfg.training.mode != "recon" and cfg.eval.final_report:
         from t2l_framework.training.final_report import final_report
