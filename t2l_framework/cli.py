@@ -92,14 +92,19 @@ def cmd_plugins(args) -> int:
 
 def cmd_fit(args) -> int:
     from t2l_framework.assembly import fit
+    from t2l_framework.training.budget import exit_status
     from t2l_framework.training.run import TrainingInterrupted
 
     try:
-        fit(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
+        run_dir = fit(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as stop:  # the checkpoint is on disk; a script must not take this for success
         print(f"error: {stop}", file=sys.stderr)
         return stop.exit_code
-    return 0
+    code = exit_status(run_dir)
+    if code:
+        print(f"error: training was cut short by trainer.max_time (see {run_dir}/training_status.json); "
+              "set training.allow_cut_short=true to accept that", file=sys.stderr)
+    return code
 
 
 # --- generate / serve -----------------------------------------------------------------------

@@ -145,6 +145,8 @@ class TrainingConfig:
     run_name: str = _help("Run folder name; empty = recipe name + timestamp", "")
     checkpoint_every_n_steps: int = _help("Checkpoint interval (optimizer steps)", 100)
     lora_tasks: list[str] = _help("lora mode: tasks to train one LoRA on (empty = all training tasks)", factory=list)
+    allow_cut_short: bool = _help("Accept a run that trainer.max_time stopped before trainer.max_steps "
+                                  "(t2l fit then exits 0; the reports still mark it cut short)", False)
 
 
 @dataclass
@@ -157,7 +159,8 @@ class TrainerConfig:
     precision: str = _help("32-true | bf16-mixed | 16-mixed | bf16-true", "32-true")
     strategy: str = _help("auto | ddp | deepspeed_stage_1 | deepspeed_stage_2 | deepspeed_stage_2_offload | deepspeed_stage_3 | deepspeed_stage_3_offload", "auto")
     max_steps: int = _help("Optimizer steps", 1000)
-    max_time: Optional[str] = _help("Wall-clock limit 'DD:HH:MM:SS'", None)
+    max_time: Optional[str] = _help("Wall-clock safety net 'DD:HH:MM:SS': a run it stops before max_steps is "
+                                    "reported as cut short and t2l fit exits 3", None)
     accumulate_grad_batches: int = _help("Gradient accumulation", 1)
     gradient_clip_val: Optional[float] = _help("Gradient norm clip", 1.0)
     val_check_interval: Optional[int] = _help("Validate every N training batches (None = each epoch)", 200)
@@ -179,6 +182,8 @@ class EvalConfig:
     val_generation_batches: int = _help("Validation batches also scored by ROUGE-L of greedy answers", 1)
     final_report: bool = _help("After `t2l fit`, print the held-out SNI table (base / +description / T2L / control)", False)
     report_max_items: int = _help("Items per split in that table (0 = all)", 0)
+    report_seen_per_task: int = _help("Held-out items per training task in that table (0 = data.max_eval_instances); "
+                                      "the never-seen tasks keep data.max_eval_instances each", 0)
     baseline_adapter: str = _help("PEFT adapter folder (e.g. a multi-task LoRA run's adapter/) added to the table", "")
     protocol: str = _help("`t2l eval` protocol: paper (the T2L reference's prompts and matching rules), lm-eval "
                           "(lm-evaluation-harness's cloze formats, acc and acc_norm) or chat; see docs/evaluation.md",

@@ -12,11 +12,47 @@ from t2l_framework.console import say
 from t2l_framework.eval.sni_report import evaluate_conditions, write_report
 from t2l_framework.lora.peft_io import import_peft_adapter
 from t2l_framework.run_folder import RunFolder
+from t2l_framework.training.budget import STATUS_FILE, TrainingStatus
 
 
 def _progress(name: str, done: int, total: int) -> None:
     end = "\n" if done >= total else "\r"
     print(f"  {name:<28} {done:>4}/{total}", end=end, file=sys.stderr, flush=True)
+
+
+def per_task(items: list[dict], n: int) -> list[dict]:
+    """The first ``n`` items of each task, order kept: the in-distribution table can be smaller
+    than the unseen one, whose size is what the zero-shot claim rests on."""
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        seen[it["task"]] = seen.get(it["task"], 0) + 1
+        if seen[it["task"]] <= n:
+            out.append(it)
+    return out
+
+
+def training_column(cfg, run_dir: Path, baseline_dir: Path | None) -> dict[str, str]:
+    """condition -> how its run trained (steps, examples, wall time, or 'cut short at step N of M').
+
+    (c) and (d) come from this run; (e) from the run folder that holds the baseline adapter
+    (a multi-task LoRA trained by ``t2l fit`` records its steps there). A baseline trained with
+    different work than this run is flagged: the comparison is meant to be by equal work.
+    """
+    own = TrainingStatus.load(run_dir)
+    if cfg.training.mode == "lora":
+        return {"mt_lora": own.describe()} if own else {}
+    column = {name: own.describe() for name in ("t2l", "t2l_other_task_description")} if own else {}
+    if baseline_dir is not None:
+        other = TrainingStatus.load(baseline_dir)
+        if other is None:
+            column["mt_lora"] = f"unknown (no {STATUS_FILE} in {baseline_dir})"
+        else:
+            column["mt_lora"] = other.describe()
+            if own and (other.steps, other.examples) != (own.steps, own.examples):
+                column["mt_lora"] += (f"; not the same work as T2L ({own.steps} step{'s' * (own.steps != 1)}, "
+                                      f"{own.examples:,} examples)")
+    return column
 
 
 def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None) -> str:
@@ -36,7 +72,7 @@ def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None) -
         def make_weights(desc_idx: list[int]):
             return generator(emb[torch.as_tensor(desc_idx, device=device)])
 
-    baseline = None
+    baseline, baseline_dir = None, None
     if cfg.training.mode == "lora":
         with torch.no_grad():
             w = generator()
@@ -44,7 +80,7 @@ def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None) -
     elif cfg.eval.baseline_adapter:
         path = resolve_path(cfg.eval.baseline_adapter, recipe_file)
         if path.exists():
-            baseline = import_peft_adapter(path)
+            baseline, baseline_dir = import_peft_adapter(path), path.parent
         else:
             say(f"eval.baseline_adapter {path} not found; the table leaves out (e). "
                 "Train it with the multi-task LoRA recipe first.")
@@ -53,6 +89,8 @@ def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None) -
     for split, title in (("seen", "Training tasks, held-out instances and descriptions"),
                          ("unseen", "Tasks never seen in training")):
         its = dm.eval_items(split)
+        if split == "seen" and int(cfg.eval.report_seen_per_task):
+            its = per_task(its, int(cfg.eval.report_seen_per_task))
         if limit:
             its = its[:limit]
         if not its:
@@ -62,6 +100,6 @@ def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None) -
         tables[title] = evaluate_conditions(model, base.tokenizer, injection, its, make_weights, baseline,
                                             batch_size=int(cfg.eval.batch_size),
                                             max_new_tokens=int(cfg.eval.max_new_tokens), progress=_progress)
-    md = write_report(run_dir, tables, items)
+    md = write_report(run_dir, tables, items, training_column(cfg, run_dir, baseline_dir))
     print(md)
     return md

@@ -3,16 +3,23 @@
 Conditions: (a) the base model; (b) the base model with the description in the prompt;
 (c) T2L, adapter generated from the held-out description; (d) control: T2L adapter from a
 *different* task's description; (e) a trained LoRA baseline (multi-task LoRA), if given.
+
+Standard errors are clustered by task (CR1, ``eval.stats``): items of one task share a
+format and a difficulty, so they are not independent, and an item-level SE would overstate
+how sure a 20-task table can be. Differences are paired over the same items and clustered the
+same way. Every trained condition shows the steps and wall time it trained, and a run that
+``trainer.max_time`` cut short is marked on each of its rows.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
+from t2l_framework.eval.stats import clustered_mean_se, paired_difference
 from t2l_framework.runtime.greedy import greedy_generate
-from t2l_framework.eval.stats import mean_se
 from t2l_framework.eval.text_metrics import exact_match, rouge_l
 from t2l_framework.lora.weights import LoraWeights
 
@@ -23,6 +30,26 @@ CONDITIONS = {
     "t2l_other_task_description": "(d) T2L, another task's description",
     "mt_lora": "(e) multi-task LoRA",
 }
+METRICS = ("em", "rouge_l")
+FOOTNOTE = ("(± is one standard error clustered by task (CR1): items of one task are not independent. "
+            "Differences are paired over the same items, clustered the same way; 'cSE' = that standard error. "
+            "'training' gives the steps, examples and wall time of the run that trained each condition.)")
+
+
+def score(predictions: list[str], items: list[dict]) -> dict:
+    """Per-item exact match / ROUGE-L and their task-clustered means.
+
+    items[i] has "answers" (list of str) and "task" (the cluster). Returns n, n_tasks, em,
+    em_se, rouge_l, rouge_l_se (clustered SEs), em_items, rouge_l_items, predictions.
+    """
+    tasks = [it["task"] for it in items]
+    out: dict = {"n": len(items), "n_tasks": len(set(tasks)), "predictions": predictions}
+    out["em_items"] = [exact_match(p, it["answers"]) for p, it in zip(predictions, items)]
+    out["rouge_l_items"] = [rouge_l(p, it["answers"]) for p, it in zip(predictions, items)]
+    out["tasks"] = tasks
+    for key in METRICS:
+        out[key], out[f"{key}_se"] = clustered_mean_se(out[f"{key}_items"], tasks)
+    return out
 
 
 def evaluate_conditions(model, tokenizer, injection, items: list[dict],
@@ -32,7 +59,7 @@ def evaluate_conditions(model, tokenizer, injection, items: list[dict],
     """Score every condition on ``items`` (from ``T2LDataModule.eval_items``).
 
     make_weights(desc_indices) -> LoraWeights with one adapter per index (the hypernetwork).
-    Returns {condition: {"n", "em", "em_se", "rouge_l", "rouge_l_se", "predictions"}}.
+    Returns {condition: ``score(...)``}.
     """
     plans: dict[str, tuple[str, Callable | None]] = {"base": ("input_ids", None),
                                                      "base+description": ("prompt_with_description_ids", None)}
@@ -42,10 +69,10 @@ def evaluate_conditions(model, tokenizer, injection, items: list[dict],
             "input_ids", lambda chunk: make_weights([it["other_desc_idx"] for it in chunk]))
     if baseline is not None:
         plans["mt_lora"] = ("input_ids", lambda chunk: baseline)
-    # Similar lengths share a batch, so little compute goes to padding.
-    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
     results = {}
     for name, (field, weights_for) in plans.items():
+        # Similar lengths share a batch, so little compute goes to padding.
+        order = sorted(range(len(items)), key=lambda i: len(items[i][field]))
         preds: list[str] = [""] * len(items)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -56,19 +83,16 @@ def evaluate_conditions(model, tokenizer, injection, items: list[dict],
                 preds[i] = out
             if progress:
                 progress(name, min(start + batch_size, len(order)), len(order))
-        em = [exact_match(p, it["answers"]) for p, it in zip(preds, items)]
-        rl = [rouge_l(p, it["answers"]) for p, it in zip(preds, items)]
-        (em_m, em_se), (rl_m, rl_se) = mean_se(em), mean_se(rl)
-        results[name] = {"n": len(items), "em": em_m, "em_se": em_se, "rouge_l": rl_m, "rouge_l_se": rl_se,
-                         "predictions": preds, "em_items": em, "rouge_l_items": rl}
+        results[name] = score(preds, items)
     return results
 
 
 def paired_differences(results: dict, reference: str = "t2l") -> dict[str, dict]:
-    """reference minus each other condition, item by item: {name: {em, em_se, rouge_l, rouge_l_se}}.
+    """reference minus each other condition, item by item, task-clustered: {name: {em, em_se, rouge_l, rouge_l_se}}.
 
-    The conditions answer the same items, so the paired standard error is the right yardstick
-    for "does T2L beat X": it removes the spread in item difficulty that both share.
+    The conditions answer the same items, so the paired difference removes the spread in item
+    difficulty that both share; clustering by task keeps one easy task from counting as many
+    independent wins.
     """
     if reference not in results:
         return {}
@@ -77,70 +101,90 @@ def paired_differences(results: dict, reference: str = "t2l") -> dict[str, dict]
         if name == reference:
             continue
         row = {}
-        for key in ("em", "rouge_l"):
-            mean, se = mean_se([a - b for a, b in zip(ref[f"{key}_items"], r[f"{key}_items"])])
-            row[key], row[f"{key}_se"] = mean, se
+        for key in METRICS:
+            row[key], row[f"{key}_se"] = paired_difference(ref[f"{key}_items"], r[f"{key}_items"], ref["tasks"])
         out[name] = row
     return out
 
 
-def markdown_table(title: str, results: dict) -> str:
-    lines = [f"**{title}**", "", "| condition | items | exact match | ROUGE-L |", "|---|---:|---:|---:|"]
+def in_cse(mean: float, se: float) -> str:
+    """The difference in clustered standard errors, as the tables print it ('+2.3 cSE')."""
+    return f"{mean / se:+.1f} cSE" if se > 0 and not math.isnan(se) else "n/a"
+
+
+def markdown_table(title: str, results: dict, training: dict[str, str] | None = None) -> str:
+    """The condition table and the paired-difference table of one split.
+
+    training: condition -> how it was trained (``TrainingStatus.describe()``); conditions not
+    in it (the base model) show '-'.
+    """
+    training = training or {}
+    n_tasks = max((r.get("n_tasks", 0) for r in results.values()), default=0)
+    lines = [f"**{title}** ({n_tasks} tasks)", "",
+             "| condition | items | exact match | ROUGE-L | training |", "|---|---:|---:|---:|---|"]
     for name, r in results.items():
-        lines.append(f"| {CONDITIONS.get(name, name)} | {r['n']} | {r['em']:.3f} ± {r['em_se']:.3f} | "
-                     f"{r['rouge_l']:.3f} ± {r['rouge_l_se']:.3f} |")
+        lines.append(f"| {CONDITIONS.get(name, name)} | {r['n']} | {_pm(r['em'], r['em_se'])} | "
+                     f"{_pm(r['rouge_l'], r['rouge_l_se'])} | {_trained(training.get(name))} |")
     diffs = paired_differences(results)
     if diffs:
         lines += ["", "| (c) T2L minus | exact match | ROUGE-L |", "|---|---:|---:|"]
         for name, d in diffs.items():
-            lines.append(f"| {CONDITIONS.get(name, name)} | {d['em']:+.3f} ± {d['em_se']:.3f} "
-                         f"({_in_se(d['em'], d['em_se'])}) | {d['rouge_l']:+.3f} ± {d['rouge_l_se']:.3f} "
-                         f"({_in_se(d['rouge_l'], d['rouge_l_se'])}) |")
+            lines.append(f"| {CONDITIONS.get(name, name)} | {_pm(d['em'], d['em_se'], '+')} "
+                         f"({in_cse(d['em'], d['em_se'])}) | {_pm(d['rouge_l'], d['rouge_l_se'], '+')} "
+                         f"({in_cse(d['rouge_l'], d['rouge_l_se'])}) |")
     return "\n".join(lines)
 
 
-def _in_se(mean: float, se: float) -> str:
-    return f"{mean / se:+.1f} SE" if se > 0 else "n/a"
+def _pm(mean: float, se: float, sign: str = "") -> str:
+    """'0.250 ± 0.031'; a clustered SE needs two tasks, so one task gives '± n/a'."""
+    return f"{mean:{sign}.3f} ± {'n/a' if math.isnan(se) else f'{se:.3f}'}"
 
 
-def write_report(out_dir: Path, tables: dict[str, dict], items: dict[str, list[dict]]) -> str:
-    """Write report.md and report.json (with per-item predictions); return the Markdown."""
+def _trained(text: str | None) -> str:
+    if not text:
+        return "-"
+    return f"**{text}**" if text.startswith("cut short") else text
+
+
+def render(tables: dict[str, dict], training: dict[str, str] | None = None) -> str:
+    """All tables with a warning line first when a condition's run was cut short."""
+    cut = sorted({CONDITIONS.get(n, n) for n, t in (training or {}).items() if t and t.startswith("cut short")})
+    head = [f"**Warning: cut short by trainer.max_time, results below the recipe's budget: {', '.join(cut)}**"] if cut else []
+    return "\n\n".join(head + [markdown_table(t, r, training) for t, r in tables.items()])
+
+
+def write_report(out_dir: Path, tables: dict[str, dict], items: dict[str, list[dict]],
+                 training: dict[str, str] | None = None) -> str:
+    """Write report.md and report.json (per-item predictions, training per condition); return the Markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = "\n\n".join(markdown_table(title, res) for title, res in tables.items())
-    (out_dir / "report.md").write_text(md + "\n\n(± is one standard error over items; differences are paired "
-                                       "over the same items)\n")
-    payload = {}
+    md = render(tables, training)
+    (out_dir / "report.md").write_text(md + "\n\n" + FOOTNOTE + "\n")
+    payload: dict = {"training": dict(training or {}), "tables": {}}
     for title, res in tables.items():
-        payload[title] = {
-            name: {k: v for k, v in r.items() if k in ("n", "em", "em_se", "rouge_l", "rouge_l_se")}
-            for name, r in res.items()}
-        payload[title]["items"] = [
+        section = {name: {k: r[k] for k in ("n", "n_tasks", "em", "em_se", "rouge_l", "rouge_l_se")}
+                   for name, r in res.items()}
+        section["items"] = [
             {"task": it["task"], "answers": it["answers"], **{n: r["predictions"][i] for n, r in res.items()}}
             for i, it in enumerate(items[title])]
+        payload["tables"][title] = section
     (out_dir / "report.json").write_text(json.dumps(payload, indent=1))
     return md
 
 
-
-def rescore(report_json: Path) -> dict[str, dict]:
-    """Rebuild the tables (with paired differences) from a saved report.json."""
+def rescore(report_json: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """Rebuild the tables (with paired differences) and the training column from a saved report.json."""
     data = json.loads(Path(report_json).read_text())
+    if "tables" not in data:  # reports written before the training column: titles at the top level
+        data = {"tables": data, "training": {}}
     tables = {}
-    for title, section in data.items():
+    for title, section in data["tables"].items():
         items = section["items"]
-        names = [n for n in section if n != "items"]
-        tables[title] = {}
-        for name in names:
-            em = [exact_match(it[name], it["answers"]) for it in items]
-            rl = [rouge_l(it[name], it["answers"]) for it in items]
-            (em_m, em_se), (rl_m, rl_se) = mean_se(em), mean_se(rl)
-            tables[title][name] = {"n": len(items), "em": em_m, "em_se": em_se, "rouge_l": rl_m,
-                                   "rouge_l_se": rl_se, "em_items": em, "rouge_l_items": rl}
-    return tables
+        tables[title] = {name: score([it[name] for it in items], items) for name in section if name != "items"}
+    return tables, data.get("training", {})
 
 
 if __name__ == "__main__":
     import sys
 
     for path in sys.argv[1:]:
-        print("\n\n".join(markdown_table(t, r) for t, r in rescore(Path(path)).items()))
+        print(render(*rescore(Path(path))))

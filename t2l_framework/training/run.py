@@ -3,7 +3,8 @@
 Writes into the run folder (``RunFolder`` knows its layout): ``recipe.yaml`` (resolved),
 ``logs/`` (CSV metrics), ``tb/`` (TensorBoard), ``checkpoints/`` (safetensors, atomic;
 ``last.ckpt`` every ``checkpoint_every_n_steps`` and ``interrupted.ckpt`` on Ctrl-C /
-SIGTERM), and the result: ``hypernet/`` (``save_pretrained``) or ``adapter/`` (PEFT, lora mode).
+SIGTERM), and the result: ``hypernet/`` (``save_pretrained``) or ``adapter/`` (PEFT, lora mode), and
+``training_status.json`` (steps done of ``max_steps``, examples, wall time, cut short or not).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from t2l_framework.console import say
 from t2l_framework.errors import T2LError
 from t2l_framework.run_folder import RunFolder
 from t2l_framework.training.checkpoint_io import remove_torn_files
+from t2l_framework.training.budget import TrainingStatus
+from t2l_framework.training.budget import record as record_status
 
 
 class TrainingInterrupted(T2LError):
@@ -144,6 +147,7 @@ def train(cfg, run: RunFolder, pieces, ckpt: Path | None = None, callbacks: list
                        recon_targets, tokenizer=base.tokenizer if base else None)
     reason = _StopReason()
     trainer = _trainer(cfg, run, [reason, *(callbacks or [])])
+    previous = TrainingStatus.load(run.root) if ckpt else None
     t0 = time.time()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
@@ -154,6 +158,7 @@ def train(cfg, run: RunFolder, pieces, ckpt: Path | None = None, callbacks: list
         raise stop from None
     run.interrupted_checkpoint.unlink(missing_ok=True)  # superseded by the finished run's last.ckpt
     say(f"trained to step {trainer.global_step} in {time.time() - t0:.0f} s")
+    record_status(trainer, cfg, run.root, time.time() - t0, previous)
     return trainer
 
 
