@@ -111,7 +111,7 @@ DEMO, MTLORA = recipes_dir() / "smollm2_demo.yaml", recipes_dir() / "smollm2_dem
 
 
 def _demo_cfg(path: Path):
-    return load_recipe(str(path), check_plugins=False)
+    return load_recipe(str(path))
 
 
 def test_demo_unseen_set_has_20_tasks_300_items_none_trained():
