@@ -9,10 +9,13 @@ out: they cost the same in both dtypes and are small next to the LLM.
 
 On a CPU without native bf16 (AVX2 only) a bf16 step is emulated and very slow, so each dtype
 gets a time budget (``--budget-s``): it stops repeating once that is spent, after at least one
-timed step. Times are wall clock; on a shared machine other jobs only add time, so the
-minimum is the best estimate of the cost and the spread (min..max) shows the noise.
+timed step. Times are wall clock, with the process's CPU time beside them; on a shared machine
+other jobs only add time, so the minimum is the best estimate of the cost and the spread
+(min..max) shows the noise. On an oversubscribed machine OpenMP threads spin waiting for each
+other and 2-thread wall times can be 10x too long; there ``--threads 1`` gives a CPU time that
+other jobs barely change (the single-core cost of a step).
 
-    python benchmarks/dtype_check.py [--reps 3] [--budget-s 60] [--dtypes float32,bfloat16]
+    python benchmarks/dtype_check.py [--reps 3] [--budget-s 60] [--dtypes float32,bfloat16] [--threads 1]
 """
 
 from __future__ import annotations
@@ -58,14 +61,14 @@ def per_sample_lora(shapes, batch: int, rank: int, alpha: float, use_rslora: boo
     return LoraWeights(A, B, rank, alpha, use_rslora)
 
 
-def time_step(module, batch: dict, weights) -> float:
-    """Seconds for one forward + backward of the demo loss."""
+def time_step(module, batch: dict, weights) -> tuple[float, float]:
+    """(wall, CPU) seconds for one forward + backward of the demo loss."""
     for t in list(weights.A.values()) + list(weights.B.values()):
         t.grad = None
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     loss, _ = module.lm_loss(batch, weights, float(module.recipe.training.label_smoothing))
     loss.backward()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> int:
@@ -103,7 +106,7 @@ def main() -> int:
     module = T2LModule(cfg, LearnedLora(injection.shapes, int(lora.rank), float(lora.alpha)), base.model, injection)
     module.train()  # NEFTune on, as in training
 
-    times: dict[str, list[float]] = {}
+    times: dict[str, list[tuple[float, float]]] = {}
     for name in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         if name not in DTYPES:
             print(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}", file=sys.stderr)
@@ -111,26 +114,28 @@ def main() -> int:
         base.model.to(DTYPES[name])
         weights = per_sample_lora(injection.shapes, batches[0]["input_ids"].shape[0], int(lora.rank),
                                   float(lora.alpha), bool(lora.use_rslora))
-        spent, times[name] = 0.0, []
         first = time_step(module, batches[0], weights)  # warm-up: allocator, kernels, caches
-        spent += first
-        print(f"  {name:<9} warm-up {first:7.2f} s", flush=True)
+        spent, times[name] = first[0], []
+        print(f"  {name:<9} warm-up {first[0]:7.2f} s (cpu {first[1]:.2f} s)", flush=True)
         for i in range(1, n_batches):
             if spent >= args.budget_s:
                 break
-            t = time_step(module, batches[i], weights)
-            spent += t
-            times[name].append(t)
-            print(f"  {name:<9} step {i} ({lengths[i][0]}x{lengths[i][1]} tokens) {t:7.2f} s", flush=True)
+            wall, cpu = time_step(module, batches[i], weights)
+            spent += wall
+            times[name].append((wall, cpu))
+            print(f"  {name:<9} step {i} ({lengths[i][0]}x{lengths[i][1]} tokens) {wall:7.2f} s (cpu {cpu:.2f} s)",
+                  flush=True)
         if not times[name]:  # the warm-up alone spent the budget: report it rather than nothing
             times[name].append(first)
 
-    print("\nfwd+bwd of one demo step (seconds; min / median / max over the timed steps):")
+    print("\nfwd+bwd of one demo step, wall seconds: min / median / max over the timed steps (CPU seconds):")
     for name, ts in times.items():
-        print(f"  {name:<9} {min(ts):7.2f} / {statistics.median(ts):7.2f} / {max(ts):7.2f}   ({len(ts)} steps)")
+        walls, cpus = [w for w, _ in ts], [c for _, c in ts]
+        print(f"  {name:<9} {min(walls):7.2f} / {statistics.median(walls):7.2f} / {max(walls):7.2f}   "
+              f"(cpu {min(cpus):.2f} / {statistics.median(cpus):.2f} / {max(cpus):.2f})   {len(ts)} steps")
     if "float32" in times and "bfloat16" in times:
-        ratio = min(times["bfloat16"]) / min(times["float32"])
-        print(f"bfloat16 / float32 = {ratio:.1f}x (minimum over steps); auto picks {choice.name}")
+        ratio = min(w for w, _ in times["bfloat16"]) / min(w for w, _ in times["float32"])
+        print(f"bfloat16 / float32 = {ratio:.1f}x (minimum wall time over steps); auto picks {choice.name}")
     return 0
 
 

@@ -166,3 +166,19 @@ def test_make_demo_fails_when_a_run_was_cut_short_but_still_runs_t2l(tmp_path):
     run = subprocess.run(["make", "-s", "-C", str(ROOT), "demo-runs", f"BIN={fake.parent}"],
                          capture_output=True, text=True, env={**os.environ, "MAKEFLAGS": ""})
     assert run.returncode != 0 and log.read_text().splitlines() == ["fit smollm2_demo_mtlora --overwrite"]
+
+
+@pytest.mark.skipif(not Path("/usr/bin/make").exists(), reason="make is not installed")
+def test_make_demo_passes_the_same_overrides_to_both_runs(tmp_path):
+    log = tmp_path / "calls"
+    fake = tmp_path / "bin" / "t2l"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 0\n')
+    fake.chmod(0o755)
+    run = subprocess.run(["make", "-s", "-C", str(ROOT), "demo-runs", f"BIN={fake.parent}",
+                          "DEMO_ARGS=trainer.max_steps=7 training.seed=7"],
+                         capture_output=True, text=True, env={**os.environ, "MAKEFLAGS": ""})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert log.read_text().splitlines() == [
+        "fit smollm2_demo_mtlora trainer.max_steps=7 training.seed=7 --overwrite",
+        "fit smollm2_demo trainer.max_steps=7 training.seed=7 --overwrite"]

@@ -1,10 +1,11 @@
-"""The end-of-training table: scoring, standard errors and paired differences."""
+"""The end-of-training table: scoring, task-clustered standard errors and paired differences."""
 
 import json
+import math
 
 import pytest
 
-from t2l_framework.eval.sni_report import markdown_table, paired_differences, rescore, write_report
+from t2l_framework.eval.sni_report import markdown_table, paired_differences, render, rescore, score, write_report
 from t2l_framework.eval.text_metrics import exact_match, normalize, rouge_l
 
 
@@ -15,28 +16,66 @@ def test_exact_match_and_rouge_normalise_case_and_punctuation():
     assert rouge_l("the red car", ["a red car"]) == pytest.approx(2 / 3)
 
 
-def _result(em):
-    n = len(em)
-    return {"n": n, "em": sum(em) / n, "em_se": 0.0, "rouge_l": sum(em) / n, "rouge_l_se": 0.0,
-            "em_items": em, "rouge_l_items": em, "predictions": ["x"] * n}
+def _items(tasks, answer="yes"):
+    return [{"task": t, "answers": [answer]} for t in tasks]
 
 
-def test_paired_differences_use_item_pairs():
-    results = {"t2l": _result([1, 1, 0, 1]), "base": _result([0, 1, 0, 0])}
+def test_scores_are_clustered_by_task():
+    # Task a: all right, task b: all wrong. Four items but two clusters: the clustered SE is
+    # sqrt(G/(G-1) * sum_g s_g^2) / n = sqrt(2 * (1 + 1)) / 4 = 0.5, not the item SE 0.289.
+    items = _items(["a", "a", "b", "b"])
+    r = score(["yes", "yes", "no", "no"], items)
+    assert (r["n"], r["n_tasks"], r["em"]) == (4, 2, 0.5)
+    assert r["em_se"] == pytest.approx(0.5)
+    assert r["em_items"] == [1.0, 1.0, 0.0, 0.0] and r["tasks"] == ["a", "a", "b", "b"]
+
+
+def test_paired_differences_are_paired_and_clustered():
+    items = _items(["a", "a", "b", "b", "c", "c"])
+    results = {"t2l": score(["yes", "yes", "yes", "no", "no", "no"], items),
+               "base": score(["no", "yes", "no", "no", "no", "no"], items)}
     d = paired_differences(results)["base"]
-    assert d["em"] == pytest.approx(0.5)
-    # diffs 1,0,0,1: sd = 0.577, se = 0.289
-    assert d["em_se"] == pytest.approx(0.2887, abs=1e-3)
+    # diffs 1,0 | 1,0 | 0,0: mean 1/3; cluster sums of residuals 1/3, 1/3, -2/3
+    # var = 3/2 * (1/9 + 1/9 + 4/9) / 36 = 1/36 -> se = 1/6
+    assert d["em"] == pytest.approx(1 / 3)
+    assert d["em_se"] == pytest.approx(1 / 6)
     table = markdown_table("T", results)
-    assert "| (c) T2L minus |" in table and "+0.500 ± 0.289 (+1.7 SE)" in table
+    assert "| (c) T2L minus |" in table and "+0.333 ± 0.167 (+2.0 cSE)" in table
+    assert "**T** (3 tasks)" in table
+
+
+def test_one_task_has_no_clustered_se():
+    r = score(["yes", "no"], _items(["a", "a"]))
+    assert r["em"] == 0.5 and math.isnan(r["em_se"])
+    assert "0.500 ± n/a" in markdown_table("T", {"t2l": r, "base": score(["no", "no"], _items(["a", "a"]))})
+
+
+def test_training_column_and_cut_short_warning():
+    items = _items(["a", "b"])
+    results = {"base": score(["no", "yes"], items), "t2l": score(["yes", "yes"], items)}
+    training = {"t2l": "cut short at step 5 of 10 by max_time 00:00:01:00 (40 examples, 1 min 0 s)"}
+    md = render({"Seen": results}, training)
+    assert md.startswith("**Warning: cut short by trainer.max_time")
+    assert "| (a) base model | 2 | 0.500 ± 0.500 | 0.500 ± 0.500 | - |" in md
+    assert "| **cut short at step 5 of 10 by max_time 00:00:01:00 (40 examples, 1 min 0 s)** |" in md
+    assert "Warning" not in render({"Seen": results}, {"t2l": "10 of 10 steps (80 examples), 2 min 0 s"})
 
 
 def test_report_round_trips_through_json(tmp_path):
-    items = [{"task": "t", "answers": ["yes"]}, {"task": "t", "answers": ["no"]}]
-    results = {"t2l": {**_result([1, 1]), "predictions": ["yes", "no"]},
-               "base": {**_result([0, 1]), "predictions": ["maybe", "no"]}}
-    write_report(tmp_path, {"Seen": results}, {"Seen": items})
+    items = [{"task": "t", "answers": ["yes"]}, {"task": "u", "answers": ["no"]}]
+    results = {"t2l": score(["yes", "no"], items), "base": score(["maybe", "no"], items)}
+    training = {"t2l": "4 of 4 steps (32 examples), 9 s"}
+    md = write_report(tmp_path, {"Seen": results}, {"Seen": items}, training)
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["Seen"]["items"][0] == {"task": "t", "answers": ["yes"], "t2l": "yes", "base": "maybe"}
-    again = rescore(tmp_path / "report.json")["Seen"]
-    assert again["t2l"]["em"] == 1.0 and again["base"]["em"] == 0.5
+    assert saved["tables"]["Seen"]["items"][0] == {"task": "t", "answers": ["yes"], "t2l": "yes", "base": "maybe"}
+    assert saved["training"] == training
+    tables, again_training = rescore(tmp_path / "report.json")
+    assert tables["Seen"]["t2l"]["em"] == 1.0 and tables["Seen"]["base"]["em"] == 0.5
+    assert render(tables, again_training) == md
+
+
+def test_rescore_reads_reports_written_before_the_training_column(tmp_path):
+    old = {"Seen": {"t2l": {"n": 1}, "items": [{"task": "t", "answers": ["yes"], "t2l": "yes"}]}}
+    (tmp_path / "report.json").write_text(json.dumps(old))
+    tables, training = rescore(tmp_path / "report.json")
+    assert tables["Seen"]["t2l"]["em"] == 1.0 and training == {}

@@ -123,16 +123,21 @@ def markdown_table(title: str, results: dict, training: dict[str, str] | None = 
     lines = [f"**{title}** ({n_tasks} tasks)", "",
              "| condition | items | exact match | ROUGE-L | training |", "|---|---:|---:|---:|---|"]
     for name, r in results.items():
-        lines.append(f"| {CONDITIONS.get(name, name)} | {r['n']} | {r['em']:.3f} ± {r['em_se']:.3f} | "
-                     f"{r['rouge_l']:.3f} ± {r['rouge_l_se']:.3f} | {_trained(training.get(name))} |")
+        lines.append(f"| {CONDITIONS.get(name, name)} | {r['n']} | {_pm(r['em'], r['em_se'])} | "
+                     f"{_pm(r['rouge_l'], r['rouge_l_se'])} | {_trained(training.get(name))} |")
     diffs = paired_differences(results)
     if diffs:
         lines += ["", "| (c) T2L minus | exact match | ROUGE-L |", "|---|---:|---:|"]
         for name, d in diffs.items():
-            lines.append(f"| {CONDITIONS.get(name, name)} | {d['em']:+.3f} ± {d['em_se']:.3f} "
-                         f"({in_cse(d['em'], d['em_se'])}) | {d['rouge_l']:+.3f} ± {d['rouge_l_se']:.3f} "
+            lines.append(f"| {CONDITIONS.get(name, name)} | {_pm(d['em'], d['em_se'], '+')} "
+                         f"({in_cse(d['em'], d['em_se'])}) | {_pm(d['rouge_l'], d['rouge_l_se'], '+')} "
                          f"({in_cse(d['rouge_l'], d['rouge_l_se'])}) |")
     return "\n".join(lines)
+
+
+def _pm(mean: float, se: float, sign: str = "") -> str:
+    """'0.250 ± 0.031'; a clustered SE needs two tasks, so one task gives '± n/a'."""
+    return f"{mean:{sign}.3f} ± {'n/a' if math.isnan(se) else f'{se:.3f}'}"
 
 
 def _trained(text: str | None) -> str:

@@ -17,6 +17,18 @@ def _progress(name: str, done: int, total: int) -> None:
     print(f"  {name:<28} {done:>4}/{total}", end=end, file=sys.stderr, flush=True)
 
 
+def per_task(items: list[dict], n: int) -> list[dict]:
+    """The first ``n`` items of each task, order kept: the in-distribution table can be smaller
+    than the unseen one, whose size is what the zero-shot claim rests on."""
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        seen[it["task"]] = seen.get(it["task"], 0) + 1
+        if seen[it["task"]] <= n:
+            out.append(it)
+    return out
+
+
 def training_column(cfg, run_dir: Path, baseline_dir: Path | None) -> dict[str, str]:
     """condition -> how its run trained (steps, examples, wall time, or 'cut short at step N of M').
 
@@ -72,6 +84,8 @@ def final_report(cfg, run_dir: Path, base, injection, dm, embeddings, generator,
     for split, title in (("seen", "Training tasks, held-out instances and descriptions"),
                          ("unseen", "Tasks never seen in training")):
         its = dm.eval_items(split)
+        if split == "seen" and int(cfg.eval.report_seen_per_task):
+            its = per_task(its, int(cfg.eval.report_seen_per_task))
         if limit:
             its = its[:limit]
         if not its:
