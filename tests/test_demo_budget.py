@@ -79,7 +79,8 @@ def test_allow_cut_short_exits_0_but_still_marks_the_report(world):
 def test_full_runs_report_steps_examples_and_time_and_flag_unequal_work(world):
     runs = world["root"] / "runs"
     assert _fit(world, "mt_3", "training.mode=lora", "trainer.max_steps=3") == 0
-    assert _fit(world, "t2l_4", "trainer.max_steps=4", f"eval.baseline_adapter={runs / 'mt_3' / 'adapter'}") == 0
+    assert _fit(world, "t2l_4", "trainer.max_steps=4", f"eval.baseline_adapter={runs / 'mt_3' / 'adapter'}",
+                "eval.report_seen_per_task=2") == 0
     own = json.loads((runs / "t2l_4" / STATUS_FILE).read_text())
     assert (own["steps"], own["max_steps"], own["examples"], own["stopped_by"]) == (4, 4, 32, "")
     assert own["seconds"] > 0
@@ -87,7 +88,16 @@ def test_full_runs_report_steps_examples_and_time_and_flag_unequal_work(world):
     assert re.search(r"\| 4 of 4 steps \(32 examples\), \d+ (min \d+ )?s \|$", rows["(c) T2L, held-out description"])
     assert "3 of 3 steps (24 examples)" in rows["(e) multi-task LoRA"]
     assert "not the same work as T2L (4 steps, 32 examples)" in rows["(e) multi-task LoRA"]
-    assert "cut short" not in (runs / "t2l_4" / "report.md").read_text()
+    report = (runs / "t2l_4" / "report.md").read_text()
+    assert "cut short" not in report
+    # eval.report_seen_per_task=2 trims the in-distribution table to 2 items x 4 tasks; the
+    # unseen one keeps data.max_eval_instances (4) x 2 tasks.
+    assert rows["(a) base model"].startswith("| (a) base model | 8 |")
+    assert "**Training tasks, held-out instances and descriptions** (4 tasks)" in report
+    saved = json.loads((runs / "t2l_4" / "report.json").read_text())["tables"]
+    assert [len(t["items"]) for t in saved.values()] == [8, 8]
+    seen_tasks = [it["task"] for it in saved["Training tasks, held-out instances and descriptions"]["items"]]
+    assert sorted(seen_tasks) == sorted(["toy_0", "toy_1", "toy_2", "toy_3"] * 2)
 
 
 def test_tables_use_task_clustered_standard_errors(world):
