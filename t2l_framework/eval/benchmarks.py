@@ -238,6 +238,10 @@ class T2LMetadataBenchmark(Benchmark):
     def descriptions(self, task: str) -> list[str]:
         return list(self.metadata["descriptions"])
 
+    def load_examples(self) -> list[Example]:
+        """Subclasses define ``build_examples`` per protocol; the plain examples are chat's."""
+        return self.build_examples(CHAT)
+
     @property
     def prefill(self) -> str:
         return self.metadata.get("assistant_prefill") or ""
@@ -348,9 +352,6 @@ class _ChoicesBenchmark(T2LMetadataBenchmark):
                 out.append(Example(str(row["id"]), self.render(row), self.name, gold, labels, texts))
         return out
 
-    def load_examples(self) -> list[Example]:
-        return self.build_examples(CHAT)
-
     def cloze_context(self, row: dict) -> str:
         """lm-eval 0.4.13 arc_easy.yaml / arc_challenge.yaml: ``Question: {{question}}\\nAnswer:``."""
         return f"Question: {row['question']}\nAnswer:"
@@ -393,9 +394,6 @@ class BoolQ(T2LMetadataBenchmark):
                                    ["true", "false"]))
         return out
 
-    def load_examples(self) -> list[Example]:
-        return self.build_examples(CHAT)
-
 
 class HellaSwag(T2LMetadataBenchmark):
     name, files = "hellaswag", ("eval/hellaswag/validation.jsonl", "t2l/tasks/hellaswag/metadata.yaml")
@@ -418,9 +416,6 @@ class HellaSwag(T2LMetadataBenchmark):
                 out.append(Example(eid, self.render(row), self.name, gold, labels, endings))
         return out
 
-    def load_examples(self) -> list[Example]:
-        return self.build_examples(CHAT)
-
 
 class PIQA(T2LMetadataBenchmark):
     name, files = "piqa", ("eval/piqa/validation.jsonl", "t2l/tasks/piqa/metadata.yaml")
@@ -439,9 +434,6 @@ class PIQA(T2LMetadataBenchmark):
             else:
                 out.append(Example(f"piqa-{i}", self.render(row), self.name, gold, ["0", "1"], options))
         return out
-
-    def load_examples(self) -> list[Example]:
-        return self.build_examples(CHAT)
 
 
 class WinoGrande(T2LMetadataBenchmark):
@@ -469,9 +461,6 @@ class WinoGrande(T2LMetadataBenchmark):
                 out.append(Example(f"winogrande-{i}", self.render(row), self.name, gold, ["1", "2"], options))
         return out
 
-    def load_examples(self) -> list[Example]:
-        return self.build_examples(CHAT)
-
 
 class GSM8K(T2LMetadataBenchmark):
     name, kind, metric, max_new_tokens = "gsm8k", "final_number", "em", 256
@@ -490,9 +479,6 @@ class GSM8K(T2LMetadataBenchmark):
         return [Example(f"gsm8k-{i}", self.render(row), self.name, gsm8k_gold(row["answer"]))
                 for i, row in enumerate(rows)]
 
-    def load_examples(self) -> list[Example]:
-        return self.build_examples(CHAT)
-
 
 def _before_fence(answer: str) -> str:
     """The reference's completion body: everything before the first ``` (fishfarm evalplus)."""
@@ -505,6 +491,10 @@ class ProgramGraded:
     pass@1 = the share of programs that exit 0."""
 
     runs_programs: ClassVar[bool] = True
+
+    def stop_texts(self, protocol: str) -> tuple[str, ...]:
+        # paper: the reference keeps what comes before the first ```; stopping there changes nothing
+        return ("```",) if self.protocol(protocol) == PAPER else self.stop
 
     def grade(self, examples: list[Example], answers: list[str], protocol: str,
               context: GradeContext | None = None) -> Graded:
@@ -536,13 +526,6 @@ class HumanEval(ProgramGraded, T2LMetadataBenchmark):
             else:
                 out.append(Example(row["task_id"], self.render(row), self.name, None, tests=tests))
         return out
-
-    def load_examples(self) -> list[Example]:
-        return self.build_examples(CHAT)
-
-    def stop_texts(self, protocol: str) -> tuple[str, ...]:
-        # paper: the reference keeps what comes before the first ```; stopping there changes nothing
-        return ("```",) if self.protocol(protocol) == PAPER else self.stop
 
     def program(self, example: Example, answer: str, protocol: str) -> str:
         from t2l_framework.eval import scoring
@@ -579,12 +562,6 @@ class MBPP(ProgramGraded, T2LMetadataBenchmark):
                 fields = {"prompt": row["prompt"], "assertions": row["test_list"][0]}
                 out.append(Example(f"mbpp-{row['task_id']}", self.render(fields), self.name, None, tests=tests))
         return out
-
-    def load_examples(self) -> list[Example]:
-        return self.build_examples(CHAT)
-
-    def stop_texts(self, protocol: str) -> tuple[str, ...]:
-        return ("```",) if self.protocol(protocol) == PAPER else self.stop
 
     def program(self, example: Example, answer: str, protocol: str) -> str:
         from t2l_framework.eval import scoring
