@@ -511,3 +511,18 @@ def test_the_fallback_still_runs_where_bwrap_cannot(monkeypatch):
         refused = run_python("import os\ntry:\n    os.memfd_create('m')\nexcept PermissionError:\n    print('refused')")
         assert refused.output == "refused\n", refused.output
     monkeypatch.setattr(runner, "_PLAN", None)  # the next test probes again
+
+
+def test_bwrap_makes_the_folders_above_an_exposed_interpreter_traversable():
+    """A venv under a covered folder (CI's clone in /tmp/ci/main/.venv): the folders bwrap creates
+    between the cover and the read-only bind must be 0755, or the program's uid cannot reach
+    its own interpreter's site-packages (numpy failed to import in a clean-clone CI run)."""
+    from t2l_framework.eval.sandbox import bwrap
+
+    covers = [("/tmp", "mode=0755,size=1024k,nr_inodes=1024", ["/tmp/ci/main/.venv"])]
+    cmd = bwrap.argv("/bin/bwrap", SandboxLimits(), "/tmp/work", {}, None, covers, 12345, "/usr/bin/setpriv")
+    bind = cmd.index("/tmp/ci/main/.venv") - 1
+    assert cmd[bind] == "--ro-bind"
+    for folder in ("/tmp/ci", "/tmp/ci/main"):
+        i = cmd.index(folder)
+        assert cmd[i - 3:i] == ["--perms", "0755", "--dir"] and i < bind

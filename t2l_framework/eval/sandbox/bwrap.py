@@ -17,6 +17,7 @@ import shutil
 import subprocess
 
 from t2l_framework.eval.sandbox.limits import SandboxLimits
+from t2l_framework.eval.sandbox.mounts import ancestors
 
 SEARCH_PATH = os.environ.get("PATH", "") + os.pathsep + "/usr/bin:/bin:/usr/sbin:/sbin"
 
@@ -68,7 +69,14 @@ def argv(bwrap: str, limits: SandboxLimits, workdir: str, files: dict[str, int],
             continue  # bwrap's own /dev replaces the host's, /dev/shm included
         size = next(o for o in options.split(",") if o.startswith("size=")).removeprefix("size=").removesuffix("k")
         cmd += ["--perms", "0755", "--size", str(int(size) << 10), "--tmpfs", cover]
+        made: set[str] = set()
         for path in exposed:
+            # bwrap would create the folders between the cover and the bind target as 0700 root,
+            # which the program's uid could not traverse (a venv under /tmp/ci/main, say)
+            for folder in ancestors(path):
+                if folder.startswith(cover + "/") and folder not in made:
+                    cmd += ["--perms", "0755", "--dir", folder]
+                    made.add(folder)
             cmd += ["--ro-bind", path, path]
         read_only.append(cover)
     cmd += ["--perms", "0777", "--size", str(limits.work_dir_bytes), "--tmpfs", workdir]  # private to this mount ns
