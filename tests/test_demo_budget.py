@@ -158,36 +158,38 @@ def test_demo_baseline_does_the_same_work_as_t2l():
     assert t2l.trainer.max_time and not t2l.training.allow_cut_short  # a safety net that fails loudly
 
 
+def _fake_t2l(tmp_path: Path, body: str) -> tuple[Path, Path]:
+    """A stand-in ``t2l`` that logs its arguments to the returned log file, then runs ``body``."""
+    log, fake = tmp_path / "calls", tmp_path / "bin" / "t2l"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n{body}\n')
+    fake.chmod(0o755)
+    return log, fake
+
+
+def _make_demo_runs(fake: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-s", "-C", str(ROOT), "demo-runs", f"BIN={fake.parent}", *args],
+                          capture_output=True, text=True, env={**os.environ, "MAKEFLAGS": ""})
+
+
 @pytest.mark.skipif(not Path("/usr/bin/make").exists(), reason="make is not installed")
 def test_make_demo_fails_when_a_run_was_cut_short_but_still_runs_t2l(tmp_path):
     """`make demo-runs` with a stand-in t2l: the baseline run is cut short (exit 3)."""
-    log = tmp_path / "calls"
-    fake = tmp_path / "bin" / "t2l"
-    fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\ncase "$2" in *mtlora) exit {EXIT_CUT_SHORT};; esac\nexit 0\n')
-    fake.chmod(0o755)
-    run = subprocess.run(["make", "-s", "-C", str(ROOT), "demo-runs", f"BIN={fake.parent}"],
-                         capture_output=True, text=True, env={**os.environ, "MAKEFLAGS": ""})
+    log, fake = _fake_t2l(tmp_path, f'case "$2" in *mtlora) exit {EXIT_CUT_SHORT};; esac\nexit 0')
+    run = _make_demo_runs(fake)
     assert run.returncode != 0, run.stdout + run.stderr
     assert log.read_text().splitlines() == ["fit smollm2_demo_mtlora --overwrite", "fit smollm2_demo --overwrite"]
     assert "cut short" in run.stderr
     fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\nexit 2\n")  # a real error stops at once
     log.unlink()
-    run = subprocess.run(["make", "-s", "-C", str(ROOT), "demo-runs", f"BIN={fake.parent}"],
-                         capture_output=True, text=True, env={**os.environ, "MAKEFLAGS": ""})
+    run = _make_demo_runs(fake)
     assert run.returncode != 0 and log.read_text().splitlines() == ["fit smollm2_demo_mtlora --overwrite"]
 
 
 @pytest.mark.skipif(not Path("/usr/bin/make").exists(), reason="make is not installed")
 def test_make_demo_passes_the_same_overrides_to_both_runs(tmp_path):
-    log = tmp_path / "calls"
-    fake = tmp_path / "bin" / "t2l"
-    fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 0\n')
-    fake.chmod(0o755)
-    run = subprocess.run(["make", "-s", "-C", str(ROOT), "demo-runs", f"BIN={fake.parent}",
-                          "DEMO_ARGS=trainer.max_steps=7 training.seed=7"],
-                         capture_output=True, text=True, env={**os.environ, "MAKEFLAGS": ""})
+    log, fake = _fake_t2l(tmp_path, "exit 0")
+    run = _make_demo_runs(fake, "DEMO_ARGS=trainer.max_steps=7 training.seed=7")
     assert run.returncode == 0, run.stdout + run.stderr
     assert log.read_text().splitlines() == [
         "fit smollm2_demo_mtlora trainer.max_steps=7 training.seed=7 --overwrite",

@@ -432,6 +432,8 @@ class ItemScores(torchmetrics.Metric):
 class MultipleChoiceAccuracy(ItemScores):
     """1 when the most likely option (per byte, with ``normalize``: acc_norm) is the gold one."""
 
+    choose = staticmethod(select_option)  # option index from log-likelihoods (and lengths)
+
     def __init__(self, normalize: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.normalize = normalize
@@ -441,9 +443,9 @@ class MultipleChoiceAccuracy(ItemScores):
         """``option_lengths`` (byte lengths) are required with ``normalize`` and unused without."""
         _check_lengths(option_logprobs=option_logprobs, gold=gold, option_lengths=option_lengths)
         if self.normalize and option_lengths is None:
-            raise ValueError("MultipleChoiceAccuracy(normalize=True) needs option_lengths")
+            raise ValueError(f"{type(self).__name__}(normalize=True) needs option_lengths")
         lengths = option_lengths if self.normalize else [None] * len(gold)
-        self._add([select_option(lp, n) == g for lp, n, g in zip(option_logprobs, lengths, gold)])
+        self._add([self.choose(lp, n) == g for lp, n, g in zip(option_logprobs, lengths, gold)])
 
 
 class ChoiceExtractionAccuracy(ItemScores):
@@ -480,16 +482,12 @@ class RougeL(ItemScores):
         self._add([rouge_l(t, [refs] if isinstance(refs, str) else list(refs)) for t, refs in zip(texts, references)])
 
 
-class ClozeAccuracy(ItemScores):
+class ClozeAccuracy(MultipleChoiceAccuracy):
     """lm-evaluation-harness's ``acc`` (argmax of the options' log-likelihoods) or, with
     ``normalize``, its ``acc_norm`` (argmax of log-likelihood / the option's length in characters).
 
     Both use ``numpy.argmax`` as the harness does (ties and NaN go to the first such option).
     """
-
-    def __init__(self, normalize: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self.normalize = normalize
 
     @staticmethod
     def choose(option_logprobs: Sequence[float], lengths: Sequence[int] | None = None) -> int:
@@ -498,14 +496,6 @@ class ClozeAccuracy(ItemScores):
             with np.errstate(divide="ignore", invalid="ignore"):
                 lls = lls / np.asarray(lengths, dtype=np.float64)
         return int(np.argmax(lls))
-
-    def update(self, option_logprobs: Sequence[Sequence[float]], gold: Sequence[int],
-               option_lengths: Sequence[Sequence[int]] | None = None) -> None:
-        _check_lengths(option_logprobs=option_logprobs, gold=gold, option_lengths=option_lengths)
-        if self.normalize and option_lengths is None:
-            raise ValueError("ClozeAccuracy(normalize=True) needs option_lengths")
-        lengths = option_lengths if self.normalize else [None] * len(gold)
-        self._add([self.choose(lp, n) == g for lp, n, g in zip(option_logprobs, lengths, gold)])
 
 
 class ReferenceChoiceAccuracy(ItemScores):
