@@ -132,7 +132,7 @@ def test_only_the_first_descriptions_are_used(files, tokenizer):
 
     dm = _module(files, tokenizer, max_descriptions_per_task=3, holdout_descriptions=1)
     for t in range(N_TRAIN_TASKS):
-        used = [dm.descriptions[i] for i in dm.train_desc_idx[f"task{t}"] + dm.heldout_desc_idx[f"task{t}"]]
+        used = [dm.descriptions[i] for i in dm.train_desc_idx[f"task{t}"]] + dm.heldout_descriptions[f"task{t}"]
         assert sorted(used) == [f"describe task{t} way{k}" for k in range(3)]
     task = dm.tasks["task0"]
     assert split_descriptions(task, 0, 0, 2) == (task.descriptions[:2], [])
@@ -192,20 +192,20 @@ def test_resume_sampler_starts_after_consumed_batches(files, tokenizer):
 
 def test_heldout_descriptions_never_in_training(files, tokenizer):
     dm = _module(files, tokenizer)
-    held = {i for t in dm.train_task_ids for i in dm.heldout_desc_idx[t]}
+    held = {d for t in dm.train_task_ids for d in dm.heldout_descriptions[t]}
     assert len(held) == N_TRAIN_TASKS * 2
-    assert not held & {i for t in dm.train_task_ids for i in dm.train_desc_idx[t]}
+    assert not held & {dm.descriptions[i] for t in dm.train_task_ids for i in dm.train_desc_idx[t]}
     seen = set()
     data = dm.train_dataset()
     for i in range(300):
-        seen |= set(data[i]["desc_idx"].tolist())
+        seen |= {dm.descriptions[d] for d in data[i]["desc_idx"].tolist()}
     assert not seen & held
     assert len(seen) == N_TRAIN_TASKS * 4  # every training description does get used
     val = list(dm.val_dataloader())
-    assert {d for b in val for d in b["desc_idx"].tolist()} <= held
+    assert {dm.descriptions[d] for b in val for d in b["desc_idx"].tolist()} <= held
     assert len(val[0]["answers"]) == val[0]["input_ids"].shape[0] == 6
     # Task with eval_descriptions: those are its held-out set.
-    assert [dm.descriptions[i] for i in dm.heldout_desc_idx["unseen0"]] == ["unseen eval desc a", "unseen eval desc b"]
+    assert dm.heldout_descriptions["unseen0"] == ["unseen eval desc a", "unseen eval desc b"]
 
 
 def test_eval_items(files, tokenizer):
@@ -214,8 +214,8 @@ def test_eval_items(files, tokenizer):
     assert len(seen) == N_TRAIN_TASKS * 3 and len(unseen) == 3
     for item in seen + unseen:
         assert item["input_ids"] == encode_prompt(tokenizer, item["prompt_text"], 64)
-        assert item["desc_idx"] in dm.heldout_desc_idx[item["task"]]
-        assert item["other_desc_idx"] not in dm.heldout_desc_idx[item["task"]]
+        assert dm.descriptions[item["desc_idx"]] in dm.heldout_descriptions[item["task"]]
+        assert dm.descriptions[item["other_desc_idx"]] not in dm.heldout_descriptions[item["task"]]
         desc_ids = _ids(tokenizer, dm.descriptions[item["desc_idx"]])
         with_desc = item["prompt_with_description_ids"]
         assert any(with_desc[k:k + len(desc_ids)] == desc_ids for k in range(len(with_desc)))

@@ -4,9 +4,11 @@ Training follows the paper: each batch samples ``n_tasks_per_batch`` distinct tr
 ``n_samples_per_task`` instances of each, and one random *training* description per sample.
 Batch i is a pure function of (seed, i), so a resumed run continues the stream exactly.
 
-Every batch carries ``desc_idx`` into ``T2LDataModule.descriptions`` (all descriptions any
-batch can reference, deduplicated) so the training module can embed them once, and
-``task_idx`` into ``T2LDataModule.task_ids``.
+Every batch carries ``desc_idx`` into ``T2LDataModule.descriptions`` and ``task_idx`` into
+``T2LDataModule.task_ids``. ``descriptions`` holds exactly the texts a run reads (deduplicated),
+so the encoder embeds nothing in vain: every training description of the training tasks, and of
+the held-out / evaluation descriptions only those that validation and the end-of-training table
+pick (an unseen SNI task has ~200 evaluation descriptions; the table uses one per item).
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ class T2LDataModule(L.LightningDataModule):
         self.eval_task_ids: list[str] = []
         self.descriptions: list[str] = []
         self.train_desc_idx: dict[str, list[int]] = {}
-        self.heldout_desc_idx: dict[str, list[int]] = {}
+        # Texts, not indices: only the ones validation and the report pick are embedded.
+        self.heldout_descriptions: dict[str, list[str]] = {}
         self._ready = False
 
     # ---- setup -------------------------------------------------------------------------
@@ -134,12 +137,15 @@ class T2LDataModule(L.LightningDataModule):
                                                  int(cfg.max_descriptions_per_task))
             self.train_desc_idx[tid] = index(train_d)
             # A one-description task has nothing to hold out; validate it on its training one.
-            self.heldout_desc_idx[tid] = index(held_d) if held_d else self.train_desc_idx[tid]
+            self.heldout_descriptions[tid] = held_d or train_d
         for tid in self.eval_task_ids:
             task = self.tasks[tid]
-            self.heldout_desc_idx[tid] = index(task.eval_descriptions or task.descriptions)
-        self.descriptions = list(desc_index)
+            self.heldout_descriptions[tid] = list(task.eval_descriptions or task.descriptions)
         self.task_ids = self.train_task_ids + self.eval_task_ids
+        self._seen = self._eval_pairs(self.train_task_ids, index)
+        self._unseen = self._eval_pairs(self.eval_task_ids, index)
+        self._controls = {"seen": self._control_picks("seen", index), "unseen": self._control_picks("unseen", index)}
+        self.descriptions = list(desc_index)
 
         self.pad_token_id = pad_id(self.tokenizer)
         self._train_examples = []
@@ -148,8 +154,6 @@ class T2LDataModule(L.LightningDataModule):
             if cfg.max_train_instances > 0:
                 instances = instances[: cfg.max_train_instances]
             self._train_examples.append(self._encode(instances))
-        self._seen = self._eval_pairs(self.train_task_ids)
-        self._unseen = self._eval_pairs(self.eval_task_ids)
         self._val_items = [
             {"example": ex, "desc_idx": d, "task_idx": t, "answers": inst.outputs}
             for (t, inst, d), ex in zip(self._seen, self._encode([inst for _, inst, _ in self._seen]))
@@ -197,15 +201,34 @@ class T2LDataModule(L.LightningDataModule):
         return encode_examples(self.tokenizer, prompts, answers, self.cfg.max_prompt_tokens, self.cfg.max_answer_tokens,
                                int(self.cfg.max_total_tokens))
 
-    def _eval_pairs(self, task_ids: list[str]) -> list[tuple[int, Instance, int]]:
-        """(task_idx, held-out instance, held-out desc_idx), tasks interleaved, fixed order."""
+    def _eval_pairs(self, task_ids: list[str], index) -> list[tuple[int, Instance, int]]:
+        """(task_idx, held-out instance, held-out desc_idx), tasks interleaved, fixed order.
+
+        Item k of a task takes the task's held-out description k (cycling); ``index`` adds the
+        picked texts to ``descriptions``.
+        """
         limit = self.cfg.max_eval_instances
         per_task = []
         for tid in task_ids:
-            t, descs = self.task_ids.index(tid), self.heldout_desc_idx[tid]
+            t, descs = self.task_ids.index(tid), self.heldout_descriptions[tid]
             test = self.tasks[tid].test[:limit] if limit > 0 else self.tasks[tid].test
-            per_task.append([(t, inst, descs[k % len(descs)]) for k, inst in enumerate(test)])
+            picks = index([descs[k % len(descs)] for k in range(len(test))])
+            per_task.append([(t, inst, d) for inst, d in zip(test, picks)])
         return _round_robin(per_task)
+
+    def _control_picks(self, split: str, index) -> list[int]:
+        """desc_idx of the wrong-description control for each eval item of ``split``: a held-out
+        description of another task of the same group, the same for the same seed."""
+        pairs = self._seen if split == "seen" else self._unseen
+        group = self.train_task_ids if split == "seen" else self.eval_task_ids
+        others = group if len(group) > 1 else self.task_ids
+        picks = []
+        for k, (t, _, _) in enumerate(pairs):
+            tid = self.task_ids[t]
+            rng = random.Random(f"{self.seed}-control-{split}-{k}")
+            other = rng.choice([o for o in others if o != tid] or [tid])
+            picks.append(rng.choice(self.heldout_descriptions[other]))
+        return index(picks)
 
     # ---- loaders -------------------------------------------------------------------------
     def train_dataset(self) -> TrainBatches:
@@ -252,14 +275,9 @@ class T2LDataModule(L.LightningDataModule):
         if split not in ("seen", "unseen"):
             raise T2LError(f"eval split '{split}' must be 'seen' or 'unseen'")
         pairs = self._seen if split == "seen" else self._unseen
-        group = self.train_task_ids if split == "seen" else self.eval_task_ids
-        others = group if len(group) > 1 else self.task_ids
         cfg, items = self.cfg, []
-        for k, (t, inst, d) in enumerate(pairs):
+        for (t, inst, d), other_desc in zip(pairs, self._controls[split]):
             tid = self.task_ids[t]
-            rng = random.Random(f"{self.seed}-control-{split}-{k}")
-            other = rng.choice([o for o in others if o != tid] or [tid])
-            other_desc = rng.choice(self.heldout_desc_idx[other])
             prompt_text = self.format_prompt(inst.input, cfg.system_prompt)
             description = self.descriptions[d]
             # The description must survive left-truncation, so it gets its own token budget.
