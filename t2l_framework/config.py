@@ -116,6 +116,12 @@ class DataConfig:
     system_prompt: str = _help("System message added to every chat prompt", "")
     num_workers: int = _help("DataLoader workers", 0)
     lora_library: str = _help("Folder of PEFT adapters, one sub-folder per task (recon mode)", "")
+    length_grouping: bool = _help("Regroup the rows of every length_grouping_window consecutive training batches by "
+                                  "token length, so each step pads little: the run sees the same examples (the same "
+                                  "multiset over each full window), deterministic by seed and exact on resume; a step "
+                                  "may then hold one task more than once", False)
+    length_grouping_window: int = _help("Batches regrouped together by length_grouping (windows start at batch 0; "
+                                        "make max_steps x accumulate_grad_batches a multiple of it)", 16)
 
 
 @dataclass
@@ -238,6 +244,7 @@ RANGES: dict[str, tuple] = {
     "data.max_answer_tokens": (1, None, True), "data.max_train_instances": (0, None, True),
     "data.max_eval_instances": (0, None, True), "data.num_workers": (0, None, True),
     "data.max_total_tokens": (0, None, True), "data.max_descriptions_per_task": (0, None, True),
+    "data.length_grouping_window": (1, None, True),
     "training.lr": (0.0, 10.0, False), "training.weight_decay": (0.0, None, True),
     "training.warmup_steps": (0, None, True), "training.warmup_ratio": _PROBABILITY,
     "training.label_smoothing": _PROBABILITY, "training.delta_w_scaling": (0.0, None, False),

@@ -3,6 +3,8 @@
 Training follows the paper: each batch samples ``n_tasks_per_batch`` distinct training tasks,
 ``n_samples_per_task`` instances of each, and one random *training* description per sample.
 Batch i is a pure function of (seed, i), so a resumed run continues the stream exactly.
+With ``data.length_grouping`` the rows of a window of batches are regrouped by length
+(``length_groups``): the same examples, less padding per step.
 
 Every batch carries ``desc_idx`` into ``T2LDataModule.descriptions`` and ``task_idx`` into
 ``T2LDataModule.task_ids``. ``descriptions`` holds exactly the texts a run reads (deduplicated),
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from t2l_framework.config import DataConfig
 from t2l_framework.data.encoding import FormatPrompt, encode_examples, encode_prompt, pad_batch, pad_id
+from t2l_framework.data.length_groups import group_by_length
 from t2l_framework.data.task_sets import check_task_set, task_set_ids, task_sources
 from t2l_framework.data.tasks import Instance, Task, expand_task_ids, load_tasks, split_descriptions
 from t2l_framework.errors import T2LError, did_you_mean
@@ -32,34 +35,53 @@ Example = tuple[list[int], list[int]]  # (input_ids, labels)
 
 
 class TrainBatches(Dataset):
-    """Map-style dataset whose item i is the whole training batch i (use batch_size=None)."""
+    """Map-style dataset whose item i is the whole training batch i (use batch_size=None).
+
+    group_window > 1 turns on length grouping: the rows of batches [w*W, (w+1)*W) (clipped at
+    ``length``) are regrouped by token length (``group_by_length``), so batch i is still a
+    pure function of (seed, i) and a resumed run continues the stream exactly.
+    """
 
     def __init__(self, examples: list[list[Example]], desc_idx: list[list[int]], n_tasks: int,
-                 n_samples: int, seed: int, length: int, pad_token_id: int):
+                 n_samples: int, seed: int, length: int, pad_token_id: int, group_window: int = 1):
         self.examples, self.desc_idx = examples, desc_idx
         self.n_tasks, self.n_samples, self.seed = n_tasks, n_samples, seed
-        self.length, self.pad_token_id = length, pad_token_id
+        self.length, self.pad_token_id, self.group_window = length, pad_token_id, group_window
+        self._window: tuple[int, list] = (-1, [])  # (window index, its regrouped batches)
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def draw(self, i: int) -> list[tuple[Example, int, int]]:
+        """The (example, desc_idx, task_idx) rows of batch i as the paper draws them: distinct
+        tasks, ``n_samples`` instances each, one random training description per row."""
         # A fresh generator per batch: batch i never depends on which batches came before it.
         rng = random.Random(self.seed * 1_000_003 + i)
-        rows, descs, task_idx = [], [], []
+        rows = []
         for t in rng.sample(range(len(self.examples)), self.n_tasks):
             pool = self.examples[t]
             if len(pool) >= self.n_samples:
                 picks = rng.sample(range(len(pool)), self.n_samples)
             else:
                 picks = [rng.randrange(len(pool)) for _ in range(self.n_samples)]
-            for j in picks:
-                rows.append(pool[j])
-                descs.append(rng.choice(self.desc_idx[t]))
-                task_idx.append(t)
-        batch = pad_batch(rows, self.pad_token_id)
-        batch["desc_idx"] = torch.tensor(descs, dtype=torch.long)
-        batch["task_idx"] = torch.tensor(task_idx, dtype=torch.long)
+            rows += [(pool[j], rng.choice(self.desc_idx[t]), t) for j in picks]
+        return rows
+
+    def _grouped(self, i: int) -> list[tuple[Example, int, int]]:
+        w = i // self.group_window
+        if self._window[0] != w:
+            start = w * self.group_window
+            stop = max(min(start + self.group_window, self.length), i + 1)
+            rows = [row for b in range(start, stop) for row in self.draw(b)]
+            rng = random.Random(f"{self.seed}-length-groups-{w}")
+            self._window = (w, group_by_length(rows, [len(r[0][0]) for r in rows], self.n_tasks * self.n_samples, rng))
+        return self._window[1][i - w * self.group_window]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rows = self._grouped(i) if self.group_window > 1 else self.draw(i)
+        batch = pad_batch([ex for ex, _, _ in rows], self.pad_token_id)
+        batch["desc_idx"] = torch.tensor([d for _, d, _ in rows], dtype=torch.long)
+        batch["task_idx"] = torch.tensor([t for _, _, t in rows], dtype=torch.long)
         return batch
 
 
@@ -237,7 +259,7 @@ class T2LDataModule(L.LightningDataModule):
             self._train_examples,
             [self.train_desc_idx[t] for t in self.train_task_ids],
             self.cfg.n_tasks_per_batch, self.cfg.n_samples_per_task, self.seed, self.total_batches,
-            self.pad_token_id,
+            self.pad_token_id, int(self.cfg.length_grouping_window) if self.cfg.length_grouping else 1,
         )
 
     def train_dataloader(self) -> DataLoader:
