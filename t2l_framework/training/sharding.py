@@ -108,16 +108,14 @@ def local_param_bytes(model: nn.Module) -> int:
 
 
 def _retie_output_embeddings(model: nn.Module) -> None:
-    """Tied output embeddings read the input embeddings' parameter at every call: the gathered
-    one while the backbone (an FSDP root) holds it gathered, from its forward to its backward.
-    Between steps the old reference points at storage FSDP2 has freed, so it costs no memory."""
+    """Make tied output embeddings read the input embeddings' weight at every access: the shard
+    at rest, the gathered weight while the backbone (an FSDP root) holds it, from its forward to
+    the end of its backward. FSDP2 swaps the parameter on the embedding module only, so a plain
+    shared reference would keep the full weight alive."""
     out, emb = model.get_output_embeddings(), model.get_input_embeddings()
-
-    def follow(module, args):
-        module._parameters["weight"] = emb.weight
-
-    out.register_forward_pre_hook(follow)
-    follow(out, ())
+    del out._parameters["weight"]
+    tied = type(f"Tied{type(out).__name__}", (type(out),), {"weight": property(lambda self: emb.weight)})
+    out.__class__ = tied
 
 
 def shard_frozen_base(model: nn.Module, mesh) -> list[ShardUnit]:
