@@ -163,7 +163,8 @@ class TrainerConfig:
     devices: Any = _help("Device count or list, or 'auto'", "auto")
     num_nodes: int = _help("Nodes", 1)
     precision: str = _help("32-true | bf16-mixed | 16-mixed | bf16-true", "32-true")
-    strategy: str = _help("auto | ddp | deepspeed_stage_1 | deepspeed_stage_2 | deepspeed_stage_2_offload | deepspeed_stage_3 | deepspeed_stage_3_offload", "auto")
+    strategy: str = _help("auto | ddp | deepspeed_stage_1 | deepspeed_stage_2 | deepspeed_stage_2_offload | deepspeed_stage_3 | deepspeed_stage_3_offload | "
+                          "fsdp_base (the frozen base sharded across ranks with FSDP2, the hypernetwork under DDP; docs/scaling.md)", "auto")
     max_steps: int = _help("Optimizer steps", 1000)
     max_time: Optional[str] = _help("Wall-clock safety net 'DD:HH:MM:SS': a run it stops before max_steps is "
                                     "reported as cut short and t2l fit exits 3", None)
@@ -225,7 +226,7 @@ CHOICES = {
     "data.task_set": ("", "paper479"),
     "trainer.strategy": (
         "auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
-        "deepspeed_stage_3", "deepspeed_stage_3_offload",
+        "deepspeed_stage_3", "deepspeed_stage_3_offload", "fsdp_base",
     ),
     "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true"),
 }

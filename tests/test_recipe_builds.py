@@ -19,6 +19,9 @@ HUB_CONFIGS = {
     "meta-llama/Llama-3.1-8B-Instruct": ("LlamaConfig", dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256)),
+    "meta-llama/Llama-3.1-70B-Instruct": ("LlamaConfig", dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, vocab_size=128256)),
     "google/gemma-2-2b-it": ("Gemma2Config", dict(
         hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
         num_key_value_heads=4, head_dim=256, vocab_size=256000)),

@@ -93,9 +93,11 @@ def fit(recipe: str | Path, overrides: list[str] | None = None, resume: bool = F
     import lightning as L
 
     from t2l_framework.training.run import prepare_run_folder, save_result, train
+    from t2l_framework.training.sharding import check_sharded_recipe
 
     cfg = load_recipe(recipe, overrides)
     recipe_file = find_recipe(recipe)
+    check_sharded_recipe(cfg)  # before minutes of model loading
     if cfg.data.task_set and cfg.training.mode != "recon":  # before minutes of model loading
         from t2l_framework.data.task_sets import check_task_set
 
@@ -106,7 +108,9 @@ def fit(recipe: str | Path, overrides: list[str] | None = None, resume: bool = F
     L.seed_everything(int(cfg.training.seed), workers=True, verbose=False)
 
     pieces = build_pieces(cfg, recipe_file, run)
-    train(cfg, run, pieces, ckpt, callbacks)
+    trainer = train(cfg, run, pieces, ckpt, callbacks)
+    if not trainer.is_global_zero:  # every rank holds the same trained weights: rank 0 writes them
+        return run.root
     save_result(cfg, run, pieces.trainable, pieces.injection)
     if report and cfg.training.mode != "recon" and cfg.eval.final_report:
         from t2l_framework.assembly.final_report import final_report

@@ -158,7 +158,8 @@ def train(cfg, run: RunFolder, pieces, ckpt: Path | None = None, callbacks: list
         raise stop from None
     run.interrupted_checkpoint.unlink(missing_ok=True)  # superseded by the finished run's last.ckpt
     say(f"trained to step {trainer.global_step} in {time.time() - t0:.0f} s")
-    record_status(trainer, cfg, run.root, time.time() - t0, previous)
+    if trainer.is_global_zero:  # one writer per run folder under DDP / fsdp_base
+        record_status(trainer, cfg, run.root, time.time() - t0, previous)
     return trainer
 
 
