@@ -122,6 +122,11 @@ class DataConfig:
                                   "may then hold one task more than once", False)
     length_grouping_window: int = _help("Batches regrouped together by length_grouping (windows start at batch 0; "
                                         "make max_steps x accumulate_grad_batches a multiple of it)", 16)
+    tokens_per_step: int = _help("Throughput mode (0 = off, the paper's fixed batch of n_tasks_per_batch x "
+                                 "n_samples_per_task rows): the rows of length_grouping_window such draws are "
+                                 "sorted by length and packed into steps of at most this many padded tokens "
+                                 "(rows x longest row), so a step holds many samples and little padding. "
+                                 "A step then sees more examples than the paper's batch", 0)
 
 
 @dataclass
@@ -245,7 +250,7 @@ RANGES: dict[str, tuple] = {
     "data.max_answer_tokens": (1, None, True), "data.max_train_instances": (0, None, True),
     "data.max_eval_instances": (0, None, True), "data.num_workers": (0, None, True),
     "data.max_total_tokens": (0, None, True), "data.max_descriptions_per_task": (0, None, True),
-    "data.length_grouping_window": (1, None, True),
+    "data.length_grouping_window": (1, None, True), "data.tokens_per_step": (0, None, True),
     "training.lr": (0.0, 10.0, False), "training.weight_decay": (0.0, None, True),
     "training.warmup_steps": (0, None, True), "training.warmup_ratio": _PROBABILITY,
     "training.label_smoothing": _PROBABILITY, "training.delta_w_scaling": (0.0, None, False),

@@ -60,7 +60,7 @@ def test_only_the_descriptions_a_run_reads_are_embedded(world, monkeypatch, tmp_
 
 
 # ---- length-grouped batches ----------------------------------------------------------------------
-def _batches(seed=3, window=1, length=64, n_tasks=4, n_samples=2):
+def _batches(seed=3, window=1, length=64, n_tasks=4, n_samples=2, tokens_per_step=0):
     """A TrainBatches over 6 tasks whose examples range from 2 to 40 tokens."""
     from t2l_framework.data.datamodule import TrainBatches
 
@@ -73,7 +73,8 @@ def _batches(seed=3, window=1, length=64, n_tasks=4, n_samples=2):
             pool.append(([100 * t + j] * n, [-100] * (n - 1) + [7]))
         examples.append(pool)
     desc_idx = [[10 * t + k for k in range(3)] for t in range(6)]
-    return TrainBatches(examples, desc_idx, n_tasks, n_samples, seed, length, pad_token_id=0, group_window=window)
+    return TrainBatches(examples, desc_idx, n_tasks, n_samples, seed, length, pad_token_id=0, group_window=window,
+                        tokens_per_step=tokens_per_step)
 
 
 def _rows(batch) -> list[tuple]:
@@ -132,3 +133,19 @@ def test_length_grouping_recipe_keys(world, tmp_path):
     assert padding[True] < padding[False] / 2
     with pytest.raises(T2LError, match="data.length_grouping_window"):
         load_recipe(world["recipe"], ["data.length_grouping_window=0"])
+
+
+def test_token_budget_packs_many_rows_per_step_and_keeps_the_examples():
+    budget = _batches(window=8, n_samples=4, tokens_per_step=400, length=10**6)
+    paper_draws = _batches(window=1, n_samples=4)
+    stream, i = [], 0
+    while len(budget._starts) < 3 or i < budget._starts[2]:  # every batch of the first two windows
+        stream.append(budget[i])
+        i += 1
+    assert all(b["input_ids"].numel() <= 400 or len(b["desc_idx"]) == 1 for b in stream)
+    assert sum(len(b["desc_idx"]) for b in stream) / len(stream) > 8  # more rows than the paper's 4 x 2 batch
+    assert _padding(stream) < 0.1
+    rows = Counter(r for b in stream for r in _rows(b))
+    assert rows == Counter(r for d in range(16) for r in _rows(paper_draws[d]))  # the draws of 2 windows x 8
+    resumed = _batches(window=8, n_samples=4, tokens_per_step=400, length=10**6)
+    assert [_rows(resumed[k]) for k in (i - 1, 3)] == [_rows(stream[i - 1]), _rows(stream[3])]

@@ -76,7 +76,8 @@ def build_pieces(cfg, recipe_file: Path | None, run: RunFolder) -> RunPieces:
     if mode in ("sft", "recon"):
         t0 = time.time()
         encoder = build_encoder(cfg.encoder)
-        embeddings = EmbeddingCache(encoder, dm.descriptions, run.embedding_cache).embeddings
+        embeddings = EmbeddingCache(encoder, dm.descriptions, run.embedding_cache,
+                                    device=planned_device(cfg.trainer.accelerator)).embeddings
         say(f"embedded {len(dm.descriptions)} descriptions in {time.time() - t0:.1f} s")
         trainable = HyperNetwork.from_recipe(cfg, shapes, embeddings.shape[1], heads=head_lookup())
     else:

@@ -15,6 +15,7 @@ pick (an unseen SNI task has ~200 evaluation descriptions; the table uses one pe
 
 from __future__ import annotations
 
+import bisect
 import random
 from functools import partial
 from pathlib import Path
@@ -40,14 +41,21 @@ class TrainBatches(Dataset):
     group_window > 1 turns on length grouping: the rows of batches [w*W, (w+1)*W) (clipped at
     ``length``) are regrouped by token length (``group_by_length``), so batch i is still a
     pure function of (seed, i) and a resumed run continues the stream exactly.
+
+    tokens_per_step > 0 (throughput mode): the rows of W draws are packed into batches of at
+    most that many padded tokens, so a window yields a varying number of batches; batch i is
+    found by counting the batches of the windows before it (cheap: no tokenising, no padding).
     """
 
     def __init__(self, examples: list[list[Example]], desc_idx: list[list[int]], n_tasks: int,
-                 n_samples: int, seed: int, length: int, pad_token_id: int, group_window: int = 1):
+                 n_samples: int, seed: int, length: int, pad_token_id: int, group_window: int = 1,
+                 tokens_per_step: int = 0):
         self.examples, self.desc_idx = examples, desc_idx
         self.n_tasks, self.n_samples, self.seed = n_tasks, n_samples, seed
         self.length, self.pad_token_id, self.group_window = length, pad_token_id, group_window
+        self.tokens_per_step = tokens_per_step
         self._window: tuple[int, list] = (-1, [])  # (window index, its regrouped batches)
+        self._starts = [0]  # throughput mode: stream index of each window's first batch, as far as counted
 
     def __len__(self) -> int:
         return self.length
@@ -67,18 +75,30 @@ class TrainBatches(Dataset):
             rows += [(pool[j], rng.choice(self.desc_idx[t]), t) for j in picks]
         return rows
 
-    def _grouped(self, i: int) -> list[tuple[Example, int, int]]:
-        w = i // self.group_window
+    def _window_batches(self, w: int) -> list[list[tuple[Example, int, int]]]:
+        """The regrouped batches of window w (the draws w*W ... (w+1)*W - 1)."""
         if self._window[0] != w:
             start = w * self.group_window
-            stop = max(min(start + self.group_window, self.length), i + 1)
+            stop = start + self.group_window
+            if not self.tokens_per_step:  # the run's last window holds only the batches it reaches
+                stop = min(stop, self.length)
             rows = [row for b in range(start, stop) for row in self.draw(b)]
             rng = random.Random(f"{self.seed}-length-groups-{w}")
-            self._window = (w, group_by_length(rows, [len(r[0][0]) for r in rows], self.n_tasks * self.n_samples, rng))
-        return self._window[1][i - w * self.group_window]
+            self._window = (w, group_by_length(rows, [len(r[0][0]) for r in rows], self.n_tasks * self.n_samples,
+                                               rng, self.tokens_per_step))
+        return self._window[1]
+
+    def _grouped(self, i: int) -> list[tuple[Example, int, int]]:
+        if not self.tokens_per_step:
+            w = i // self.group_window
+            return self._window_batches(w)[i - w * self.group_window]
+        while self._starts[-1] <= i:
+            self._starts.append(self._starts[-1] + len(self._window_batches(len(self._starts) - 1)))
+        w = bisect.bisect_right(self._starts, i) - 1
+        return self._window_batches(w)[i - self._starts[w]]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        rows = self._grouped(i) if self.group_window > 1 else self.draw(i)
+        rows = self._grouped(i) if self.group_window > 1 or self.tokens_per_step else self.draw(i)
         batch = pad_batch([ex for ex, _, _ in rows], self.pad_token_id)
         batch["desc_idx"] = torch.tensor([d for _, d, _ in rows], dtype=torch.long)
         batch["task_idx"] = torch.tensor([t for _, _, t in rows], dtype=torch.long)
@@ -259,7 +279,9 @@ class T2LDataModule(L.LightningDataModule):
             self._train_examples,
             [self.train_desc_idx[t] for t in self.train_task_ids],
             self.cfg.n_tasks_per_batch, self.cfg.n_samples_per_task, self.seed, self.total_batches,
-            self.pad_token_id, int(self.cfg.length_grouping_window) if self.cfg.length_grouping else 1,
+            self.pad_token_id,
+            int(self.cfg.length_grouping_window) if self.cfg.length_grouping or self.cfg.tokens_per_step else 1,
+            int(self.cfg.tokens_per_step),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -98,6 +98,20 @@ def sft_token_loss(logits: torch.Tensor, targets: torch.Tensor, sample: torch.Te
     return (totals[has] / counts[has]).mean()
 
 
+def neftune_noise(embeds: torch.Tensor, alpha: float, seq_len: int, seed: int) -> torch.Tensor:
+    """NEFTune's noise for input embeddings ``embeds`` [batch, seq, dim]: uniform in
+    +-alpha / sqrt(seq_len * dim), same shape, device and dtype.
+
+    Drawn on ``embeds``' device by a generator seeded with ``seed`` (the step): no CPU tensor
+    and copy per step on a GPU, and the same noise for the same step after a resume. Drawn
+    in float32 and cast, so a CPU run draws exactly what a CPU generator always gave.
+    """
+    gen = torch.Generator(device=embeds.device).manual_seed(seed)
+    scale = alpha / math.sqrt(seq_len * embeds.shape[-1])
+    noise = torch.rand(embeds.shape, generator=gen, device=embeds.device, dtype=torch.float32)
+    return noise.mul_(2).sub_(1).mul_(scale).to(embeds.dtype)
+
+
 def generated_l2(weights: LoraWeights, reduction: str) -> torch.Tensor:
     """The reference's penalty on generated factors: for every module type,
     mean(A^2) + mean(B^2), each mean over samples, layers and entries, summed over module
@@ -182,12 +196,10 @@ class T2LModule(L.LightningModule):
         if not self.training or alpha <= 0:
             yield
             return
-        gen = torch.Generator(device="cpu").manual_seed(int(self.recipe.training.seed) * 7919 + self.global_step)
+        seed = int(self.recipe.training.seed) * 7919 + self.global_step
 
         def hook(module, args, output):
-            scale = alpha / math.sqrt(seq_len * output.shape[-1])
-            noise = (torch.rand(output.shape, generator=gen) * 2 - 1) * scale
-            return output + noise.to(output.device, output.dtype)
+            return output + neftune_noise(output, alpha, seq_len, seed)
 
         handle = self.base_model.get_input_embeddings().register_forward_hook(hook)
         try:
