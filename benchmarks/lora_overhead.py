@@ -1,4 +1,4 @@
-"""LoRA overhead on SmolLM2-135M: our batched per-sample LoRA against PEFT and the naive way.
+"""LoRA overhead on a base model (default the demo's SmolLM2-135M): our batched per-sample LoRA against PEFT and the naive way.
 
 Measured in one process, methods interleaved per repetition; ratios use the minimum over
 repetitions (other processes on a shared CPU only add time), medians are printed too:
@@ -12,7 +12,7 @@ hide the LoRA overhead). PEFT allows ``adapter_names`` only in inference, so (d)
 forward-only; forward-only figures are given for all four. Then greedy decoding of 64 new
 tokens, batch 8: ours with 8 adapters vs PEFT with one adapter and PEFT mixed batches.
 
-    python benchmarks/lora_overhead.py [--quick] [--device cuda] [--threads 2]
+    python benchmarks/lora_overhead.py [--quick] [--device cuda] [--threads 2] [--model PATH] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from t2l_framework.config import BaseModelConfig
+from _common import add_model_args, base_config
 from t2l_framework.llm import load_base_model
 from t2l_framework.lora import LoraWeights, inject_lora
 
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 5, --quick 2)")
+    add_model_args(parser, dtype_default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -66,8 +67,8 @@ def main() -> None:
     import peft
 
     start = time.perf_counter()
-    base = load_base_model(BaseModelConfig(), device=device).model
-    print(f"SmolLM2-135M loaded in {time.perf_counter() - start:.1f} s on {device} "
+    base = load_base_model(base_config(args), device=device).model
+    print(f"{args.model} ({next(base.parameters()).dtype}) loaded in {time.perf_counter() - start:.1f} s on {device} "
           f"({torch.get_num_threads()} threads); batch {n}, seq {seq}, r={RANK}, targets {TARGETS}")
 
     # PEFT model with n adapters (a0 is the single-adapter baseline).

@@ -6,7 +6,11 @@ greedy chat requests (request i uses adapter i mod D) and reports p50 / p95 late
 throughput. Baseline: the same requests served one at a time by the same server code.
 Target: batched throughput >= 3x sequential. No request may be dropped.
 
-    python benchmarks/serve_load.py [RUN] [--requests 32] [--descriptions 8] [--max-tokens 32] [--max-batch 32] [--dtype auto]
+``--model PATH`` serves another base model (a local folder, e.g. a random-weight stand-in) through
+the same app: the run's hypernetwork cannot fit another base, so an untrained one of the run's
+settings is built for it (serving cost does not depend on trained weights; answers are then noise).
+
+    python benchmarks/serve_load.py [RUN] [--requests 32] [--descriptions 8] [--max-tokens 32] [--max-batch 32] [--dtype auto] [--model PATH]
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from _common import DEMO_MODEL, add_model_args, check_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 3.0
@@ -48,15 +54,41 @@ PROMPTS = [
 ]
 
 
+def serve_standin(args) -> None:
+    """Serve ``--model`` with an untrained hypernetwork of the run's settings (same app as `t2l serve`)."""
+    import uvicorn
+    from omegaconf import OmegaConf
+
+    from _common import load_model
+    from t2l_framework.assembly import build_encoder, load_recipe
+    from t2l_framework.hypernet import HyperNetwork
+    from t2l_framework.runtime import AdapterGenerator
+    from t2l_framework.serve import create_app
+
+    cfg = load_recipe(str(Path(args.run) / "recipe.yaml"))
+    runtime = load_model(args, list(cfg.lora.target_modules))
+    encoder = build_encoder(cfg.encoder)
+    net = HyperNetwork(runtime.injection.shapes, encoder.dim, cfg.hypernet, OmegaConf.to_container(cfg.lora),
+                       base_model=args.model).eval().to(runtime.device)
+    runtime.generator = AdapterGenerator(net, encoder, identity="standin", name="untrained stand-in",
+                                         base_config=None)
+    runtime.identity, runtime.name = "standin", "untrained stand-in"
+    app = create_app(runtime, max_batch=args.max_batch, batch_window_ms=args.window_ms)
+    uvicorn.run(app, host="127.0.0.1", port=args.serve_standin, log_level="warning", access_log=False)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(run: str, port: int, max_batch: int, window_ms: float, dtype: str) -> subprocess.Popen:
+def start_server(run: str, port: int, max_batch: int, window_ms: float, dtype: str, model: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "t2l_framework.cli", "serve", run, "--port", str(port),
            "--max-batch", str(max_batch), "--batch-window-ms", str(window_ms), "--dtype", dtype]
+    if model != DEMO_MODEL:  # this script again, as a server of the stand-in (see serve_standin)
+        cmd = [sys.executable, __file__, run, "--serve-standin", str(port), "--max-batch", str(max_batch),
+               "--window-ms", str(window_ms), "--dtype", dtype, "--model", model]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -112,7 +144,7 @@ async def load(url: str, n_requests: int, n_desc: int, max_tokens: int) -> dict:
 
 def measure(run: str, max_batch: int, window_ms: float, args) -> dict:
     port = free_port()
-    proc = start_server(run, port, max_batch, window_ms, args.dtype)
+    proc = start_server(run, port, max_batch, window_ms, args.dtype, args.model)
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}")
         return asyncio.run(load(f"http://127.0.0.1:{port}", args.requests, args.descriptions, args.max_tokens))
@@ -137,8 +169,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32, help="batch size of the batched server")
     parser.add_argument("--window-ms", type=float, default=30.0)
-    parser.add_argument("--dtype", default="auto", help="t2l serve --dtype (auto: the recipe's)")
+    add_model_args(parser)
+    parser.add_argument("--serve-standin", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_standin:
+        return serve_standin(args)
+    check_model(args)
 
     rows = {}
     for name, max_batch in (("batched", args.max_batch), ("one at a time", 1)):
@@ -146,7 +182,7 @@ def main() -> None:
         rows[name] = measure(args.run, max_batch, args.window_ms, args)
 
     print(f"\n{args.requests} concurrent chat requests, {args.descriptions} distinct adapters, "
-          f"max_tokens {args.max_tokens}, greedy, dtype {args.dtype}, loopback ({args.run})")
+          f"max_tokens {args.max_tokens}, greedy, dtype {args.dtype}, loopback ({args.run}, base {args.model})")
     print(f"{'mode':<15} {'ok':>6} {'p50 s':>8} {'p95 s':>8} {'wall s':>8} {'req/s':>7} {'tok/s':>7} {'mean batch':>11}")
     for name, r in rows.items():
         lat = r["latencies"]

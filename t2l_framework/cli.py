@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="data/sni_hub", metavar="DIR",
                    help="where to write tasks.jsonl, instances.jsonl and parts/ (default data/sni_hub, "
                         "what the paper recipes read as data.fetched_dir)")
-    p.add_argument("--tasks-file", default="data/sni/tasks.jsonl", help="bundled tasks, not downloaded again")
+    p.add_argument("--tasks-file", default="data/sni/tasks.jsonl.gz", help="bundled tasks, not downloaded again")
     p.add_argument("--retries", type=int, default=5, help="retries per task after a failure (default 5)")
     p.add_argument("--backoff", type=float, default=2.0,
                    help="seconds before the first retry, doubled after each (default 2)")

@@ -90,8 +90,8 @@ class LoraConfig:
 class DataConfig:
     """Where tasks, descriptions and instances come from."""
 
-    tasks_file: str = _help("JSONL of task records (task, descriptions, eval_descriptions, ...)", "data/sni/tasks.jsonl")
-    instances_file: str = _help("JSONL of instances (task, split, input, output)", "data/sni/instances.jsonl")
+    tasks_file: str = _help("JSONL of task records (task, descriptions, eval_descriptions, ...)", "data/sni/tasks.jsonl.gz")
+    instances_file: str = _help("JSONL of instances (task, split, input, output)", "data/sni/instances.jsonl.gz")
     train_tasks: list[str] = _help("Task ids to train on; empty = every task whose role includes 'train'", factory=list)
     eval_tasks: list[str] = _help("Never-trained task ids to evaluate on", factory=list)
     exclude_tasks: list[str] = _help("Task ids never used (decontamination)", factory=list)

@@ -19,6 +19,7 @@ from t2l_framework.data import (
     expand_task_ids,
     load_tasks,
 )
+from t2l_framework.data.files import text_lines
 from t2l_framework.errors import T2LError
 from tests.tiny_world import word_tokenizer
 
@@ -245,7 +246,7 @@ def test_exclusion_honoured(files, tokenizer, tmp_path):
 def test_bundle_licences_and_demo_tasks():
     """The shipped bundle holds no non-commercial/GPL task, and the demo lists name usable tasks."""
     records = {}
-    for line in (ROOT / "data/sni/tasks.jsonl").open():
+    for _, line in text_lines(ROOT / "data/sni/tasks.jsonl.gz"):
         rec = json.loads(line)
         records[rec["task"]] = rec
         assert not any(bad in str(rec["instance_license"]) for bad in ("NC", "GPL", "Amazon", "CCPL")), rec["task"]

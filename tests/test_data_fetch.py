@@ -21,8 +21,8 @@ from t2l_framework.data.fetch import HubSource, fetch_tasks, fetched_parts, summ
 from t2l_framework.data.task_sets import check_task_set, task_set_ids
 from t2l_framework.errors import T2LError
 
-BUNDLED = project_root() / "data" / "sni" / "tasks.jsonl"
-BUNDLED_INSTANCES = project_root() / "data" / "sni" / "instances.jsonl"
+BUNDLED = project_root() / "data" / "sni" / "tasks.jsonl.gz"
+BUNDLED_INSTANCES = project_root() / "data" / "sni" / "instances.jsonl.gz"
 # Paper training tasks: two the bundle lacks (lol_084 is also a seen-task evaluation), one it has.
 MISSING = {"lol_022": "task022_cosmosqa_passage_inappropriate_binary",
            "lol_084": "task084_babi_t1_single_supporting_fact_identify_relevant_fact"}

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from t2l_framework.assembly import get_benchmarks
+from t2l_framework.data.files import read_text
 from t2l_framework.eval.benchmarks import PAPER_ARC, PAPER_WINOGRANDE
 from t2l_framework.eval.loglik import encode_pair
 from t2l_framework.eval.protocols import PROTOCOLS, paper_chat_text, reference_chat_template
@@ -27,9 +28,9 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DATA = Path(__file__).resolve().parents[1] / "data" / "eval"
 FORMATS = yaml.safe_load((FIXTURES / "eval_lm_eval_formats.yaml").read_text())
 ANSWERS = yaml.safe_load((FIXTURES / "eval_paper_answers.yaml").read_text())
-FILES = {"arc_easy": "arc_easy/test.jsonl", "arc_challenge": "arc_challenge/test.jsonl", "boolq": "boolq/validation.jsonl",
-         "hellaswag": "hellaswag/validation.jsonl", "openbookqa": "openbookqa/test.jsonl", "piqa": "piqa/validation.jsonl",
-         "winogrande": "winogrande/validation.jsonl"}
+FILES = {"arc_easy": "arc_easy/test.jsonl.gz", "arc_challenge": "arc_challenge/test.jsonl.gz", "boolq": "boolq/validation.jsonl.gz",
+         "hellaswag": "hellaswag/validation.jsonl.gz", "openbookqa": "openbookqa/test.jsonl.gz", "piqa": "piqa/validation.jsonl.gz",
+         "winogrande": "winogrande/validation.jsonl.gz"}
 
 # As lm_eval.utils renders doc_to_* templates (no autoescape, trailing newlines kept).
 ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
@@ -81,7 +82,7 @@ def _harness_requests(name: str, doc: dict) -> tuple[list[tuple[str, str]], int,
 def test_lm_eval_prompts_equal_the_harness_formats_for_every_vendored_item(name):
     (bench,) = get_benchmarks([name])
     examples = bench.examples(0, "lm-eval")
-    rows = [json.loads(line) for line in (DATA / FILES[name]).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in read_text(DATA / FILES[name]).splitlines() if line.strip()]
     assert len(examples) == len(rows) > 100
     for ex, row in zip(examples, rows):
         requests, gold, lengths = _harness_requests(name, row)
@@ -93,7 +94,7 @@ def test_lm_eval_prompts_equal_the_harness_formats_for_every_vendored_item(name)
 def test_lm_eval_formats_cover_the_tricky_rows():
     """The pinned rows include what the formats exist for: bracket artifacts, partial scoring."""
     (hs,) = get_benchmarks(["hellaswag"])
-    raw = [json.loads(line) for line in (DATA / FILES["hellaswag"]).read_text().splitlines()]
+    raw = [json.loads(line) for line in read_text(DATA / FILES["hellaswag"]).splitlines()]
     i = next(k for k, r in enumerate(raw) if "[title]" in r["ctx"])
     context = hs.examples(0, "lm-eval")[i].cloze[0][0]
     assert "[" not in context and ". " in context
@@ -154,7 +155,7 @@ def test_paper_gsm8k_matching_reproduces_the_reference(generated, gold, correct)
 def test_paper_examples_use_the_reference_prompts_targets_and_grading():
     benches = {b.name: b for b in get_benchmarks(["paper"])}
     arc = benches["arc_easy"].examples(0, "paper")
-    rows = [json.loads(line) for line in (DATA / FILES["arc_easy"]).read_text().splitlines()]
+    rows = [json.loads(line) for line in read_text(DATA / FILES["arc_easy"]).splitlines()]
     k = next(i for i, r in enumerate(rows) if len(r["choices"]["label"]) == 3)
     padded = dict(rows[k], choices={"label": rows[k]["choices"]["label"] + ["D"],
                                     "text": rows[k]["choices"]["text"] + ["N/A"]})
@@ -163,7 +164,7 @@ def test_paper_examples_use_the_reference_prompts_targets_and_grading():
     five = next(e for e in benches["arc_challenge"].examples(0, "paper") if len(e.labels) == 5)
     assert "\nD: " in five.prompt and "\nE: " not in five.prompt  # the reference shows four options
     wg = benches["winogrande"].examples(1, "paper")[0]
-    assert wg.prompt == PAPER_WINOGRANDE.format(**json.loads((DATA / FILES["winogrande"]).read_text().splitlines()[0]))
+    assert wg.prompt == PAPER_WINOGRANDE.format(**json.loads(read_text(DATA / FILES["winogrande"]).splitlines()[0]))
     assert "\n\nOption 2: " in wg.prompt and wg.target == "2"
     assert benches["boolq"].examples(1, "paper")[0].target == "False"
     gsm = benches["gsm8k"].examples(1, "paper")[0]

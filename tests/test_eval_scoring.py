@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from t2l_framework.data.files import read_text
 from t2l_framework.eval.scoring import (ChoiceExtractionAccuracy, FinalNumberAccuracy, MultipleChoiceAccuracy,
                                         PassAtOne, RougeL, canonical_number, extract_choice, extract_code,
                                         extract_final_number, gsm8k_gold, humaneval_program, mbpp_program,
@@ -50,7 +51,7 @@ def test_extract_final_number(text, expected):
 
 
 def test_gsm8k_gold_from_real_rows():
-    rows = [json.loads(line) for line in (DATA / "gsm8k" / "test.jsonl").read_text().splitlines()[:3]]
+    rows = [json.loads(line) for line in read_text(DATA / "gsm8k" / "test.jsonl.gz").splitlines()[:3]]
     assert rows[0]["answer"].endswith("#### 18")  # Janet's ducks
     assert gsm8k_gold(rows[0]["answer"]) == "18"
     assert rows[2]["answer"].endswith("#### 70000")  # the answer field also holds "$<<...>>70,000"
@@ -163,7 +164,7 @@ def test_extract_code(completion, expected):
 
 @pytest.fixture(scope="module")
 def humaneval_rows():
-    return [json.loads(line) for line in (DATA / "humaneval" / "HumanEval.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in read_text(DATA / "humaneval" / "HumanEval.jsonl.gz").splitlines()]
 
 
 def test_humaneval_program_full_function_and_body(humaneval_rows):
@@ -191,7 +192,7 @@ def test_humaneval_program_keeps_prompt_helpers(humaneval_rows):
 
 
 def test_mbpp_program_with_reference_code():
-    rows = json.loads((DATA / "mbpp" / "sanitized-mbpp.json").read_text())
+    rows = json.loads(read_text(DATA / "mbpp" / "sanitized-mbpp.json.gz"))
     row = next(r for r in rows if r["test_imports"])  # task 82: "import math" needed by the tests
     program = mbpp_program(row["code"], row["test_imports"], row["test_list"])
     assert program.startswith("import math")

@@ -35,6 +35,7 @@ import yaml
 
 from t2l_framework.atomic import atomic_file, atomic_folder
 from t2l_framework.config import project_root
+from t2l_framework.data.files import read_text
 from t2l_framework.data.task_sets import FETCHED_INSTANCES, FETCHED_TASKS, task_ids_in, task_set_ids
 from t2l_framework.errors import T2LError
 
@@ -87,7 +88,7 @@ class HubSource:
 
     def descriptions(self, task: str) -> list[str]:
         if self.descriptions_root is not None:
-            text = (Path(self.descriptions_root) / "tasks" / task / "metadata.yaml").read_text(encoding="utf-8")
+            text = read_text(Path(self.descriptions_root) / "tasks" / task / "metadata.yaml")
         else:
             with urllib.request.urlopen(DESCRIPTIONS_URL.format(task=task), timeout=self.timeout_s) as response:
                 text = response.read().decode("utf-8")
@@ -124,9 +125,8 @@ def make_plan(task_set: str) -> Plan:
     reference's config, whether each is also a seen-task evaluation (and its 3 held-out
     descriptions)."""
     wanted = task_set_ids(task_set)
-    with open(project_root() / TASK_INDEX, encoding="utf-8") as handle:
-        names = {row["task"]: row["sni_name"] for row in csv.DictReader(handle)}
-    config = yaml.safe_load((project_root() / REFERENCE_CONFIG).read_text(encoding="utf-8"))
+    names = {row["task"]: row["sni_name"] for row in csv.DictReader(read_text(project_root() / TASK_INDEX).splitlines())}
+    config = yaml.safe_load(read_text(project_root() / REFERENCE_CONFIG))
     eval_info = config.get("eval_ds_info") or {}
     unknown = [t for t in wanted if t not in names]
     if unknown:

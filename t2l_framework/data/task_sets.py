@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from t2l_framework.config import resolve_path
+from t2l_framework.data.files import read_text, text_lines
 from t2l_framework.errors import T2LError
 
 TASK_SETS = {"paper479": "data/sni/paper_train_tasks.txt"}
@@ -28,7 +29,7 @@ def task_set_ids(name: str, recipe_file: Optional[Path] = None) -> list[str]:
     path = resolve_path(TASK_SETS[name], recipe_file)
     if not path.is_file():
         raise T2LError(f"data.task_set '{name}': its task list {path} is missing")
-    ids = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    ids = [line.split("#", 1)[0].strip() for line in read_text(path).splitlines()]
     return [i for i in ids if i]
 
 
@@ -51,13 +52,12 @@ def task_sources(cfg, recipe_file: Optional[Path] = None) -> list[tuple[Path, Pa
 def task_ids_in(tasks_file: Path) -> set[str]:
     """Ids of the tasks a tasks file lists (records are not validated here; ``load_tasks`` does)."""
     ids = set()
-    with open(tasks_file, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                try:
-                    ids.add(json.loads(line).get("task"))
-                except (json.JSONDecodeError, AttributeError):
-                    continue  # load_tasks reports the file and line
+    for _, line in text_lines(tasks_file):  # plain or .gz
+        if line.strip():
+            try:
+                ids.add(json.loads(line).get("task"))
+            except (json.JSONDecodeError, AttributeError):
+                continue  # load_tasks reports the file and line
     return ids
 
 

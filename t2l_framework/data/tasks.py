@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from t2l_framework.config import resolve_path
+from t2l_framework.data.files import read_text, text_lines
 from t2l_framework.errors import T2LError, did_you_mean
 
 # The 10 tasks T2L removed from training because they overlap its benchmarks
@@ -72,21 +73,16 @@ class Task:
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for every non-blank line, streaming."""
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as err:
-        raise T2LError(f"{path}: cannot read the file ({err.strerror})") from None
-    with handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise T2LError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(obj, dict):
-                raise T2LError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in text_lines(path):  # plain or .gz
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise T2LError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(obj, dict):
+            raise T2LError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def _str_list(value, path: Path, lineno: int, key: str) -> list[str]:
@@ -112,7 +108,7 @@ def expand_task_ids(ids: Iterable[str], recipe_file: Optional[Path] = None) -> l
         path = resolve_path(item[1:], recipe_file)
         if not path.exists():
             raise T2LError(f"task list '{item}': file {path} not found")
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in read_text(path).splitlines():
             line = line.split("#", 1)[0].strip()
             if line:
                 out.append(line)

@@ -28,6 +28,7 @@ from typing import Any, Callable, ClassVar
 import yaml
 
 from t2l_framework.config import project_root
+from t2l_framework.data.files import read_bytes, read_text, text_lines
 from t2l_framework.errors import T2LError
 from t2l_framework.eval.protocols import CHAT, LM_EVAL, PAPER, PAPER_MAX_NEW_TOKENS
 
@@ -200,19 +201,19 @@ class Benchmark(ABC):
         """Identity of the benchmark's data and prompts, for the result cache."""
         h = hashlib.sha256(f"{type(self).__qualname__}:{self.name}:{self.version}".encode())
         for rel in self.files:
-            h.update(self.path(rel).read_bytes())
+            h.update(read_bytes(self.path(rel)))  # the content: the same key for a .gz or a plain copy
         return h.hexdigest()[:16]
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """One object per non-blank line of a JSONL file (plain or ``.jsonl.gz``)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise T2LError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    for lineno, line in text_lines(path):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise T2LError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
     return rows
 
 
@@ -229,7 +230,7 @@ class T2LMetadataBenchmark(Benchmark):
     def metadata(self) -> dict:
         task = self.metadata_task or self.name
         path = self.path(f"t2l/tasks/{task}/metadata.yaml")
-        meta = yaml.safe_load(path.read_text(encoding="utf-8"))
+        meta = yaml.safe_load(read_text(path))
         for key in ("descriptions", "user_prompt_template"):
             if not meta.get(key):
                 raise T2LError(f"{path}: missing '{key}'")
@@ -358,15 +359,15 @@ class _ChoicesBenchmark(T2LMetadataBenchmark):
 
 
 class ARCChallenge(_ChoicesBenchmark):
-    name, files = "arc_challenge", ("eval/arc_challenge/test.jsonl", "t2l/tasks/arc_challenge/metadata.yaml")
+    name, files = "arc_challenge", ("eval/arc_challenge/test.jsonl.gz", "t2l/tasks/arc_challenge/metadata.yaml")
 
 
 class ARCEasy(_ChoicesBenchmark):
-    name, files = "arc_easy", ("eval/arc_easy/test.jsonl", "t2l/tasks/arc_easy/metadata.yaml")
+    name, files = "arc_easy", ("eval/arc_easy/test.jsonl.gz", "t2l/tasks/arc_easy/metadata.yaml")
 
 
 class OpenBookQA(_ChoicesBenchmark):
-    name, files = "openbookqa", ("eval/openbookqa/test.jsonl", "t2l/tasks/openbookqa/metadata.yaml")
+    name, files = "openbookqa", ("eval/openbookqa/test.jsonl.gz", "t2l/tasks/openbookqa/metadata.yaml")
     paper_template = PAPER_OPENBOOKQA
 
     def cloze_context(self, row: dict) -> str:
@@ -375,7 +376,7 @@ class OpenBookQA(_ChoicesBenchmark):
 
 
 class BoolQ(T2LMetadataBenchmark):
-    name, files = "boolq", ("eval/boolq/validation.jsonl", "t2l/tasks/boolq/metadata.yaml")
+    name, files = "boolq", ("eval/boolq/validation.jsonl.gz", "t2l/tasks/boolq/metadata.yaml")
     protocols, paper_match = (CHAT, PAPER, LM_EVAL), "bool"
 
     def build_examples(self, protocol: str) -> list[Example]:
@@ -396,7 +397,7 @@ class BoolQ(T2LMetadataBenchmark):
 
 
 class HellaSwag(T2LMetadataBenchmark):
-    name, files = "hellaswag", ("eval/hellaswag/validation.jsonl", "t2l/tasks/hellaswag/metadata.yaml")
+    name, files = "hellaswag", ("eval/hellaswag/validation.jsonl.gz", "t2l/tasks/hellaswag/metadata.yaml")
     protocols = (CHAT, PAPER, LM_EVAL)
 
     def build_examples(self, protocol: str) -> list[Example]:
@@ -418,7 +419,7 @@ class HellaSwag(T2LMetadataBenchmark):
 
 
 class PIQA(T2LMetadataBenchmark):
-    name, files = "piqa", ("eval/piqa/validation.jsonl", "t2l/tasks/piqa/metadata.yaml")
+    name, files = "piqa", ("eval/piqa/validation.jsonl.gz", "t2l/tasks/piqa/metadata.yaml")
     protocols = (CHAT, PAPER, LM_EVAL)
 
     def build_examples(self, protocol: str) -> list[Example]:
@@ -437,7 +438,7 @@ class PIQA(T2LMetadataBenchmark):
 
 
 class WinoGrande(T2LMetadataBenchmark):
-    name, files = "winogrande", ("eval/winogrande/validation.jsonl", "t2l/tasks/winogrande/metadata.yaml")
+    name, files = "winogrande", ("eval/winogrande/validation.jsonl.gz", "t2l/tasks/winogrande/metadata.yaml")
     protocols = (CHAT, PAPER, LM_EVAL)
 
     def build_examples(self, protocol: str) -> list[Example]:
@@ -464,7 +465,7 @@ class WinoGrande(T2LMetadataBenchmark):
 
 class GSM8K(T2LMetadataBenchmark):
     name, kind, metric, max_new_tokens = "gsm8k", "final_number", "em", 256
-    files = ("eval/gsm8k/test.jsonl", "t2l/tasks/gsm8k/metadata.yaml")
+    files = ("eval/gsm8k/test.jsonl.gz", "t2l/tasks/gsm8k/metadata.yaml")
     protocols = (CHAT, PAPER)
 
     def build_examples(self, protocol: str) -> list[Example]:
@@ -512,7 +513,7 @@ class ProgramGraded:
 class HumanEval(ProgramGraded, T2LMetadataBenchmark):
     name, kind, metric, max_new_tokens = "humaneval", "code", "pass@1", 384
     stop = ("\n```",)  # the closing fence: what a chat model writes after it is prose
-    files = ("eval/humaneval/HumanEval.jsonl", "t2l/tasks/humaneval/metadata.yaml")
+    files = ("eval/humaneval/HumanEval.jsonl.gz", "t2l/tasks/humaneval/metadata.yaml")
     protocols = (CHAT, PAPER)
 
     def build_examples(self, protocol: str) -> list[Example]:
@@ -541,11 +542,11 @@ class MBPP(ProgramGraded, T2LMetadataBenchmark):
 
     name, kind, metric, max_new_tokens = "mbpp", "code", "pass@1", 384
     stop = ("\n```",)
-    files = ("eval/mbpp/sanitized-mbpp.json", "t2l/tasks/mbpp/metadata.yaml")
+    files = ("eval/mbpp/sanitized-mbpp.json.gz", "t2l/tasks/mbpp/metadata.yaml")
     protocols = (CHAT, PAPER)
 
     def build_examples(self, protocol: str) -> list[Example]:
-        rows = json.loads(self.path(self.files[0]).read_text(encoding="utf-8"))
+        rows = json.loads(read_text(self.path(self.files[0])))
         out = []
         for row in sorted(rows, key=lambda r: r["task_id"]):
             if not 11 <= row["task_id"] <= 510:
@@ -579,7 +580,7 @@ class SNIUnseen(Benchmark):
     """
 
     name, kind, metric, max_new_tokens = "sni_unseen", "rouge", "rouge_l", 32
-    files = ("sni/tasks.jsonl", "sni/instances.jsonl")
+    files = ("sni/tasks.jsonl.gz", "sni/instances.jsonl.gz")
 
     @cached_property
     def tasks(self) -> dict:

@@ -43,10 +43,26 @@ class BatchedLoraLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.out_slice = out_slice
-        self.lora_A: torch.Tensor | None = None  # [b, r, in]
-        self.lora_B: torch.Tensor | None = None  # [b, out (of the slice), r]
+        self.lora_A: torch.Tensor | None = None  # [b, r, in], as set
+        self.lora_B: torch.Tensor | None = None  # [b, out (of the slice), r], as set
         self.scaling = 1.0
         self.dropout = 0.0  # probability of zeroing an input feature on the LoRA path only
+        # What forward multiplies with, made once per set() rather than once per forward (a
+        # decode step): in the layer's dtype, contiguous, transposed for plain matmuls, scaling
+        # folded into B.
+        self.a_t: torch.Tensor | None = None  # [b, in, r]
+        self.b_t: torch.Tensor | None = None  # [b, r, out (of the slice)], times scaling
+
+    def set_factors(self, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float = 1.0,
+                    dropout: float = 0.0) -> None:
+        """Per-sample factors A: [b, r, in], B: [b, out, r] (None clears them), prepared once here."""
+        self.lora_A, self.lora_B, self.scaling, self.dropout = A, B, scaling, dropout
+        if A is None:
+            self.a_t = self.b_t = None
+            return
+        dtype = self.weight.dtype if self.weight.is_floating_point() else A.dtype  # quantised bases: keep A's
+        self.a_t = A.to(dtype).transpose(1, 2).contiguous()
+        self.b_t = (B.to(dtype) * scaling).transpose(1, 2).contiguous()
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects proj.weight keeps working
@@ -63,27 +79,31 @@ class BatchedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [n, ..., in] -> [n, ..., out]."""
         y = self.base_layer(x)
-        if self.lora_A is None:
+        a_t, b_t = self.a_t, self.b_t
+        if a_t is None:
             return y
         y = y.contiguous()  # a no-op for nn.Linear; the in-place add below needs a plain view
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        n, b, cols = x.shape[0], A.shape[0], self.out_slice or slice(None)
+        if a_t.dtype != x.dtype:  # e.g. under autocast; set_factors already cast to the weights' dtype
+            a_t, b_t = a_t.to(x.dtype), b_t.to(x.dtype)
+        n, b = x.shape[0], a_t.shape[0]
         if self.dropout > 0:  # base(x) above saw the undropped input, as in PEFT
             x = torch.nn.functional.dropout(x, self.dropout, training=True)
         # The LoRA path is added into the base output in place: Linear's backward does not
         # need its output, and this saves a pass over the largest tensor of the layer.
         if b == 1:  # one adapter for the whole batch: plain 2-D matmuls, like PEFT
-            h = torch.nn.functional.linear(x, A[0]) * self.scaling  # [..., r]: small, so scale here
-            y.view(-1, y.shape[-1])[:, cols].addmm_(h.reshape(-1, h.shape[-1]), B[0].t())
+            out = y.view(-1, y.shape[-1])
+            out = out if self.out_slice is None else out[:, self.out_slice]
+            out.addmm_(x.reshape(-1, x.shape[-1]) @ a_t[0], b_t[0])  # [tokens, r] @ [r, out]
             return y
         if n != b:
             if n % b:
                 raise T2LError(f"LoRA weights carry {b} adapters but the input batch has {n} rows")
             # generate(num_beams=k / num_return_sequences=k) expands each prompt into k
             # consecutive rows (and beam reordering stays inside those groups).
-            A, B = A.repeat_interleave(n // b, 0), B.repeat_interleave(n // b, 0)
-        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), A.transpose(1, 2)) * self.scaling  # [n, seq, r]
-        y.view(n, -1, y.shape[-1])[..., cols].baddbmm_(h, B.transpose(1, 2))
+            a_t, b_t = a_t.repeat_interleave(n // b, 0), b_t.repeat_interleave(n // b, 0)
+        out = y.view(n, -1, y.shape[-1])
+        out = out if self.out_slice is None else out[..., self.out_slice]
+        out.baddbmm_(torch.bmm(x.reshape(n, -1, x.shape[-1]), a_t), b_t)  # [n, seq, r] @ [n, r, out]
         return y
 
 
@@ -107,8 +127,7 @@ class LoraInjection:
         if weights is None:
             for mods in self.layers.values():
                 for mod in mods:
-                    mod.lora_A = mod.lora_B = None
-                    mod.dropout = 0.0
+                    mod.set_factors(None, None)
             return
         if not 0.0 <= dropout < 1.0:
             raise T2LError(f"lora.dropout: expected a probability in [0, 1), got {dropout}")
@@ -116,7 +135,7 @@ class LoraInjection:
         for target, mods in self.layers.items():
             A, B = weights.A[target], weights.B[target]
             for i, mod in enumerate(mods):
-                mod.lora_A, mod.lora_B, mod.scaling, mod.dropout = A[:, i], B[:, i], weights.scaling, dropout
+                mod.set_factors(A[:, i], B[:, i], weights.scaling, dropout)
 
     @contextmanager
     def use(self, weights: LoraWeights, dropout: float = 0.0) -> Iterator[None]:

@@ -21,6 +21,7 @@ from t2l_framework.lora.weights import LoraWeights, stack_rows
 from t2l_framework.runtime.adapters import AdapterGenerator
 from t2l_framework.runtime.decoding import RowLimits, RowStreamer, RowTemperature, cut_row
 from t2l_framework.runtime.greedy import left_pad
+from t2l_framework.runtime.prefix import PrefixCache, common_prefix
 
 Messages = list[dict]  # OpenAI-style [{"role": "system" | "user" | "assistant", "content": str}]
 RowWeights = LoraWeights | Sequence[LoraWeights | None] | None
@@ -36,6 +37,17 @@ class Completion:
     completion_tokens: int
 
 
+def _row_keys(weights: RowWeights, n: int) -> list[tuple]:
+    """Per row: (prefix-cache key, batch-1 weights or None, the object that owns them)."""
+    if weights is None:
+        return [(None, None, None)] * n
+    if isinstance(weights, LoraWeights):
+        if weights.batch_size == 1:
+            return [((id(weights), 0), weights, weights)] * n
+        return [((id(weights), i), weights.select(i), weights) for i in range(n)]
+    return [(None, None, None) if w is None else ((id(w), 0), w, w) for w in weights]
+
+
 def _is_ids(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], int)
 
@@ -43,12 +55,13 @@ def _is_ids(prompt) -> bool:
 class T2LRuntime:
     """Base model + injected LoRA (+ the hypernetwork that makes adapters), ready for generation.
 
-    generator: None for a bare base model (PEFT adapters only). Not thread-safe: call from one
-    thread at a time.
+    generator: None for a bare base model (PEFT adapters only). prefix_cache: reuse the chat
+    template's prefilled head per adapter (``runtime/prefix.py``; same answers, less prefill).
+    Not thread-safe: call from one thread at a time.
     """
 
     def __init__(self, base, injection, generator: AdapterGenerator | None = None, chat_template: bool = True,
-                 dtype: str = ""):
+                 dtype: str = "", prefix_cache: bool = True):
         self.base, self.model, self.tokenizer = base, base.model, base.tokenizer
         self.injection, self.generator = injection, generator
         self.chat_template, self.dtype = chat_template, dtype
@@ -61,6 +74,8 @@ class T2LRuntime:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.eos_ids))
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        self.use_prefix_cache = prefix_cache
+        self._prefix_cache: PrefixCache | None = None
 
     @property
     def base_model_name(self) -> str:
@@ -137,6 +152,22 @@ class T2LRuntime:
             raise T2LError(f"{len(rows)} adapters (or None) for {n} prompts")
         return stack_rows(rows)
 
+    def prefix_cache(self) -> PrefixCache | None:
+        """The chat template's fixed head (tokens every formatted prompt starts with) and its KV
+        per adapter; None when disabled or the template has no common head."""
+        if not self.use_prefix_cache:
+            return None
+        if self._prefix_cache is None:
+            # The template's text before the user's, as tokens; cut to what two prompts that
+            # share no text really start with (a tokenizer may merge across the boundary).
+            mark = "\u2063T2L\u2063"
+            text = self.format(mark)
+            head = self.tokenizer(text[:text.index(mark)], add_special_tokens=False)["input_ids"]
+            for probe in ("a", "Z 1"):
+                head = common_prefix(head, self.encode(probe))
+            self._prefix_cache = PrefixCache(head)
+        return self._prefix_cache if self._prefix_cache.prefix else None
+
     @torch.inference_mode()
     def chat(self, prompts: Sequence[str | Messages | list[int]], weights: RowWeights = None,
              max_new_tokens: int | Sequence[int] = 64, temperature: float | Sequence[float] = 0.0,
@@ -156,8 +187,17 @@ class T2LRuntime:
         per_row = lambda v: [v] * n if isinstance(v, (int, float)) else list(v)  # noqa: E731
         max_new, temps = per_row(max_new_tokens), per_row(temperature)
         ids = [list(p) if _is_ids(p) else self.encode(p, max(max_new)) for p in prompts]
-        input_ids, mask = left_pad(ids, self.pad_id, self.device)
         lora = self._row_weights(weights, n)
+        cache = self.prefix_cache()
+        if cache is not None and cache.usable(ids):
+            p = len(cache.prefix)
+            rest, rest_mask = left_pad([r[p:] for r in ids], self.pad_id, self.device)
+            input_ids = torch.cat([torch.tensor([cache.prefix] * n, device=self.device), rest], 1)
+            mask = torch.cat([torch.ones_like(rest_mask[:, :1]).expand(n, p), rest_mask], 1)
+            past = {"past_key_values": cache.kv(self.model, self.injection, _row_keys(weights, n))}
+        else:
+            input_ids, mask = left_pad(ids, self.pad_id, self.device)
+            past = {}
         sample = any(t > 0 for t in temps)
         extra = {"logits_processor": LogitsProcessorList([RowTemperature(temps)]), "temperature": 1.0,
                  "top_k": 0, "top_p": 1.0} if sample else {}
@@ -167,7 +207,7 @@ class T2LRuntime:
                 input_ids=input_ids, attention_mask=mask, max_new_tokens=max(max_new), do_sample=sample,
                 pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids), streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([RowLimits(input_ids.shape[1], max_new, self.eos_ids)]),
-                **extra)
+                **extra, **past)
         results = []
         for i in range(n):
             tokens, reason = cut_row(out[i, input_ids.shape[1]:].tolist(), max_new[i], self.eos_ids)
