@@ -29,13 +29,13 @@ sys.path.insert(0, str(ROOT))
 BENCHMARKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
 # benchmark -> (the harness's task config, relative to lm_eval/tasks; our data file)
 HARNESS_TASKS = {
-    "arc_easy": ("arc/arc_easy.yaml", "eval/arc_easy/test.jsonl"),
-    "arc_challenge": ("arc/arc_challenge.yaml", "eval/arc_challenge/test.jsonl"),
-    "boolq": ("super_glue/boolq/default.yaml", "eval/boolq/validation.jsonl"),
-    "hellaswag": ("hellaswag/hellaswag.yaml", "eval/hellaswag/validation.jsonl"),
-    "openbookqa": ("openbookqa/openbookqa.yaml", "eval/openbookqa/test.jsonl"),
-    "piqa": ("piqa/piqa.yaml", "eval/piqa/validation.jsonl"),
-    "winogrande": ("winogrande/default.yaml", "eval/winogrande/validation.jsonl"),
+    "arc_easy": ("arc/arc_easy.yaml", "eval/arc_easy/test.jsonl.gz"),
+    "arc_challenge": ("arc/arc_challenge.yaml", "eval/arc_challenge/test.jsonl.gz"),
+    "boolq": ("super_glue/boolq/default.yaml", "eval/boolq/validation.jsonl.gz"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "eval/hellaswag/validation.jsonl.gz"),
+    "openbookqa": ("openbookqa/openbookqa.yaml", "eval/openbookqa/test.jsonl.gz"),
+    "piqa": ("piqa/piqa.yaml", "eval/piqa/validation.jsonl.gz"),
+    "winogrande": ("winogrande/default.yaml", "eval/winogrande/validation.jsonl.gz"),
 }
 
 
@@ -58,12 +58,13 @@ def local_model_folder(recipe: str) -> Path:
 def write_harness_tasks(benchmarks: list[str], limit: int, folder: Path) -> dict[str, str]:
     """One custom task per benchmark: the harness's own YAML, reading our first ``limit`` items."""
     import lm_eval
+    from t2l_framework.data.files import read_text
 
     tasks_dir = Path(lm_eval.__file__).parent / "tasks"
     names = {}
     for bench in benchmarks:
         config, data = HARNESS_TASKS[bench]
-        rows = [json.loads(line) for line in (ROOT / "data" / data).read_text(encoding="utf-8").splitlines()
+        rows = [json.loads(line) for line in read_text(ROOT / "data" / data).splitlines()
                 if line.strip()][:limit]
         if bench == "boolq":  # super_glue/boolq has label 0/1 where google/boolq has answer false/true
             rows = [dict(r, label=int(r["answer"])) for r in rows]
