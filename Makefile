@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml plugins/t2l-plugin-e5/pyproject.toml
 
 install: $(BIN)/.installed
 
-demo: install  ## train the CPU demo end to end and print the results table (planned ~26 min on 2 cores)
+demo: install  ## train the CPU demo end to end and print the results table (~25 min on 2 cores, docs/demo.md)
 	@$(MAKE) --no-print-directory demo-runs
 
 # t2l fit exits 3 when trainer.max_time (a safety net) stopped a run before its max_steps. Such
