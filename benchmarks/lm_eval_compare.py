@@ -16,6 +16,7 @@ hub run offline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -119,6 +120,20 @@ def run_ours(recipe: str, benchmarks: list[str], limit: int, folder: Path, peft:
     return scores
 
 
+def scored_once(path: Path, key: dict, score) -> tuple[dict, float]:
+    """``score()`` and its seconds, saved to ``path`` at once; reused when ``path`` holds the same ``key``."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            print(f"[lm_eval_compare] reusing {path}", file=sys.stderr)
+            return saved["scores"], saved["seconds"]
+    t0 = time.perf_counter()
+    scores = score()
+    seconds = time.perf_counter() - t0
+    path.write_text(json.dumps({"key": key, "scores": scores, "seconds": seconds}, indent=2) + "\n")
+    return scores, seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="smollm2_demo", help="recipe whose base model is scored (default smollm2_demo)")
@@ -127,6 +142,8 @@ def main() -> int:
     parser.add_argument("--peft", metavar="DIR", help="score this PEFT adapter (e.g. from `t2l generate`) on both sides")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", metavar="FILE", help="also write the numbers here")
+    parser.add_argument("--work", metavar="DIR", help="keep the task files and each side's scores here; a rerun with "
+                        "the same DIR reuses a side already scored (an hour of CPU for the harness at --limit 200)")
     args = parser.parse_args()
     try:
         import lm_eval  # noqa: F401
@@ -144,15 +161,15 @@ def main() -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_dir = local_model_folder(args.recipe)
-    with tempfile.TemporaryDirectory(prefix="lm_eval_compare.") as tmp:
-        folder = Path(tmp)
-        t0 = time.perf_counter()  # the harness first: a broken task config fails fast
-        theirs = run_harness(model_dir, write_harness_tasks(benchmarks, args.limit, folder), folder, args.peft,
-                             args.batch_size)
-        t_theirs = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ours = run_ours(args.recipe, benchmarks, args.limit, folder, args.peft, args.batch_size)
-        t_ours = time.perf_counter() - t0
+    with contextlib.ExitStack() as stack:
+        folder = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lm_eval_compare.")))
+        folder.mkdir(parents=True, exist_ok=True)
+        key = {"limit": args.limit, "benchmarks": benchmarks, "peft": args.peft, "model": str(model_dir)}
+        # the harness first: a broken task config fails fast
+        theirs, t_theirs = scored_once(folder / "harness_scores.json", key, lambda: run_harness(
+            model_dir, write_harness_tasks(benchmarks, args.limit, folder), folder, args.peft, args.batch_size))
+        ours, t_ours = scored_once(folder / "t2l_scores.json", key, lambda: run_ours(
+            args.recipe, benchmarks, args.limit, folder, args.peft, args.batch_size))
     rows, worst = [], 0.0
     print(f"\n{'base model' if not args.peft else 'PEFT ' + args.peft}: {model_dir}, first {args.limit} items, float32\n")
     print("| benchmark | metric | t2l eval --protocol lm-eval | lm-evaluation-harness | difference |")
