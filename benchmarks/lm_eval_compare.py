@@ -6,7 +6,7 @@ vendored data/eval files, float32 on the CPU. lm-evaluation-harness runs its own
 file of our items), its HF model pointed at the safetensors folder our loader converts the
 recipe's GGUF into. Prints acc / acc_norm of both and the difference (target: within 1 point).
 
-    python benchmarks/lm_eval_compare.py --limit 200
+    python benchmarks/lm_eval_compare.py --limit 200 --work /tmp/cmp200   # keeps each side's scores; rerun resumes
     python benchmarks/lm_eval_compare.py --limit 50 --peft adapter/   # a `t2l generate` adapter, both sides
 
 Needs the ``lmeval`` extra (``pip install lm_eval==0.4.13``). No network: datasets and the
