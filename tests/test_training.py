@@ -130,8 +130,21 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(world):
     assert names(resumed) == names(straight) == ["last.ckpt", "step8.ckpt"]
 
 
+@pytest.fixture
+def interactive_sigint():
+    """Ctrl-C as in a terminal: Python's KeyboardInterrupt handler, whatever the suite inherited.
+
+    A process started in the background without job control (`cmd &` in a script, as CI may run
+    the suite) inherits SIGINT ignored, and Lightning leaves it ignored after handling a
+    KeyboardInterrupt; the previous handler is restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
-def test_t2l_fit_interrupted_exits_non_zero_after_its_checkpoint(world, monkeypatch, capsys, signum, code, name):
+def test_t2l_fit_interrupted_exits_non_zero_after_its_checkpoint(world, monkeypatch, capsys, interactive_sigint,
+                                                                 signum, code, name):
     """`make` and scripts must not take an interrupted run for a finished one (Lightning exits 0 / 1)."""
     import t2l_framework.assembly as assembly
     from t2l_framework.cli import main
