@@ -151,6 +151,11 @@ class TrainingConfig:
                             "(L1 on A and on B, halved; the reference's factorized=True, pred_z_score=False)", "delta_w")
     delta_w_scaling: float = _help("recon_loss=delta_w: factor on both sides of the L1 (the reference: 1e4)", 1e4)
     neftune_alpha: float = _help("NEFTune noise on input embeddings (0 = off)", 5.0)
+    compile: bool = _help("torch.compile the base model's decoder stack for training steps (the per-sample LoRA "
+                          "factors are graph inputs; NEFTune noise is added outside the graph); not with "
+                          "trainer.strategy=fsdp_base", False)
+    compile_backend: str = _help("torch.compile backend when training.compile is on (inductor; 'eager' traces "
+                                 "without code generation, for checking a model compiles)", "inductor")
     seed: int = _help("Random seed", 42)
     output_dir: str = _help("Runs are written to output_dir/run_name", "runs")
     run_name: str = _help("Run folder name; empty = recipe name + timestamp", "")

@@ -189,14 +189,20 @@ class T2LModule(L.LightningModule):
         emb = self.desc_embeddings[desc_idx.to(self.desc_embeddings.device)] if self.desc_embeddings is not None else None
         return self.generator(emb)
 
+    def _neftune_seed(self) -> int | None:
+        """The step's NEFTune seed, None when no noise applies (evaluation, or alpha 0)."""
+        if not self.training or float(self.recipe.training.neftune_alpha) <= 0:
+            return None
+        return int(self.recipe.training.seed) * 7919 + self.global_step
+
     @contextmanager
     def _neftune(self, seq_len: int):
         """NEFTune: uniform noise on input embeddings, seeded by the step so resumes are exact."""
-        alpha = float(self.recipe.training.neftune_alpha)
-        if not self.training or alpha <= 0:
+        seed = self._neftune_seed()
+        if seed is None:
             yield
             return
-        seed = int(self.recipe.training.seed) * 7919 + self.global_step
+        alpha = float(self.recipe.training.neftune_alpha)
 
         def hook(module, args, output):
             return output + neftune_noise(output, alpha, seq_len, seed)
@@ -206,6 +212,29 @@ class T2LModule(L.LightningModule):
             yield
         finally:
             handle.remove()
+
+    def _hidden_states(self, backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The decoder stack's last hidden states ``[batch, seq, hidden]`` (LoRA factors already set).
+
+        With ``training.compile`` the stack runs through ``torch.compile``: the embeddings (and
+        NEFTune's noise) are computed outside the graph and passed as ``inputs_embeds``, so no
+        hook is added and removed inside a compiled region every step (in a trial, a simple
+        per-step hook closure was replayed with an earlier step's value) and the noise's
+        generator does not break the graph; the LoRA factors are module attributes, which
+        dynamo lifts to graph inputs.
+        """
+        if not bool(self.recipe.training.compile):
+            with self._neftune(input_ids.shape[1]):
+                return backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        compiled = getattr(self, "_compiled_backbone", None)
+        if compiled is None:  # hidden like the base itself: never a submodule, never in a checkpoint
+            compiled = torch.compile(backbone, backend=str(self.recipe.training.compile_backend), dynamic=None)
+            object.__setattr__(self, "_compiled_backbone", compiled)
+        embeds = self.base_model.get_input_embeddings()(input_ids)
+        seed = self._neftune_seed()
+        if seed is not None:
+            embeds = embeds + neftune_noise(embeds, float(self.recipe.training.neftune_alpha), input_ids.shape[1], seed)
+        return compiled(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
 
     def lm_loss(self, batch: dict, weights: LoraWeights, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy on response tokens (``sft_token_loss``); logits are computed only where
@@ -217,8 +246,8 @@ class T2LModule(L.LightningModule):
         backbone = getattr(model, model.base_model_prefix)
         input_ids, labels = batch["input_ids"], batch["labels"]
         dropout = float(self.recipe.lora.dropout) if self.training else 0.0
-        with self.injection.use(weights, dropout=dropout), self._neftune(input_ids.shape[1]):
-            hidden = backbone(input_ids=input_ids, attention_mask=batch["attention_mask"]).last_hidden_state
+        with self.injection.use(weights, dropout=dropout):
+            hidden = self._hidden_states(backbone, input_ids, batch["attention_mask"])
         targets = labels[:, 1:]
         keep = targets != -100
         logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()

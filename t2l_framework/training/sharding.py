@@ -143,6 +143,9 @@ def check_sharded_recipe(cfg) -> None:
     end-of-training report runs on rank 0 alone."""
     if cfg.trainer.strategy != STRATEGY:
         return
+    if bool(cfg.training.compile):
+        raise T2LError(f"training.compile=true with trainer.strategy={STRATEGY}: compiling a base whose layers FSDP2 "
+                       "gathers and frees is not supported here; set training.compile=false")
     if cfg.training.mode == "recon":
         raise T2LError(f"trainer.strategy={STRATEGY} shards the base model, but training.mode=recon uses none; "
                        "use trainer.strategy=ddp")
