@@ -10,6 +10,7 @@ batched-LoRA path as T2L without the description encoder, whose cost per step is
     python benchmarks/train_throughput.py                       # the demo's SmolLM2 (offline)
     python benchmarks/train_throughput.py --model /path/folder --dtype bfloat16 --steps 10
     python benchmarks/train_throughput.py --make-standin /tmp/standin   # random-weight stand-in
+    python benchmarks/train_throughput.py --compile inductor --warmup 2   # + training.compile
 
 ``--make-standin OUT`` writes a random-weight copy of ``--model``'s architecture (its config and
 tokenizer, fresh weights; the GPU kit's approach, /work/shared/gpu-kit) and exits; pass that
@@ -56,6 +57,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per mode (after one warm-up step each)")
     ap.add_argument("--tokens-per-step", type=int, default=2048, help="throughput mode: padded tokens per step")
     ap.add_argument("--samples-per-task", type=int, default=4, help="throughput mode: samples per task per draw")
+    ap.add_argument("--compile", metavar="BACKEND", help="also time throughput mode with training.compile=true "
+                    "and this torch.compile backend (e.g. inductor), against the same mode uncompiled")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first (compilation happens here; "
+                    "use 2 or more with --compile: the second shape recompiles with dynamic shapes)")
     ap.add_argument("--make-standin", type=Path, help="write a random-weight stand-in of --model here and exit")
     for key in ("layers", "hidden", "intermediate", "heads", "kv-heads"):
         ap.add_argument(f"--{key}", type=int, default=0, help="stand-in size (0 = as --model)")
@@ -88,13 +93,20 @@ def main() -> None:
     module = T2LModule(cfg, LearnedLora(injection.shapes, int(cfg.lora.rank), float(cfg.lora.alpha)), model,
                        injection).to(device)
     module.train()
-    streams = {}
+    streams, modules = {}, {}
     for name, c in cfgs.items():
         dm = T2LDataModule(c.data, base.tokenizer, lambda u, s="": fmt(base.tokenizer, u, s), int(c.training.seed),
                            find_recipe(args.recipe), 10**6)
-        streams[name] = dm.train_dataset()
+        streams[name], modules[name] = dm.train_dataset(), module
+    budget_name = list(modes)[1]
+    if args.compile:  # the same budget stream through a module whose decoder stack is compiled
+        compiled_name = f"{budget_name} + compile ({args.compile})"
+        ccfg = load_recipe(args.recipe, modes[budget_name] + ["training.compile=true",
+                                                              f"training.compile_backend={args.compile}"])
+        streams[compiled_name] = streams[budget_name]
+        modules[compiled_name] = T2LModule(ccfg, module.generator, model, injection).to(device).train()
 
-    def step(batch) -> tuple[float, int, int]:
+    def step(batch, module) -> tuple[float, int, int]:
         batch = {k: v.to(device) for k, v in batch.items()}
         if device == "cuda":
             torch.cuda.synchronize()
@@ -107,10 +119,10 @@ def main() -> None:
         return time.perf_counter() - t0, int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
 
     times = {name: [] for name in streams}
-    for k in range(args.steps + 1):  # alternate the modes; step 0 is a warm-up
+    for k in range(args.steps + args.warmup):  # alternate the modes; the first steps are a warm-up
         for name, data in streams.items():
-            result = step(data[k])
-            if k:
+            result = step(data[k], modules[name])
+            if k >= args.warmup:
                 times[name].append(result)
     dt = base.dtype.dtype if base.dtype else model.dtype
     print(f"{args.model} ({dt}) on {device}, recipe {args.recipe}, {args.steps} steps per mode, "
@@ -122,8 +134,10 @@ def main() -> None:
         rate[name] = tokens / seconds
         print(f"  {name:<40} {statistics.median(r[0] for r in rows):7.3f} s/step  {tokens / len(rows):8.0f} tokens/step"
               f"  padding {1 - tokens / padded:5.1%}  {rate[name]:9.1f} tokens/s")
-    paper, budget = rate.values()
+    paper, budget = rate[list(modes)[0]], rate[budget_name]
     print(f"  throughput mode / paper batch: {budget / paper:.2f}x tokens/s")
+    if args.compile:
+        print(f"  compiled / uncompiled throughput mode: {rate[compiled_name] / budget:.2f}x tokens/s")
 
 
 if __name__ == "__main__":
