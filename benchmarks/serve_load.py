@@ -139,7 +139,8 @@ async def load(url: str, n_requests: int, n_desc: int, max_tokens: int) -> dict:
     return {"wall": wall, "ok": len(ok), "latencies": latencies,
             "tokens": sum(r["usage"]["completion_tokens"] for r in ok),
             "answers": [r["choices"][0]["message"]["content"] if r else None for _, r in results],
-            "mean_batch": (after["requests"] - before["requests"]) / batches if batches else 0.0}
+            "mean_batch": (after["requests"] - before["requests"]) / batches if batches else 0.0,
+            "batches": batches, "largest_batch": after["max_batch_size"]}
 
 
 def measure(run: str, max_batch: int, window_ms: float, args) -> dict:
@@ -183,11 +184,11 @@ def main() -> None:
 
     print(f"\n{args.requests} concurrent chat requests, {args.descriptions} distinct adapters, "
           f"max_tokens {args.max_tokens}, greedy, dtype {args.dtype}, loopback ({args.run}, base {args.model})")
-    print(f"{'mode':<15} {'ok':>6} {'p50 s':>8} {'p95 s':>8} {'wall s':>8} {'req/s':>7} {'tok/s':>7} {'mean batch':>11}")
+    print(f"{'mode':<15} {'ok':>6} {'p50 s':>8} {'p95 s':>8} {'wall s':>8} {'req/s':>7} {'tok/s':>7} {'mean batch':>11} {'batches':>8} {'largest':>8}")
     for name, r in rows.items():
         lat = r["latencies"]
         print(f"{name:<15} {r['ok']:>3}/{args.requests:<2} {statistics.median(lat):>8.2f} {pct(lat, 0.95):>8.2f} "
-              f"{r['wall']:>8.2f} {r['ok'] / r['wall']:>7.2f} {r['tokens'] / r['wall']:>7.1f} {r['mean_batch']:>11.1f}")
+              f"{r['wall']:>8.2f} {r['ok'] / r['wall']:>7.2f} {r['tokens'] / r['wall']:>7.1f} {r['mean_batch']:>11.1f} {r['batches']:>8} {r['largest_batch']:>8}")
     batched, seq = rows["batched"], rows["one at a time"]
     ratio = (batched["ok"] / batched["wall"]) / (seq["ok"] / seq["wall"])
     same = sum(a == b for a, b in zip(batched["answers"], seq["answers"]))

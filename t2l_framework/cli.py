@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (1 = one at a time)")
-    p.add_argument("--batch-window-ms", type=float, default=30.0, help="how long a batch waits for more requests")
+    p.add_argument("--batch-window-ms", type=float, default=30.0, help="a batch waits this long after its latest request for more (at most 4x after its first)")
     p.add_argument("--cache-size", type=int, default=128, help="generated adapters kept in memory (LRU)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES + ("recipe",), help=DTYPE_HELP)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)

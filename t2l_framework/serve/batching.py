@@ -1,7 +1,10 @@
 """Windowed batching: concurrent chat requests, each with its own adapter, share one generate.
 
-The first request of a batch opens a window (``window_s``); whatever arrives before it
-closes, up to ``max_batch`` requests, is decoded together through the per-sample LoRA. All
+The first request of a batch opens a window of ``window_s``, and every request that joins it
+extends the window by ``window_s`` from its arrival, up to ``MAX_WAIT_WINDOWS`` windows after
+the first: a burst of requests (tokenised one after another) lands in one batch instead of
+being cut after the first few. Up to ``max_batch`` requests are decoded together through the
+per-sample LoRA. All
 model work runs in one worker thread, so the event loop keeps accepting requests (and
 filling the next batch) while a batch decodes. ``max_batch=1`` serves requests one at a time.
 """
@@ -20,6 +23,8 @@ from t2l_framework.runtime.loaded import Completion
 from t2l_framework.lora.weights import LoraWeights
 
 log = logging.getLogger("t2l.serve")
+
+MAX_WAIT_WINDOWS = 4  # a batch waits at most this many windows after its first request
 
 
 @dataclass
@@ -60,7 +65,8 @@ class BatchStats:
 
 
 class Batcher:
-    """Collects jobs for up to ``window_s`` (or ``max_batch`` jobs) and runs them as one batch."""
+    """Collects a burst of jobs (``window_s`` after the last arrival, at most ``MAX_WAIT_WINDOWS``
+    windows, at most ``max_batch`` jobs) and runs them as one batch."""
 
     def __init__(self, runtime, max_batch: int = 16, window_s: float = 0.03):
         self.runtime = runtime
@@ -97,21 +103,25 @@ class Batcher:
         return completion, job.batch_size
 
     async def _collect(self) -> list[Job]:
+        loop = asyncio.get_running_loop()
         jobs = [await self.queue.get()]
-        deadline = asyncio.get_running_loop().time() + self.window_s
+        opened = loop.time()
+        deadline = opened + self.window_s  # moves with each arrival, never past the cap
+        cap = opened + MAX_WAIT_WINDOWS * self.window_s
         while len(jobs) < self.max_batch:
             try:
                 jobs.append(self.queue.get_nowait())  # already waiting: no need to wait for the window
                 continue
             except asyncio.QueueEmpty:
                 pass
-            remaining = deadline - asyncio.get_running_loop().time()
+            remaining = deadline - loop.time()
             if remaining <= 0:
                 break
             try:
                 jobs.append(await asyncio.wait_for(self.queue.get(), remaining))
             except asyncio.TimeoutError:
                 break
+            deadline = min(cap, loop.time() + self.window_s)
         return jobs
 
     async def _loop(self) -> None:
