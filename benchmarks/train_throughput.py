@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from _common import add_model_args, check_model
+
 
 def make_standin(model: str, out: Path, args) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -51,8 +53,7 @@ def make_standin(model: str, out: Path, args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="base model: folder, hub id or offline name")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    add_model_args(ap)
     ap.add_argument("--recipe", default="smollm2_demo", help="recipe whose data and LoRA settings are used")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per mode (after one warm-up step each)")
     ap.add_argument("--tokens-per-step", type=int, default=2048, help="throughput mode: padded tokens per step")
@@ -65,6 +66,7 @@ def main() -> None:
     for key in ("layers", "hidden", "intermediate", "heads", "kv-heads"):
         ap.add_argument(f"--{key}", type=int, default=0, help="stand-in size (0 = as --model)")
     args = ap.parse_args()
+    check_model(args)
     if args.make_standin:
         return make_standin(args.model, args.make_standin, args)
 
