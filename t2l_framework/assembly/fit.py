@@ -51,6 +51,7 @@ def build_pieces(cfg, recipe_file: Path | None, run: RunFolder) -> RunPieces:
     from t2l_framework.training.module import LearnedLora
 
     mode = cfg.training.mode
+    # micro-batches per rank; the stream holds world-size times as many (data.stream)
     total = int(cfg.trainer.max_steps) * int(cfg.trainer.accumulate_grad_batches) + 1
     base = injection = None
     if mode == "recon":

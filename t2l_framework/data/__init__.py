@@ -1,6 +1,7 @@
 """SNI-style tasks, their descriptions, tokenisation and the LightningDataModule."""
 
-from t2l_framework.data.datamodule import StreamSampler, T2LDataModule, TrainBatches
+from t2l_framework.data.datamodule import T2LDataModule, TrainBatches
+from t2l_framework.data.stream import StreamSampler
 from t2l_framework.data.encoding import IGNORE_INDEX, encode_example, encode_examples, encode_prompt, pad_batch
 from t2l_framework.data.tasks import (
     T2L_DECONTAM_EXCLUDED,

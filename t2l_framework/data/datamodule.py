@@ -2,7 +2,8 @@
 
 Training follows the paper: each batch samples ``n_tasks_per_batch`` distinct training tasks,
 ``n_samples_per_task`` instances of each, and one random *training* description per sample.
-Batch i is a pure function of (seed, i), so a resumed run continues the stream exactly.
+Batch i is a pure function of (seed, i), so a resumed run continues the stream exactly; under
+DDP / DeepSpeed / fsdp_base each rank reads its own slice of it (``data.stream``).
 With ``data.length_grouping`` the rows of a window of batches are regrouped by length
 (``length_groups``): the same examples, less padding per step.
 
@@ -19,15 +20,16 @@ import bisect
 import random
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from t2l_framework.config import DataConfig
 from t2l_framework.data.encoding import FormatPrompt, encode_examples, encode_prompt, pad_batch, pad_id
 from t2l_framework.data.length_groups import group_by_length
+from t2l_framework.data.stream import ResumableStream, trainer_share
 from t2l_framework.data.task_sets import check_task_set, task_set_ids, task_sources
 from t2l_framework.data.tasks import Instance, Task, expand_task_ids, load_tasks, split_descriptions
 from t2l_framework.errors import T2LError, did_you_mean
@@ -105,24 +107,6 @@ class TrainBatches(Dataset):
         return batch
 
 
-class StreamSampler(Sampler[int]):
-    """Indices start, start+1, ..., stop-1: a resumed run picks the stream up where it stopped.
-
-    The whole stream is one epoch, and ``len`` is the length of the *whole* stream: Lightning
-    restores how many batches of the epoch were done and stops the epoch when that count
-    reaches ``len``, so counting only the remaining batches would end a resumed epoch early.
-    """
-
-    def __init__(self, start: int, stop: int):
-        self.start, self.stop = start, stop
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop
-
-
 def _collate_eval(items: list[dict], pad_token_id: int) -> dict:
     batch = pad_batch([it["example"] for it in items], pad_token_id)
     batch["desc_idx"] = torch.tensor([it["desc_idx"] for it in items], dtype=torch.long)
@@ -140,11 +124,13 @@ def _round_robin(per_task: list[list]) -> list:
     return out
 
 
-class T2LDataModule(L.LightningDataModule):
+class T2LDataModule(ResumableStream, L.LightningDataModule):
     """Training batches, validation batches and end-of-training evaluation items.
 
     ``format_prompt(user, system) -> str`` applies the base model's chat format; the user turn
     is the instance input alone (the task is described to the hypernetwork, not in the prompt).
+    total_batches: training micro-batches per rank; the stream holds that many times the world
+    size (``data.stream``).
     """
 
     def __init__(self, cfg: DataConfig, tokenizer, format_prompt: FormatPrompt, seed: int,
@@ -274,28 +260,22 @@ class T2LDataModule(L.LightningDataModule):
 
     # ---- loaders -------------------------------------------------------------------------
     def train_dataset(self) -> TrainBatches:
+        """The whole stream: ``total_batches`` micro-batches for each rank of the trainer's world."""
         self.setup()
+        world = trainer_share(getattr(self, "trainer", None))[2]
         return TrainBatches(
             self._train_examples,
             [self.train_desc_idx[t] for t in self.train_task_ids],
-            self.cfg.n_tasks_per_batch, self.cfg.n_samples_per_task, self.seed, self.total_batches,
+            self.cfg.n_tasks_per_batch, self.cfg.n_samples_per_task, self.seed, self.total_batches * world,
             self.pad_token_id,
             int(self.cfg.length_grouping_window) if self.cfg.length_grouping or self.cfg.tokens_per_step else 1,
             int(self.cfg.tokens_per_step),
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Batches start after the ones a restored run already consumed.
-
-        That is global_step x accumulation x world size: under DDP, Lightning deals this stream
-        out to the ranks (every world_size-th index each), so all ranks consumed batches.
-        """
-        start = 0
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            start = (int(trainer.global_step) * int(trainer.accumulate_grad_batches)
-                     * int(getattr(trainer, "world_size", 1) or 1))
-        return DataLoader(self.train_dataset(), batch_size=None, sampler=StreamSampler(start, self.total_batches),
+        """This rank's slice of the stream (``StreamSampler``), after the micro-batches a restored
+        run already consumed (global_step x accumulation on every rank)."""
+        return DataLoader(self.train_dataset(), batch_size=None, sampler=self.stream_sampler(self.total_batches),
                           num_workers=self.cfg.num_workers)
 
     def val_dataloader(self) -> DataLoader:

@@ -15,6 +15,7 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from t2l_framework.atomic import atomic_file
 from t2l_framework.errors import T2LError
 
 STATUS_FILE = "training_status.json"
@@ -30,6 +31,8 @@ class TrainingStatus:
     seconds: wall time of training (``Trainer.fit``), summed over the segments of a resumed run
     that ended normally (a segment killed by SIGTERM writes no status, so its time is not known).
     stopped_by: "max_time" when the safety net ended the run, "" otherwise.
+    world_size: training processes (each read its own slice of the data stream; a resume must
+    use as many: ``data.stream``).
     """
 
     mode: str
@@ -40,6 +43,7 @@ class TrainingStatus:
     max_time: str = ""
     stopped_by: str = ""
     allow_cut_short: bool = False
+    world_size: int = 1
 
     @property
     def cut_short(self) -> bool:
@@ -55,7 +59,8 @@ class TrainingStatus:
 
     def save(self, run_dir: Path) -> Path:
         path = Path(run_dir) / STATUS_FILE
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        with atomic_file(path) as tmp:  # a reader never sees half a status
+            tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
         return path
 
     @classmethod
@@ -101,7 +106,7 @@ def record(trainer, cfg, run_dir: Path, seconds: float, previous: TrainingStatus
         seconds=seconds + (previous.seconds if previous else 0.0),
         max_time=str(cfg.trainer.max_time or ""),
         stopped_by="max_time" if timed_out and steps < int(cfg.trainer.max_steps) else "",
-        allow_cut_short=bool(cfg.training.allow_cut_short))
+        allow_cut_short=bool(cfg.training.allow_cut_short), world_size=int(getattr(trainer, "world_size", 1) or 1))
     status.save(run_dir)
     if status.cut_short:
         warn_cut_short(status)

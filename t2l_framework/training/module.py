@@ -102,7 +102,7 @@ def neftune_noise(embeds: torch.Tensor, alpha: float, seq_len: int, seed: int) -
     """NEFTune's noise for input embeddings ``embeds`` [batch, seq, dim]: uniform in
     +-alpha / sqrt(seq_len * dim), same shape, device and dtype.
 
-    Drawn on ``embeds``' device by a generator seeded with ``seed`` (the step): no CPU tensor
+    Drawn on ``embeds``' device by a generator seeded with ``seed`` (of the step, micro-batch and rank): no CPU tensor
     and copy per step on a GPU, and the same noise for the same step after a resume. Drawn
     in float32 and cast, so a CPU run draws exactly what a CPU generator always gave.
     """
@@ -190,14 +190,18 @@ class T2LModule(L.LightningModule):
         return self.generator(emb)
 
     def _neftune_seed(self) -> int | None:
-        """The step's NEFTune seed, None when no noise applies (evaluation, or alpha 0)."""
+        """NEFTune's seed for this (seed, step, micro-batch, rank), None when no noise applies
+        (evaluation, or alpha 0): every rank and every accumulated micro-batch draws its own noise,
+        and a resumed run draws what an uninterrupted one would."""
         if not self.training or float(self.recipe.training.neftune_alpha) <= 0:
             return None
-        return int(self.recipe.training.seed) * 7919 + self.global_step
+        # ints only: Python's hash of a tuple of ints is the same in every process and run
+        return hash((int(self.recipe.training.seed), 7919, self.global_step, getattr(self, "_micro_in_step", 0),
+                     self.global_rank)) % 2**63
 
     @contextmanager
     def _neftune(self, seq_len: int):
-        """NEFTune: uniform noise on input embeddings, seeded by the step so resumes are exact."""
+        """NEFTune: uniform noise on input embeddings, seeded (``_neftune_seed``) so resumes are exact."""
         seed = self._neftune_seed()
         if seed is None:
             yield
@@ -290,7 +294,8 @@ class T2LModule(L.LightningModule):
         # Dropout (hypernetwork trunk, LoRA input) draws from the global RNG: seeding it by
         # (seed, micro-batch, rank) makes a resumed run draw what an uninterrupted one would.
         accum = int(self.recipe.trainer.accumulate_grad_batches)
-        micro = self.global_step * accum + batch_idx % accum
+        self._micro_in_step = batch_idx % accum  # NEFTune's seed reads it (``_neftune_seed``)
+        micro = self.global_step * accum + self._micro_in_step
         torch.manual_seed(hash((int(self.recipe.training.seed), micro, self.global_rank)) % 2**63)
         loss, logs = self._step(batch, train=True)
         self.log_dict({f"train/{k}": v.detach() for k, v in logs.items()}, prog_bar=False,

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from t2l_framework.config import resolve_path
-from t2l_framework.data.datamodule import StreamSampler
+from t2l_framework.data.stream import ResumableStream, trainer_share
 from t2l_framework.data.tasks import load_tasks, split_descriptions
 from t2l_framework.errors import T2LError
 from t2l_framework.lora.peft_io import import_peft_adapter
@@ -69,7 +69,7 @@ class _Batches(Dataset):
         return {"task_idx": torch.tensor(tasks), "desc_idx": torch.tensor([rng.choice(self.desc_idx[t]) for t in tasks])}
 
 
-class ReconDataModule(L.LightningDataModule):
+class ReconDataModule(ResumableStream, L.LightningDataModule):
     """Descriptions of the library's tasks; batches carry task_idx (library row) and desc_idx."""
 
     def __init__(self, cfg, seed: int, recipe_file: Path | None = None, total_batches: int = 10**6, lora=None):
@@ -91,11 +91,10 @@ class ReconDataModule(L.LightningDataModule):
         return list(range(start, len(self.descriptions)))
 
     def train_dataloader(self) -> DataLoader:
-        start = 0
-        if getattr(self, "trainer", None) is not None:
-            start = int(self.trainer.global_step) * int(self.trainer.accumulate_grad_batches)
-        ds = _Batches(self.train_desc, self.cfg.n_tasks_per_batch, self.seed, self.total_batches)
-        return DataLoader(ds, batch_size=None, sampler=StreamSampler(start, self.total_batches))
+        """This rank's slice of a stream of ``total_batches`` micro-batches per rank (``data.stream``)."""
+        world = trainer_share(getattr(self, "trainer", None))[2]
+        ds = _Batches(self.train_desc, self.cfg.n_tasks_per_batch, self.seed, self.total_batches * world)
+        return DataLoader(ds, batch_size=None, sampler=self.stream_sampler(self.total_batches))
 
     def val_dataloader(self) -> DataLoader:
         pairs = [(t, d) for t, ds in enumerate(self.val_desc) for d in ds]

@@ -1,22 +1,28 @@
 """Training with Lightning on pieces the assembly layer built (``t2l_framework.assembly.fit``).
 
-Writes into the run folder (``RunFolder`` knows its layout): ``recipe.yaml`` (resolved),
-``logs/`` (CSV metrics), ``tb/`` (TensorBoard), ``checkpoints/`` (safetensors, atomic;
-``last.ckpt`` every ``checkpoint_every_n_steps`` and ``interrupted.ckpt`` on Ctrl-C /
-SIGTERM), and the result: ``hypernet/`` (``save_pretrained``) or ``adapter/`` (PEFT, lora mode), and
+Writes into the run folder (``RunFolder`` knows its layout): ``recipe.yaml`` (resolved, atomic),
+``logs/`` (CSV metrics; a resumed run appends), ``tb/`` (TensorBoard), ``checkpoints/``
+(safetensors, atomic, also under DeepSpeed ZeRO 1/2; ``last.ckpt`` every
+``checkpoint_every_n_steps`` and ``interrupted.ckpt`` on Ctrl-C / SIGTERM once a step was
+trained), and the result: ``hypernet/`` (``save_pretrained``) or ``adapter/`` (PEFT, lora mode), and
 ``training_status.json`` (steps done of ``max_steps``, examples, wall time, cut short or not).
 """
 
 from __future__ import annotations
 
+import csv
 import shutil
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.fabric.loggers.logger import rank_zero_experiment
 
+from t2l_framework.atomic import atomic_file
 from t2l_framework.console import say
 from t2l_framework.errors import T2LError
 from t2l_framework.run_folder import RunFolder
@@ -60,26 +66,71 @@ def _interrupted(reason: _StopReason, trainer, ckpt_dir: Path) -> TrainingInterr
                                code)
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The checkpoint with the highest global step (periodic or written on interruption)."""
+def scan_checkpoints(ckpt_dir: Path) -> tuple[Path | None, list[Path]]:
+    """(the checkpoint with the highest global step, the ``*.ckpt`` files that cannot be read)."""
     from t2l_framework.training.checkpoint_io import checkpoint_step
 
-    best, best_step = None, -1
-    for p in ckpt_dir.glob("*.ckpt"):
+    best, best_step, unreadable = None, -1, []
+    for p in sorted(Path(ckpt_dir).glob("*.ckpt")):
         try:
-            # DeepSpeed writes checkpoint folders (all runs of one strategy): newest wins there.
+            # DeepSpeed stage 3 writes checkpoint folders (all runs of one strategy): newest wins there.
             step = checkpoint_step(p) if p.is_file() else int(p.stat().st_mtime)
-        except Exception:  # noqa: BLE001 - a torn file is skipped, not fatal
+        except Exception:  # noqa: BLE001 - a torn file is skipped and named, not fatal
+            unreadable.append(p)
             continue
         if step > best_step:
             best, best_step = p, step
-    return best
+    return best, unreadable
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint with the highest global step (periodic or written on interruption)."""
+    return scan_checkpoints(ckpt_dir)[0]
+
+
+class _TrainedOnlyExceptionCheckpoint(OnExceptionCheckpoint):
+    """``interrupted.ckpt`` on an exception, but only when this segment trained a step: a run that
+    failed before its first step has nothing new, and its checkpoint (of step 0, or of the step it
+    resumed from) would be taken for the newest state by the next ``--resume``."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._first_step: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._first_step = int(trainer.global_step)  # restored by now when resuming
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._first_step is None or int(trainer.global_step) <= self._first_step:
+            return
+        super().on_exception(trainer, pl_module, exception)
+
+
+class _AppendingCSVLogger(CSVLogger):
+    """Lightning's CSV logger, but ``logs/metrics.csv`` keeps the rows of earlier segments of a
+    resumed run (Lightning's writer deletes the file when its folder is not empty). Steps logged
+    after the last checkpoint of an interrupted segment appear again for the resumed one."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])  # append under the existing header
 
 
 def _trainer(cfg, run: RunFolder, extra_callbacks: list):
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
 
     from t2l_framework.training.checkpoint_io import SafetensorsCheckpointIO
     from t2l_framework.training.strategies import DEEPSPEED_STRATEGIES, build_strategy
@@ -93,11 +144,11 @@ def _trainer(cfg, run: RunFolder, extra_callbacks: list):
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", every_n_train_steps=cfg.training.checkpoint_every_n_steps,
                         save_last=True, save_top_k=1, monitor=None, auto_insert_metric_name=False,
                         enable_version_counter=False),
-        OnExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"),
+        _TrainedOnlyExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"),
         LearningRateMonitor(logging_interval="step"),
         *extra_callbacks,
     ]
-    loggers = [CSVLogger(run_dir, name="", version="logs")]
+    loggers = [_AppendingCSVLogger(run_dir, name="", version="logs")]
     try:
         loggers.append(TensorBoardLogger(run_dir, name="", version="tb"))
     except ModuleNotFoundError:
@@ -108,6 +159,7 @@ def _trainer(cfg, run: RunFolder, extra_callbacks: list):
         t.pop("gradient_clip_val", None)  # DeepSpeed clips inside its engine
     return L.Trainer(
         **t, strategy=strategy, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir),
+        # DeepSpeed ZeRO 1/2 write safetensors through their strategy (strategies._safetensors_zero_class)
         plugins=None if deepspeed else [SafetensorsCheckpointIO()], check_val_every_n_epoch=None,
         num_sanity_val_steps=0, max_epochs=-1,
     )
@@ -120,9 +172,14 @@ def prepare_run_folder(cfg, run: RunFolder, resume: bool, overwrite: bool) -> Pa
     for torn in remove_torn_files(ckpt_dir):
         say(f"removed {torn}: a checkpoint whose writing was interrupted")
     if resume:
-        ckpt = latest_checkpoint(ckpt_dir)
+        ckpt, unreadable = scan_checkpoints(ckpt_dir)
+        for path in unreadable:
+            say(f"cannot read checkpoint {path} (torn, or not a t2l-framework checkpoint); skipped")
+        if ckpt is None and unreadable:  # starting over would overwrite them: the user decides
+            raise T2LError(f"--resume: no checkpoint in {ckpt_dir} can be read ({', '.join(p.name for p in unreadable)}); "
+                           "move them away to keep them, or pass --overwrite to start again")
         if ckpt is None:
-            say(f"--resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
+            say(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
         else:
             say(f"resuming from {ckpt}")
     elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
@@ -131,7 +188,8 @@ def prepare_run_folder(cfg, run: RunFolder, resume: bool, overwrite: bool) -> Pa
                            f"--overwrite to start again, or training.run_name=NAME for a new run")
         shutil.rmtree(run.root)
     run.root.mkdir(parents=True, exist_ok=True)
-    run.recipe.write_text(OmegaConf.to_yaml(cfg))
+    with atomic_file(run.recipe) as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg))
     return ckpt
 
 

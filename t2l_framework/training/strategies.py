@@ -1,6 +1,8 @@
 """Trainer strategies from the recipe: auto, ddp, DeepSpeed ZeRO 1/2/3 (also on CPU), and
 ``fsdp_base`` (DDP for the hypernetwork, the frozen base sharded with FSDP2; see ``sharding``).
 
+ZeRO stage 1 / 2 checkpoints are safetensors like every other strategy's (``_safetensors_zero_class``).
+
 Lightning's ``DeepSpeedStrategy`` refuses anything but CUDA. DeepSpeed itself runs ZeRO on
 CPU with the gloo backend, so ``CPUDeepSpeedStrategy`` lifts the three CUDA-only checks;
 that is what lets the test suite exercise the DeepSpeed path on a laptop or in CI.
@@ -37,6 +39,110 @@ def _require_deepspeed(name: str) -> None:
         ) from None
 
 
+def _safetensors_zero_class():
+    """A mixin for ``DeepSpeedStrategy``: ZeRO stage 1 / 2 checkpoints as one safetensors file
+    (``checkpoint_io``) instead of DeepSpeed's torch pickles, exact to resume.
+
+    On save every rank takes part in gathering, per trainable parameter, its fp32 master weight
+    and its optimizer state (``deepspeed.utils.safe_get_full_*``: the partitions all-reduced into
+    whole tensors); rank 0 writes a Lightning checkpoint whose ``state_dict`` holds the masters and
+    whose ``optimizer_states`` hold those tensors by parameter name, the base optimizer's step and
+    hyperparameters and the engine's step counters. On load every rank reads the file and writes
+    its own partitions back (``safe_set_full_*``). Whole tensors by name: nothing in the file
+    depends on the world size. Stage 3 keeps DeepSpeed's own checkpoints (docs/security.md).
+    """
+    import torch
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                                 safe_set_full_fp32_param, safe_set_full_optimizer_state)
+
+    from t2l_framework.training.checkpoint_io import load_checkpoint_file, save_checkpoint_file
+
+    class SafetensorsZeroCheckpoints:
+        def _ours(self) -> bool:
+            return not self.zero_stage_3
+
+        def _trainable(self):
+            return [(n, p) for n, p in self.lightning_module.named_parameters() if p.requires_grad]
+
+        def _flat_partitions(self):
+            """The ZeRO optimizer's fp32 partitions: the parameters its base optimizer steps."""
+            return self.deepspeed_engine.optimizer.single_partition_of_fp32_groups
+
+        def lightning_module_state_dict(self):
+            state = super().lightning_module_state_dict()
+            if self._ours():  # the fp32 masters, not the module's (possibly 16-bit) copies
+                state.update({n: safe_get_full_fp32_param(p).detach().cpu() for n, p in self._trainable()})
+            return state
+
+        def optimizer_state(self, optimizer):
+            if not self._ours():
+                return super().optimizer_state(optimizer)
+            zero = self.deepspeed_engine.optimizer
+            base = zero.optimizer
+            first = base.state.get(self._flat_partitions()[0], {})
+            keys = sorted(k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0)
+            engine = self.deepspeed_engine
+            return {
+                "zero_consolidated": True,
+                "state": {n: {k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in keys}
+                          for n, p in self._trainable()},
+                "step": [float(base.state.get(flat, {}).get("step", 0)) for flat in self._flat_partitions()],
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups],
+                "engine": {"global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples),
+                           "skipped_steps": int(engine.skipped_steps)},
+            }
+
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+            if not self._ours():
+                return super().save_checkpoint(checkpoint, filepath, storage_options)
+            filepath = self.broadcast(filepath)
+            if self.is_global_zero:
+                save_checkpoint_file(checkpoint, filepath)
+            self.barrier("t2l_zero_checkpoint")
+
+        def load_checkpoint(self, checkpoint_path, weights_only=None):
+            if not self._ours():
+                return super().load_checkpoint(checkpoint_path, weights_only)
+            return load_checkpoint_file(checkpoint_path)
+
+        def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+            if not self._ours():
+                return super().load_model_state_dict(checkpoint, strict)
+            state = checkpoint["state_dict"]
+            self.lightning_module.load_state_dict(state, strict=strict)
+            for n, p in self._trainable():
+                safe_set_full_fp32_param(p, state[n].to(torch.float32))
+
+        @property
+        def lightning_restore_optimizer(self) -> bool:
+            return self._ours() or super().lightning_restore_optimizer
+
+        def load_optimizer_state_dict(self, checkpoint) -> None:
+            if not self._ours():
+                return super().load_optimizer_state_dict(checkpoint)
+            saved = checkpoint["optimizer_states"][0]
+            zero = self.deepspeed_engine.optimizer
+            base = zero.optimizer
+            keys = next(iter(saved["state"].values()), {}).keys()
+            for flat, step in zip(self._flat_partitions(), saved["step"]):
+                # the base optimizer creates its state at its first step: give it one to fill
+                slot = base.state[flat]
+                slot["step"] = torch.tensor(step, dtype=torch.float32)
+                for k in keys:
+                    slot.setdefault(k, torch.zeros_like(flat))
+            for g, group in zip(base.param_groups, saved["param_groups"]):
+                g.update(group)
+            zero._lazy_init_hp_params_optimizer_state()  # link each parameter to its fragments
+            for n, p in self._trainable():
+                for k, v in saved["state"][n].items():
+                    safe_set_full_optimizer_state(p, v.to(torch.float32), k)
+            engine = self.deepspeed_engine
+            for k, v in saved["engine"].items():
+                setattr(engine, k, v)
+
+    return SafetensorsZeroCheckpoints
+
+
 def _cpu_deepspeed_class():
     import deepspeed
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
@@ -59,7 +165,7 @@ def _cpu_deepspeed_class():
         finally:
             deepspeed.initialize = original
 
-    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    class CPUDeepSpeedStrategy(_safetensors_zero_class(), DeepSpeedStrategy):
         """DeepSpeedStrategy without the CUDA-only checks (gloo backend, device_rank=-1)."""
 
         strategy_name = "deepspeed_cpu"
@@ -138,7 +244,8 @@ def build_strategy(name: str, accelerator: str, precision: str) -> Any:
 
     stage, offload = DEEPSPEED_STRATEGIES[name]
     on_cpu = _on_cpu(accelerator)
-    cls = _cpu_deepspeed_class() if on_cpu else DeepSpeedStrategy
+    cls = _cpu_deepspeed_class() if on_cpu else type("SafetensorsDeepSpeedStrategy",
+                                                     (_safetensors_zero_class(), DeepSpeedStrategy), {})
     # Our batches come whole from the dataset (batch_size=None), so DeepSpeed cannot read the
     # micro-batch size off the loader; it only uses it for throughput logging.
     kwargs = dict(stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
