@@ -29,10 +29,11 @@ from t2l_framework.training.sharding import (check_sharded_recipe, local_param_b
 from tests.tiny_world import build_world
 
 WORLD = 2
-# Dropout off: its masks are drawn per rank, so only with it off do both ranks' losses have a
-# single-process twin. NEFTune stays on (seeded by step, the same on every rank).
-COMMON = ["trainer.max_steps=1", "hypernet.dropout=0", "lora.dropout=0", "training.checkpoint_every_n_steps=1",
-          "trainer.limit_val_batches=1", "eval.val_generation_batches=0", "eval.final_report=false"]
+# Dropout and NEFTune off: their draws are seeded per (step, micro-batch, rank), so only with them off
+# do both ranks' losses have a single-process twin (tests/test_stream_world.py checks them per rank).
+COMMON = ["trainer.max_steps=1", "hypernet.dropout=0", "lora.dropout=0", "training.neftune_alpha=0",
+          "training.checkpoint_every_n_steps=1",
+          "trainer.limit_val_batches=1", "trainer.val_check_interval=1", "eval.val_generation_batches=0", "eval.final_report=false"]
 
 
 class Recorder(Callback):

@@ -179,7 +179,7 @@ def prepare_run_folder(cfg, run: RunFolder, resume: bool, overwrite: bool) -> Pa
             raise T2LError(f"--resume: no checkpoint in {ckpt_dir} can be read ({', '.join(p.name for p in unreadable)}); "
                            "move them away to keep them, or pass --overwrite to start again")
         if ckpt is None:
-            say(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
+            say(f"--resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
         else:
             say(f"resuming from {ckpt}")
     elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):

@@ -87,6 +87,9 @@ def _safetensors_zero_class():
                 "state": {n: {k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in keys}
                           for n, p in self._trainable()},
                 "step": [float(base.state.get(flat, {}).get("step", 0)) for flat in self._flat_partitions()],
+                # torch's AdamW keeps its step as a tensor, DeepSpeed's CPU Adam (offload) as an int
+                "step_is_tensor": [torch.is_tensor(base.state.get(flat, {}).get("step", torch.zeros(())))
+                                   for flat in self._flat_partitions()],
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups],
                 "engine": {"global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples),
                            "skipped_steps": int(engine.skipped_steps)},
@@ -124,10 +127,10 @@ def _safetensors_zero_class():
             zero = self.deepspeed_engine.optimizer
             base = zero.optimizer
             keys = next(iter(saved["state"].values()), {}).keys()
-            for flat, step in zip(self._flat_partitions(), saved["step"]):
+            for flat, step, as_tensor in zip(self._flat_partitions(), saved["step"], saved["step_is_tensor"]):
                 # the base optimizer creates its state at its first step: give it one to fill
                 slot = base.state[flat]
-                slot["step"] = torch.tensor(step, dtype=torch.float32)
+                slot["step"] = torch.tensor(step, dtype=torch.float32) if as_tensor else int(step)
                 for k in keys:
                     slot.setdefault(k, torch.zeros_like(flat))
             for g, group in zip(base.param_groups, saved["param_groups"]):
