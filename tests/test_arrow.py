@@ -182,3 +182,106 @@ def test_injected_model_equals_the_looped_statement_in_every_layer():
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     assert not torch.allclose(got, plain, atol=1e-3)
     assert torch.equal(after, plain)  # leaving the block restores the base model
+
+
+# --- the library and `t2l eval --adapters arrow=DIR` --------------------------------------------
+
+@pytest.fixture(scope="module")
+def arrow_world(tmp_path_factory):
+    """The tiny world, a library of 3 random PEFT adapters for its model, and a 1-adapter library."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_world import build_world
+
+    world = build_world(tmp_path_factory.mktemp("arrow_world"))
+    model = AutoModelForCausalLM.from_pretrained(world["llm"], dtype=F32)
+    weights = random_library_weights(model, 3, 2, seed=7)
+    world["library"], world["single"] = world["root"] / "library", world["root"] / "single"
+    for name, w in zip(("toy_0", "toy_1", "toy_2"), weights):
+        export_peft_adapter(w, world["library"] / name, str(world["llm"]), model=model)
+    export_peft_adapter(weights[1], world["single"] / "toy_1", str(world["llm"]), model=model)
+    return world
+
+
+def test_library_loads_each_adapter_with_its_own_scaling(arrow_world, tmp_path):
+    lib = load_arrow_library(arrow_world["library"], top_k=2)
+    assert lib.names == ["toy_0", "toy_1", "toy_2"] and sorted(lib.modules) == ["q_proj", "v_proj"] and lib.top_k == 2
+    assert lib.prototypes["q_proj"].shape == (3, 2, 64) and lib.prototypes["v_proj"].shape == (3, 2, 64)
+    from t2l_framework.lora.peft_io import import_peft_adapter
+
+    for e, name in enumerate(lib.names):  # scaling folded into B: same delta W as PEFT's
+        w = import_peft_adapter(arrow_world["library"] / name)
+        want = w.scaling * w.B["v_proj"][0, 1] @ w.A["v_proj"][0, 1]
+        assert torch.allclose(lib.experts.B["v_proj"][e, 1] @ lib.experts.A["v_proj"][e, 1], want, atol=1e-5)
+    with pytest.raises(T2LError, match="holds no PEFT adapter folders"):
+        load_arrow_library(tmp_path)
+
+
+def _eval(world, out, *extra):
+    from t2l_framework.cli import main
+
+    return main(["eval", str(world["recipe"]), "--limit", "1", "--max-new-tokens", "4", "--code-timeout", "5",
+                 "--no-cache", "--dtype", "float32", "-o", str(out), *extra])
+
+
+def _logprobs(out, adapter, bench):
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return [r["prediction"]["logprobs"] for r in rows if r["adapter"] == adapter and r["benchmark"] == bench]
+
+
+def test_eval_arrow_on_every_benchmark_and_sni_unseen(arrow_world, tmp_path, capsys):
+    out = tmp_path / "all"
+    assert _eval(arrow_world, out, "--benchmarks", "all", "--adapters", f"base,arrow={arrow_world['library']}",
+                 "--protocol", "chat") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["scores"]) == ["base", "arrow"] and results["adapters"]["arrow"]["kind"] == "arrow"
+    assert "sni_unseen" in results["benchmarks"] and len(results["benchmarks"]) == 11
+    assert set(results["scores"]["arrow"]) == set(results["benchmarks"])
+    assert all(v["n"] >= 1 and len(v["per_description"]) == 1 for v in results["scores"]["arrow"].values())
+    assert "| arrow |" in capsys.readouterr().out
+    # the library is really applied: Arrow's option log-probabilities differ from the base model's
+    assert _logprobs(out, "arrow", "arc_easy") != _logprobs(out, "base", "arc_easy")
+
+
+def test_arrow_over_one_adapter_scores_as_that_adapter(arrow_world, tmp_path):
+    """A one-expert library routes every token with weight 1: the same numbers as the PEFT folder."""
+    out = tmp_path / "one"
+    adapters = f"arrow={arrow_world['single']},peft={arrow_world['single'] / 'toy_1'}"
+    assert _eval(arrow_world, out, "--benchmarks", "arc_easy,boolq", "--adapters", adapters, "--protocol", "chat",
+                 "--arrow-top-k", "1") == 0
+    for bench in ("arc_easy", "boolq"):
+        got, want = _logprobs(out, "arrow", bench), _logprobs(out, "peft", bench)
+        assert len(got) == 1 and got[0] == pytest.approx(want[0], abs=1e-4)
+
+
+def test_recipe_library_is_a_default_condition_and_bad_specs_are_one_line(arrow_world, tmp_path, capsys):
+    recipe = tmp_path / "with_library.yaml"
+    recipe.write_text(arrow_world["recipe"].read_text() + f"  arrow_library: {arrow_world['library']}\n")
+    world = dict(arrow_world, recipe=recipe)
+    assert _eval(world, tmp_path / "d", "--benchmarks", "arc_easy") == 0
+    results = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert list(results["scores"]) == ["base", "base+description", "arrow"]
+    assert results["adapters"]["arrow"]["path"] == str(arrow_world["library"])
+    # top-k and temperature are part of the cached identity
+    assert _eval(world, tmp_path / "e", "--benchmarks", "arc_easy", "--adapters", "arrow", "--arrow-top-k", "2",
+                 "--arrow-temperature", "0.5") == 0
+    again = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert again["adapters"]["arrow"]["identity"].startswith("arrow:k=2:t=0.5:")
+    assert again["adapters"]["arrow"]["identity"] != results["adapters"]["arrow"]["identity"]
+    capsys.readouterr()
+    assert _eval(arrow_world, tmp_path / "f", "--benchmarks", "arc_easy", "--adapters", "arrow") == 2
+    assert "arrow=LIBRARY_DIR" in capsys.readouterr().err
+    assert _eval(arrow_world, tmp_path / "g", "--benchmarks", "arc_easy", "--adapters",
+                 f"arrow={arrow_world['library']}", "--arrow-temperature", "0") == 2
+    assert "--arrow-temperature must be > 0" in capsys.readouterr().err
+
+
+def test_end_of_training_table_has_the_arrow_condition(arrow_world):
+    from t2l_framework.assembly import fit
+
+    run = fit(str(arrow_world["recipe"]), ["trainer.max_steps=1", "training.run_name=arrow_table",
+                                           "eval.final_report=true", "eval.report_max_items=3",
+                                           f"eval.arrow_library={arrow_world['library']}"])
+    tables = json.loads((run / "report.json").read_text())["tables"]
+    assert tables and all("arrow" in section and section["arrow"]["n"] == 3 for section in tables.values())
+    assert "(f) Arrow routing over the LoRA library" in (run / "report.md").read_text()
