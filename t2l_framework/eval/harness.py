@@ -211,7 +211,7 @@ class Evaluator:
         targets += [m for w in self.peft.values() for m in w.modules]
         targets += [m for lib in self.arrow.values() for m in lib.modules]
         if targets:
-            runtime.retarget(targets)
+            runtime.retarget(list(dict.fromkeys(targets)))  # adapters share targets: each module once
         ranks = [g.hypernet.rank for g in self.generators.values()] + [w.rank for w in self.peft.values()]
         self.rank = max(ranks, default=1)
         shapes = runtime.injection.shapes if runtime.injection is not None else None
