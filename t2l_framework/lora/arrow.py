@@ -78,10 +78,6 @@ class ArrowLibrary:
             raise T2LError(f"Arrow temperature must be > 0, got {self.temperature}")
 
     @property
-    def n_experts(self) -> int:
-        return len(self.names)
-
-    @property
     def modules(self) -> list[str]:
         return list(self.prototypes)
 
@@ -93,9 +89,6 @@ class ArrowLibrary:
         experts = experts.conform(shapes, experts.rank)  # scaling folded into B
         protos = {m: arrow_prototypes(experts.A[m], experts.B[m]) for m in experts.modules}
         return cls(list(names), experts, protos, int(top_k), float(temperature))
-
-    def with_routing(self, top_k: int, temperature: float) -> "ArrowLibrary":
-        return replace(self, top_k=int(top_k), temperature=float(temperature))
 
     def to(self, *args, **kwargs) -> "ArrowLibrary":
         return replace(self, experts=self.experts.to(*args, **kwargs),
