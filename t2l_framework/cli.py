@@ -15,6 +15,7 @@ from pathlib import Path
 from t2l_framework.console import say
 from t2l_framework.errors import T2LError, did_you_mean
 from t2l_framework.eval.protocols import DEFAULT_PROTOCOL, PROTOCOL_HELP, PROTOCOLS
+from t2l_framework.lora.arrow import ARROW_TEMPERATURE, ARROW_TOP_K
 from t2l_framework.llm.dtype import DTYPE_CHOICES
 
 
@@ -238,6 +239,16 @@ def cmd_eval(args) -> int:
             adapters.append(str(baseline))
         else:
             say(f"eval.baseline_adapter {ev.baseline_adapter} does not exist; evaluating without it")
+    if ev.arrow_library and (not args.adapters or "arrow" in adapters):
+        from t2l_framework.config import resolve_path
+
+        library = resolve_path(ev.arrow_library, recipe_file)
+        if "arrow" in adapters:  # the recipe's library
+            adapters[adapters.index("arrow")] = f"arrow={library}"
+        elif library.is_dir():
+            adapters.append(f"arrow={library}")
+        else:
+            say(f"eval.arrow_library {ev.arrow_library} does not exist; evaluating without Arrow")
     specs = parse_adapters(adapters, have_run=is_t2l_run)
     names = _split_list(args.benchmarks) or list(ev.benchmarks) or ["paper"]
     benchmarks = get_benchmarks(names, args.data_root)
@@ -247,7 +258,8 @@ def cmd_eval(args) -> int:
         scoring=args.scoring, mc_answer=args.mc_answer,
         protocol=args.protocol or ev.protocol,
         batch_size=args.batch_size or ev.batch_size,
-        max_new_tokens=args.max_new_tokens, code_timeout_s=args.code_timeout, seed=args.seed)
+        max_new_tokens=args.max_new_tokens, code_timeout_s=args.code_timeout, seed=args.seed,
+        arrow_top_k=args.arrow_top_k, arrow_temperature=args.arrow_temperature)
     device = args.device or default_device()
     if is_t2l_run:
         generator = load_adapter_generator(target, device, trust_remote_code=args.trust_remote_code)
@@ -353,8 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated benchmark names, 'paper' (the ten of the T2L paper, the default), or 'all' "
                         "(adds sni_unseen and plugin benchmarks); `t2l plugins` lists them")
     p.add_argument("--adapters", action="append", metavar="LIST",
-                   help="comma-separated: base, base+description, t2l, NAME=PATH (a PEFT folder or another T2L run); "
-                        "default: base, base+description, t2l and the recipe's eval.baseline_adapter")
+                   help="comma-separated: base, base+description, t2l, arrow=LIBRARY_DIR (Arrow routing over a folder "
+                        "of PEFT task adapters; plain 'arrow': the recipe's eval.arrow_library), NAME=PATH (a PEFT "
+                        "folder or another T2L run); default: base, base+description, t2l and the recipe's "
+                        "eval.baseline_adapter and eval.arrow_library")
     p.add_argument("--limit", type=int, default=None, help="items per benchmark (default: the recipe's eval.limit; 0 = all)")
     p.add_argument("--n-descriptions", type=int, default=0, help="descriptions averaged per benchmark (default 3)")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default=None,
@@ -367,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the option text, normalised by its length in bytes")
     p.add_argument("--batch-size", type=int, default=0, help="rows per forward (default: the recipe's eval.batch_size)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="cap on generated tokens (default: per benchmark)")
+    p.add_argument("--arrow-top-k", type=int, default=ARROW_TOP_K,
+                   help=f"Arrow: experts mixed per token (<= 0: all; default {ARROW_TOP_K}, as mttl's arrow_router)")
+    p.add_argument("--arrow-temperature", type=float, default=ARROW_TEMPERATURE,
+                   help=f"Arrow: routing logits are divided by it (default {ARROW_TEMPERATURE:g}, as mttl's)")
     p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per HumanEval/MBPP program in the sandbox")
     p.add_argument("--seed", type=int, default=0, help="which descriptions are drawn")
     p.add_argument("-o", "--output", metavar="DIR", help="output folder (default: RUN/eval or eval_results/RECIPE)")

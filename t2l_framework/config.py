@@ -202,6 +202,8 @@ class EvalConfig:
     report_seen_per_task: int = _help("Held-out items per training task in that table (0 = data.max_eval_instances); "
                                       "the never-seen tasks keep data.max_eval_instances each", 0)
     baseline_adapter: str = _help("PEFT adapter folder (e.g. a multi-task LoRA run's adapter/) added to the table", "")
+    arrow_library: str = _help("Folder of PEFT task adapters (data.lora_library's layout) routed by Arrow: a condition "
+                               "of the end-of-training table and of `t2l eval` (--adapters arrow); empty = none", "")
     protocol: str = _help("`t2l eval` protocol: paper (the T2L reference's prompts and matching rules), lm-eval "
                           "(lm-evaluation-harness's cloze formats, acc and acc_norm) or chat; see docs/evaluation.md",
                           "paper")

@@ -10,6 +10,7 @@ import torch
 from t2l_framework.config import resolve_path
 from t2l_framework.console import say
 from t2l_framework.eval.sni_report import evaluate_conditions, write_report
+from t2l_framework.lora.arrow import load_arrow_library
 from t2l_framework.lora.peft_io import import_peft_adapter
 from t2l_framework.run_folder import RunFolder
 from t2l_framework.training.budget import STATUS_FILE, TrainingStatus
@@ -84,6 +85,15 @@ def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None) -
         else:
             say(f"eval.baseline_adapter {path} not found; the table leaves out (e). "
                 "Train it with the multi-task LoRA recipe first.")
+    arrow = None
+    if cfg.eval.arrow_library:
+        path = resolve_path(cfg.eval.arrow_library, recipe_file)
+        if path.is_dir():
+            arrow = load_arrow_library(path)
+            arrow.check_fits(injection.shapes, "the trained model's LoRA targets")
+            arrow = arrow.to(device)
+        else:
+            say(f"eval.arrow_library {path} not found; the table leaves out (f).")
     limit = int(cfg.eval.report_max_items)
     tables, items = {}, {}
     for split, title in (("seen", "Training tasks, held-out instances and descriptions"),
@@ -99,7 +109,8 @@ def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None) -
         items[title] = its
         tables[title] = evaluate_conditions(model, base.tokenizer, injection, its, make_weights, baseline,
                                             batch_size=int(cfg.eval.batch_size),
-                                            max_new_tokens=int(cfg.eval.max_new_tokens), progress=_progress)
+                                            max_new_tokens=int(cfg.eval.max_new_tokens), progress=_progress,
+                                            arrow=arrow)
     md = write_report(run_dir, tables, items, training_column(cfg, run_dir, baseline_dir))
     print(md)
     return md

@@ -2,12 +2,14 @@
 
 An *adapter* is a way of answering: ``base`` (no LoRA), ``base+description`` (the task
 description in the prompt), ``t2l`` (a LoRA generated from the description) or a PEFT folder
-(oracle / multi-task LoRA). Adapters that use descriptions are scored once per description
+(oracle / multi-task LoRA), or ``arrow=LIBRARY_DIR`` (Arrow routing over a folder of task
+LoRAs, ``lora/arrow.py``; no description). Adapters that use descriptions are scored once per description
 (``n_descriptions`` of each benchmark's, drawn with a fixed seed) and averaged, as in the paper.
 
 For each benchmark every (adapter, description) pair becomes a *unit*; the rows of all units
 that are not in the result cache are pooled, sorted by length and batched, each row carrying
-its own LoRA (zeros for the base model), so one batch mixes adapters.
+its own LoRA (zeros for the base model), so one batch mixes adapters. An Arrow unit routes
+every token of its rows over the library, so its rows get batches of their own.
 
 The protocol (``paper``, ``lm-eval``, ``chat``: ``eval.protocols``) decides prompts, answer
 length and grading; each benchmark builds its examples and grades answers under it.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,6 +32,7 @@ from t2l_framework.eval.benchmarks import Benchmark, Example, GradeContext, Grad
 from t2l_framework.eval.cache import ResultCache
 from t2l_framework.eval.protocols import PROTOCOLS, adds_special_tokens, paper_chat_text
 from t2l_framework.eval.stats import clustered_mean_se, mean_se, paired_difference
+from t2l_framework.lora.arrow import ARROW_TEMPERATURE, ARROW_TOP_K, ArrowLibrary, load_arrow_library
 from t2l_framework.lora.weights import LoraWeights
 from t2l_framework.runtime.adapters import AdapterGenerator
 
@@ -38,8 +42,9 @@ BUILTIN_ADAPTERS = ("base", "base+description", "t2l")
 
 @dataclass
 class AdapterSpec:
-    """name: shown in the table. kind: base | description | t2l | peft. path: a PEFT folder or
-    a T2L run; None for ``t2l`` means the hypernetwork of the run being evaluated."""
+    """name: shown in the table. kind: base | description | t2l | peft | arrow. path: a PEFT folder,
+    a T2L run or (arrow) a library of PEFT folders; None for ``t2l`` means the hypernetwork of the
+    run being evaluated."""
 
     name: str
     kind: str
@@ -51,9 +56,10 @@ class AdapterSpec:
 
 
 def parse_adapters(specs: Sequence[str], have_run: bool) -> list[AdapterSpec]:
-    """``base``, ``base+description``, ``t2l`` (the evaluated run), ``NAME=PATH`` or ``PATH``.
+    """``base``, ``base+description``, ``t2l`` (the evaluated run), ``arrow=LIBRARY_DIR``, ``NAME=PATH`` or ``PATH``.
 
-    PATH is a PEFT adapter folder (``adapter_config.json``) or another T2L run / hypernet folder.
+    PATH is a PEFT adapter folder (``adapter_config.json``) or another T2L run / hypernet folder;
+    LIBRARY_DIR holds one PEFT adapter folder per task (``data.lora_library``'s layout).
     """
     out: list[AdapterSpec] = []
     for spec in specs:
@@ -69,6 +75,14 @@ def parse_adapters(specs: Sequence[str], have_run: bool) -> list[AdapterSpec]:
                 raise T2LError("--adapters t2l needs a trained run folder as RUN_OR_RECIPE "
                                "(or name one: t2l=runs/NAME)")
             out.append(AdapterSpec("t2l", "t2l"))  # no path: the evaluated run's hypernetwork
+        elif spec.startswith("arrow="):
+            folder = Path(spec[len("arrow="):]).expanduser()
+            if not folder.is_dir():
+                raise T2LError(f"--adapters {spec}: the Arrow library {folder} does not exist")
+            out.append(AdapterSpec("arrow", "arrow", folder))
+        elif spec == "arrow":
+            raise T2LError("--adapters arrow needs a library of PEFT task adapters: arrow=LIBRARY_DIR "
+                           "(or the recipe's eval.arrow_library)")
         else:
             name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
             folder = Path(path).expanduser()
@@ -100,7 +114,9 @@ class EvalSettings:
     """limit: items per benchmark (0 = all). protocol: paper | lm-eval | chat (``eval.protocols``).
     scoring (chat only): multiple choice by 'loglik' or 'generate'. mc_answer (chat only):
     log-likelihood of the option 'label' (what the prompt asks for: "B") or its 'text'
-    (normalised by its length in bytes). max_new_tokens: 0 = each benchmark's own length, else a cap."""
+    (normalised by its length in bytes). max_new_tokens: 0 = each benchmark's own length, else a cap.
+    arrow_top_k / arrow_temperature: Arrow routing's experts per token (<= 0: all) and logit
+    temperature (defaults: mttl's)."""
 
     limit: int = _DEFAULTS.limit
     n_descriptions: int = _DEFAULTS.n_descriptions
@@ -111,6 +127,8 @@ class EvalSettings:
     code_timeout_s: float = 10.0
     seed: int = 0
     protocol: str = _DEFAULTS.protocol
+    arrow_top_k: int = ARROW_TOP_K
+    arrow_temperature: float = ARROW_TEMPERATURE
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -121,6 +139,8 @@ class EvalSettings:
             raise T2LError(f"--mc-answer must be 'label' or 'text', not '{self.mc_answer}'")
         if self.n_descriptions < 1 or self.batch_size < 1 or self.limit < 0 or self.max_new_tokens < 0:
             raise T2LError("--n-descriptions and --batch-size must be >= 1, --limit and --max-new-tokens >= 0")
+        if not self.arrow_temperature > 0:
+            raise T2LError(f"--arrow-temperature must be > 0, not {self.arrow_temperature}")
 
 
 @dataclass
@@ -160,6 +180,7 @@ class Evaluator:
         self.cache = cache or ResultCache(None)
         self.show_progress = show_progress
         self.generators, self.peft, self.identity = {}, {}, {}
+        self.arrow: dict[str, ArrowLibrary] = {}
         for spec in self.adapters:
             if spec.kind == "t2l":
                 gen = runtime.generator
@@ -178,12 +199,19 @@ class Evaluator:
                 self.peft[spec.name] = import_peft_adapter(spec.path)
                 self.identity[spec.name] = "peft:" + _digest([spec.path / "adapter_config.json",
                                                               spec.path / "adapter_model.safetensors"])
+            elif spec.kind == "arrow":
+                self.arrow[spec.name] = load_arrow_library(spec.path, settings.arrow_top_k, settings.arrow_temperature)
+                files = sorted(p for d in spec.path.iterdir() if (d / "adapter_config.json").is_file()
+                               for p in (d / "adapter_config.json", d / "adapter_model.safetensors"))
+                self.identity[spec.name] = (f"arrow:k={settings.arrow_top_k}:t={settings.arrow_temperature:g}:"
+                                            + _digest(files))
             else:
                 self.identity[spec.name] = spec.kind
         targets = [m for g in self.generators.values() for m in g.hypernet.target_modules]
         targets += [m for w in self.peft.values() for m in w.modules]
+        targets += [m for lib in self.arrow.values() for m in lib.modules]
         if targets:
-            runtime.retarget(targets)
+            runtime.retarget(list(dict.fromkeys(targets)))  # adapters share targets: each module once
         ranks = [g.hypernet.rank for g in self.generators.values()] + [w.rank for w in self.peft.values()]
         self.rank = max(ranks, default=1)
         shapes = runtime.injection.shapes if runtime.injection is not None else None
@@ -191,6 +219,9 @@ class Evaluator:
             self.peft = {n: w.conform(shapes, self.rank).to(runtime.device) for n, w in self.peft.items()}
         except T2LError as exc:
             raise T2LError(f"--adapters: a PEFT adapter does not fit {runtime.base_model_name}: {exc}") from None
+        for name, lib in self.arrow.items():
+            lib.check_fits(shapes, runtime.base_model_name)
+            self.arrow[name] = lib.to(runtime.device)
 
     # --- one benchmark -------------------------------------------------------------------
 
@@ -239,7 +270,7 @@ class Evaluator:
         for u in units:
             if u.adapter.kind == "peft":
                 u.weights = {t: self.peft[u.adapter.name] for t in descs}
-            elif u.adapter.kind in ("base", "description"):
+            elif u.adapter.kind in ("base", "description", "arrow"):  # arrow: routed in _score
                 u.weights = {t: None for t in descs}
 
     def _prompt(self, bench: Benchmark, unit: _Unit, example: Example) -> str:
@@ -348,6 +379,19 @@ class Evaluator:
         return tqdm(total=total, desc=desc, unit="row", disable=not self.show_progress, leave=False, dynamic_ncols=True)
 
     def _score(self, units: list[_Unit], bench: Benchmark, examples: list[Example]) -> list[dict]:
+        """Every unit's scores; the per-sample units share batches, each Arrow unit runs on its own
+        with its library routed in every layer."""
+        shared = [i for i, u in enumerate(units) if u.adapter.kind != "arrow"]
+        groups = ([shared] if shared else []) + [[i] for i, u in enumerate(units) if u.adapter.kind == "arrow"]
+        out: list[dict] = [{}] * len(units)
+        for idx in groups:
+            lib = self.arrow.get(units[idx[0]].adapter.name) if units[idx[0]].adapter.kind == "arrow" else None
+            with self.runtime.injection.use_arrow(lib) if lib is not None else nullcontext():
+                for i, value in zip(idx, self._score_units([units[i] for i in idx], bench, examples)):
+                    out[i] = value
+        return out
+
+    def _score_units(self, units: list[_Unit], bench: Benchmark, examples: list[Example]) -> list[dict]:
         mode = self._mode(bench)
         if mode == "cloze":
             return self._score_cloze(units, bench, examples)

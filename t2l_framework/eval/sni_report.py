@@ -2,7 +2,8 @@
 
 Conditions: (a) the base model; (b) the base model with the description in the prompt;
 (c) T2L, adapter generated from the held-out description; (d) control: T2L adapter from a
-*different* task's description; (e) a trained LoRA baseline (multi-task LoRA), if given.
+*different* task's description; (e) a trained LoRA baseline (multi-task LoRA), if given;
+(f) Arrow routing over a library of task LoRAs (``eval.arrow_library``), if given.
 
 Standard errors are clustered by task (CR1, ``eval.stats``): items of one task share a
 format and a difficulty, so they are not independent, and an item-level SE would overstate
@@ -15,12 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 from t2l_framework.eval.stats import clustered_mean_se, paired_difference
 from t2l_framework.runtime.greedy import greedy_generate
 from t2l_framework.eval.text_metrics import exact_match, rouge_l
+from t2l_framework.lora.arrow import ArrowLibrary
 from t2l_framework.lora.weights import LoraWeights
 
 CONDITIONS = {
@@ -29,6 +32,7 @@ CONDITIONS = {
     "t2l": "(c) T2L, held-out description",
     "t2l_other_task_description": "(d) T2L, another task's description",
     "mt_lora": "(e) multi-task LoRA",
+    "arrow": "(f) Arrow routing over the LoRA library",
 }
 METRICS = ("em", "rouge_l")
 FOOTNOTE = ("(± is one standard error clustered by task (CR1): items of one task are not independent. "
@@ -55,10 +59,12 @@ def score(predictions: list[str], items: list[dict]) -> dict:
 def evaluate_conditions(model, tokenizer, injection, items: list[dict],
                         make_weights: Callable[[list[int]], LoraWeights] | None,
                         baseline: LoraWeights | None = None, batch_size: int = 16,
-                        max_new_tokens: int = 16, progress: Callable | None = None) -> dict:
+                        max_new_tokens: int = 16, progress: Callable | None = None,
+                        arrow: ArrowLibrary | None = None) -> dict:
     """Score every condition on ``items`` (from ``T2LDataModule.eval_items``).
 
     make_weights(desc_indices) -> LoraWeights with one adapter per index (the hypernetwork).
+    arrow: a library routed per token for condition (f), fitted to ``injection``.
     Returns {condition: ``score(...)``}.
     """
     plans: dict[str, tuple[str, Callable | None]] = {"base": ("input_ids", None),
@@ -69,6 +75,8 @@ def evaluate_conditions(model, tokenizer, injection, items: list[dict],
             "input_ids", lambda chunk: make_weights([it["other_desc_idx"] for it in chunk]))
     if baseline is not None:
         plans["mt_lora"] = ("input_ids", lambda chunk: baseline)
+    if arrow is not None:
+        plans["arrow"] = ("input_ids", None)
     results = {}
     for name, (field, weights_for) in plans.items():
         # Similar lengths share a batch, so little compute goes to padding.
@@ -78,7 +86,9 @@ def evaluate_conditions(model, tokenizer, injection, items: list[dict],
             idx = order[start:start + batch_size]
             chunk = [items[i] for i in idx]
             weights = weights_for(chunk) if weights_for else None
-            outs = greedy_generate(model, tokenizer, [it[field] for it in chunk], injection, weights, max_new_tokens)
+            with injection.use_arrow(arrow) if name == "arrow" else nullcontext():
+                outs = greedy_generate(model, tokenizer, [it[field] for it in chunk], injection, weights,
+                                       max_new_tokens)
             for i, out in zip(idx, outs):
                 preds[i] = out
             if progress:

@@ -16,6 +16,12 @@ exactly the plain one, with no extra tensor.
 
 A fused projection (GPT-2's ``c_attn`` = q|k|v) carries one wrapper per logical target, nested,
 each adding its delta to its own output slice only: ``y[..., slice] += scaling * x A^T B^T``.
+
+Arrow mode (``injection.use_arrow(library)``, ``lora/arrow.py``): a layer also mixes E experts
+per token, on top of (or instead of) the per-sample path. The E experts' factors are stacked
+into one [in, E*r] and one [E*r, out] matrix, so all experts of all tokens cost two matmuls:
+
+    y += ((x A_all^T) * repeat(w, r)) B_all^T,   w = arrow_routing(x): [tokens, E]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from torch import nn
 
 from t2l_framework.errors import T2LError
+from t2l_framework.lora.arrow import ArrowLibrary, arrow_routing
 from t2l_framework.lora.targets import find_targets, layer_features, target_shapes, target_slices, unwrap
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
 
@@ -52,6 +59,11 @@ class BatchedLoraLinear(nn.Module):
         # folded into B.
         self.a_t: torch.Tensor | None = None  # [b, in, r]
         self.b_t: torch.Tensor | None = None  # [b, r, out (of the slice)], times scaling
+        # Arrow experts, shared by every row (set_experts): stacked factors and prototypes.
+        self.experts_a: torch.Tensor | None = None  # [in, E * r]
+        self.experts_b: torch.Tensor | None = None  # [E * r, out (of the slice)], each expert's scaling folded
+        self.prototypes_t: torch.Tensor | None = None  # [in, E], float32
+        self.top_k, self.temperature = -1, 1.0
 
     def set_factors(self, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float = 1.0,
                     dropout: float = 0.0) -> None:
@@ -63,6 +75,32 @@ class BatchedLoraLinear(nn.Module):
         dtype = self.weight.dtype if self.weight.is_floating_point() else A.dtype  # quantised bases: keep A's
         self.a_t = A.to(dtype).transpose(1, 2).contiguous()
         self.b_t = (B.to(dtype) * scaling).transpose(1, 2).contiguous()
+
+    def set_experts(self, A: torch.Tensor | None, B: torch.Tensor | None = None,
+                    prototypes: torch.Tensor | None = None, top_k: int = -1, temperature: float = 1.0) -> None:
+        """Arrow experts for every row: A [E, r, in], B [E, out, r] (scaling folded in), prototypes
+        [E, in]; None clears them. Stacked once here, not per forward."""
+        if A is None:
+            self.experts_a = self.experts_b = self.prototypes_t = None
+            return
+        n_experts, rank, fan_in = A.shape
+        dtype = self.weight.dtype if self.weight.is_floating_point() else A.dtype
+        self.experts_a = A.to(dtype).permute(2, 0, 1).reshape(fan_in, n_experts * rank).contiguous()
+        self.experts_b = B.to(dtype).transpose(1, 2).reshape(n_experts * rank, B.shape[1]).contiguous()
+        self.prototypes_t = prototypes.float().t().contiguous()
+        self.top_k, self.temperature = int(top_k), float(temperature)
+
+    def _add_experts(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y[..., slice] += the routed mixture of the Arrow experts; x: [..., in], y: [..., out]."""
+        a, b = self.experts_a, self.experts_b
+        if a.dtype != x.dtype:
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        flat = x.reshape(-1, x.shape[-1])  # [tokens, in]
+        route = arrow_routing(flat, self.prototypes_t, self.top_k, self.temperature).to(x.dtype)  # [tokens, E]
+        hidden = (flat @ a).view(flat.shape[0], route.shape[1], -1) * route[..., None]  # [tokens, E, r]
+        out = y.view(-1, y.shape[-1])
+        out = out if self.out_slice is None else out[:, self.out_slice]
+        out.addmm_(hidden.flatten(1), b)  # [tokens, E*r] @ [E*r, out]
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects proj.weight keeps working
@@ -80,9 +118,13 @@ class BatchedLoraLinear(nn.Module):
         """x: [n, ..., in] -> [n, ..., out]."""
         y = self.base_layer(x)
         a_t, b_t = self.a_t, self.b_t
-        if a_t is None:
+        if a_t is None and self.experts_a is None:
             return y
-        y = y.contiguous()  # a no-op for nn.Linear; the in-place add below needs a plain view
+        y = y.contiguous()  # a no-op for nn.Linear; the in-place adds below need a plain view
+        if self.experts_a is not None:  # routed on the undropped input (Arrow runs at inference)
+            self._add_experts(x, y)
+            if a_t is None:
+                return y
         if a_t.dtype != x.dtype:  # e.g. under autocast; set_factors already cast to the weights' dtype
             a_t, b_t = a_t.to(x.dtype), b_t.to(x.dtype)
         n, b = x.shape[0], a_t.shape[0]
@@ -149,6 +191,33 @@ class LoraInjection:
             yield
         finally:
             self.set(None)
+
+    def set_arrow(self, library: ArrowLibrary | None) -> None:
+        """Route every row's tokens over ``library``'s experts (None: stop); prefer ``use_arrow``.
+
+        Modules the library has no LoRA for keep only the per-sample path.
+        """
+        if library is None:
+            for mods in self.layers.values():
+                for mod in mods:
+                    mod.set_experts(None)
+            return
+        library.check_fits(self.shapes, "the injected model")
+        for target in library.modules:
+            A, B, P = library.experts.A[target], library.experts.B[target], library.prototypes[target]
+            for i, mod in enumerate(self.layers[target]):
+                mod.set_experts(A[:, i], B[:, i] * library.experts.scaling, P[:, i], library.top_k,
+                                library.temperature)
+
+    @contextmanager
+    def use_arrow(self, library: ArrowLibrary) -> Iterator[None]:
+        """Arrow routing over ``library`` inside the block (``lora/arrow.py``); per-sample adapters set
+        with ``use`` inside it add to the mixture."""
+        self.set_arrow(library)
+        try:
+            yield
+        finally:
+            self.set_arrow(None)
 
     def remove(self) -> nn.Module:
         """Put the original linear modules back; returns the model."""
