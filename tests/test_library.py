@@ -166,3 +166,33 @@ def test_library_resume_equals_an_uninterrupted_run(world, library_run):
     s1, s2 = (json.loads((r / "library" / "library.json").read_text())["tasks"] for r in (library_run, resumed))
     assert {k: (v["steps"], v["examples"]) for k, v in s1.items()} == {k: (v["steps"], v["examples"])
                                                                        for k, v in s2.items()}
+
+
+def test_relative_errors_from_factors_equal_the_full_matrices():
+    from t2l_framework.lora.weights import LoraWeights
+    from t2l_framework.training.recon_error import reconstruction_error, relative_errors
+
+    g = torch.Generator().manual_seed(0)
+    A, tA = torch.randn(5, 3, 2, 7, generator=g), torch.randn(5, 3, 2, 7, generator=g)
+    B, tB = torch.randn(5, 3, 6, 2, generator=g), torch.randn(5, 3, 6, 2, generator=g)
+    full = torch.linalg.matrix_norm(B @ A - tB @ tA) / torch.linalg.matrix_norm(tB @ tA)
+    torch.testing.assert_close(relative_errors(A, B, tA, tB), full, rtol=1e-4, atol=1e-5)
+    lib = LoraWeights({"q": tA}, {"q": tB}, 2, 4.0)
+    mean = (tB @ tA).mean(0, keepdim=True)
+    want = (torch.linalg.matrix_norm(mean - tB @ tA) / torch.linalg.matrix_norm(tB @ tA)).mean()
+    got = reconstruction_error(torch.nn.Identity(), torch.zeros(1, 1), lib, {})["mean_adapter"]["q"]
+    assert got == pytest.approx(float(want), rel=1e-3)
+
+
+def test_recon_from_the_library_reproduces_its_adapters(world, library_run):
+    run = fit(str(world["recipe"]), ["training.mode=recon", f"data.lora_library={library_run / 'library'}",
+                                     "trainer.max_steps=200", "training.lr=3e-3", "trainer.gradient_clip_val=null",
+                                     "trainer.val_check_interval=1000",
+                                     "hypernet.dropout=0", "training.run_name=recon_from_library", F32])
+    rec = json.loads((run / "report.json").read_text())["reconstruction"]
+    assert rec["tasks"] == ["toy_0", "toy_1", "toy_2", "toy_3"]
+    for m in ("q_proj", "v_proj"):
+        # far closer to each task's own LoRA than the best task-blind adapter (the library mean)
+        assert rec["train_descriptions"][m] < 0.3 * rec["mean_adapter"][m], rec
+        assert rec["heldout_descriptions"][m] < 0.6 * rec["mean_adapter"][m], rec
+    assert "held-out descriptions" in (run / "report.md").read_text()

@@ -124,6 +124,10 @@ def fit(recipe: str | Path, overrides: list[str] | None = None, resume: bool = F
         save_library(cfg, run, pieces, trainer)
     else:
         save_result(cfg, run, pieces.trainable, pieces.injection)
+    if cfg.training.mode == "recon":
+        from t2l_framework.training.recon_error import write_recon_report
+
+        write_recon_report(run, pieces.trainable, pieces.embeddings, pieces.datamodule)
     if report and cfg.training.mode not in ("recon", "library") and cfg.eval.final_report:
         from t2l_framework.assembly.final_report import final_report
 
