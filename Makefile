@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo demo-runs test test-slow demo-eval
+.PHONY: install demo demo-runs test test-slow demo-eval library-demo
 
 $(BIN)/.installed: pyproject.toml plugins/t2l-plugin-e5/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -52,3 +52,17 @@ test: install  ## the default test suite (under 15 minutes on 2 cores) and the i
 
 test-slow: install  ## tests on the real SmolLM2 model (GGUF dequantisation) that take minutes
 	$(BIN)/python -m pytest -m slow
+
+# Library demo (docs/library.md): 30 task LoRAs in one run, T2L L/M/S by reconstruction from them, SFT T2L and
+# the multi-task LoRA on the same tasks and steps, then the comparison table (runs/library_table/table.md).
+# A run cut short by its max_time safety net (exit 3) still writes its results; the chain goes on.
+library-demo: install  ## library + recon L/M/S + SFT + MT LoRA + the table (sized for ~30 min on 2 cores, docs/library.md)
+	@start=$$(date +%s); \
+	for r in smollm2_library smollm2_library_L smollm2_library_M smollm2_library_S smollm2_library_mtlora smollm2_library_sft; do \
+	  echo "== t2l fit $$r"; $(BIN)/t2l fit $$r --overwrite || { rc=$$?; [ $$rc -eq $(CUT_SHORT) ] || exit $$rc; }; \
+	done; \
+	echo "== the library table"; \
+	$(BIN)/python -m t2l_framework.assembly.library_table --library runs/smollm2_library \
+	  --t2l recon_L=runs/smollm2_library_L --t2l recon_M=runs/smollm2_library_M --t2l recon_S=runs/smollm2_library_S \
+	  --t2l sft_L=runs/smollm2_library_sft --mtlora runs/smollm2_library_mtlora/adapter --out runs/library_table; \
+	echo "== make library-demo: $$(( ($$(date +%s) - start) / 60 )) min"

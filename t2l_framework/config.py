@@ -133,7 +133,7 @@ class DataConfig:
 class TrainingConfig:
     """What is optimised and how (the math; hardware lives in `trainer`)."""
 
-    mode: str = _help("sft | recon | lora", "sft")
+    mode: str = _help("sft | recon | lora | library (one LoRA per training task, all in one run)", "sft")
     lr: float = _help("Peak learning rate", 2.5e-5)
     weight_decay: float = _help("AdamW weight decay", 0.01)
     warmup_steps: int = _help("Linear warm-up steps (lr rises from 0, as in transformers' schedules)", 100)
@@ -230,7 +230,7 @@ CHOICES = {
     "encoder.pooling": ("mean", "cls"),
     "hypernet.chunk_position": ("rotary", "learned"),
     "encoder.normalize_scale": ("sqrt_dim", "unit"),
-    "training.mode": ("sft", "recon", "lora"),
+    "training.mode": ("sft", "recon", "lora", "library"),
     "training.scheduler": ("cosine", "linear", "constant"),
     "training.loss_reduction": ("per_sample", "per_token"),
     "training.l2_reduction": ("sum", "mean"),
@@ -276,7 +276,9 @@ RANGES: dict[str, tuple] = {
 NameCheck = Callable[[DictConfig, str, bool], None]
 
 PATH_KEYS = {"sft": ("data.tasks_file", "data.instances_file"), "lora": ("data.tasks_file", "data.instances_file"),
-             "recon": ("data.tasks_file", "data.lora_library")}
+             "library": ("data.tasks_file", "data.instances_file"), "recon": ("data.tasks_file", "data.lora_library")}
+# Made by another run (a library recipe's run folder): required, but checked when `t2l fit` reads it.
+PRODUCED_KEYS = ("data.lora_library",)
 
 
 def project_root() -> Path:
@@ -467,7 +469,7 @@ def validate(cfg: DictConfig, recipe_file: Optional[Path] = None, check_files: b
             value = OmegaConf.select(cfg, key)
             if not value:
                 raise T2LError(f"{origin}: {key}: training.mode={cfg.training.mode} needs a path here")
-            if not resolve_path(value, recipe_file).exists():
+            if key not in PRODUCED_KEYS and not resolve_path(value, recipe_file).exists():
                 raise T2LError(f"{origin}: {key}: file or folder '{value}' does not exist")
 
 

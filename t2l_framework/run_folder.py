@@ -5,6 +5,7 @@ A run folder (``training.output_dir/run_name``, or what ``t2l import-reference``
     recipe.yaml            the resolved recipe it was trained with
     hypernet/              hypernet_config.json + hypernet.safetensors (T2L runs)
     adapter/               adapter_config.json + adapter_model.safetensors (LoRA-baseline runs, PEFT)
+    library/               one PEFT adapter folder per task + library.json (training.mode=library runs)
     checkpoints/           Lightning checkpoints (safetensors): last.ckpt, interrupted.ckpt, step*.ckpt
     logs/  tb/             CSV and TensorBoard metrics
     training_status.json   how far training got (steps, examples, wall time)
@@ -58,6 +59,11 @@ class RunFolder:
     @property
     def adapter(self) -> Path:
         return self.root / "adapter"
+
+    @property
+    def library(self) -> Path:
+        """Task LoRAs of a ``training.mode=library`` run: the folder ``data.lora_library`` reads."""
+        return self.root / "library"
 
     @property
     def checkpoints(self) -> Path:

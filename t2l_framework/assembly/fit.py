@@ -26,7 +26,8 @@ class RunPieces:
     datamodule: ``T2LDataModule`` (sft / lora) or ``ReconDataModule`` (recon).
     embeddings: task-description embeddings ``[n_descriptions, enc_dim]`` (None in lora mode).
     encoder: the ``TextEncoder`` that made them (None in lora mode).
-    trainable: what the optimizer updates: ``HyperNetwork`` (sft / recon) or ``LearnedLora`` (lora).
+    trainable: what the optimizer updates: ``HyperNetwork`` (sft / recon), ``LearnedLora`` (lora) or
+    ``TaskLoraBank`` (library: one LoRA per training task).
     """
 
     base: Any
@@ -81,6 +82,11 @@ def build_pieces(cfg, recipe_file: Path | None, run: RunFolder) -> RunPieces:
                                     device=planned_device(cfg.trainer.accelerator)).embeddings
         say(f"embedded {len(dm.descriptions)} descriptions in {time.time() - t0:.1f} s")
         trainable = HyperNetwork.from_recipe(cfg, shapes, embeddings.shape[1], heads=head_lookup())
+    elif mode == "library":
+        from t2l_framework.training.library import TaskLoraBank
+
+        trainable = TaskLoraBank(shapes, dm.train_task_ids, int(cfg.lora.rank), float(cfg.lora.alpha),
+                                 bool(cfg.lora.use_rslora))
     else:
         trainable = LearnedLora(shapes, int(cfg.lora.rank), float(cfg.lora.alpha), bool(cfg.lora.use_rslora))
     n_params = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
@@ -113,8 +119,17 @@ def fit(recipe: str | Path, overrides: list[str] | None = None, resume: bool = F
     trainer = train(cfg, run, pieces, ckpt, callbacks)
     if not trainer.is_global_zero:  # every rank holds the same trained weights: rank 0 writes them
         return run.root
-    save_result(cfg, run, pieces.trainable, pieces.injection)
-    if report and cfg.training.mode != "recon" and cfg.eval.final_report:
+    if cfg.training.mode == "library":
+        from t2l_framework.training.library import save_library
+
+        save_library(cfg, run, pieces, trainer)
+    else:
+        save_result(cfg, run, pieces.trainable, pieces.injection)
+    if cfg.training.mode == "recon":
+        from t2l_framework.training.recon_error import write_recon_report
+
+        write_recon_report(run, pieces.trainable, pieces.embeddings, pieces.datamodule)
+    if report and cfg.training.mode not in ("recon", "library") and cfg.eval.final_report:
         from t2l_framework.assembly.final_report import final_report
 
         final_report(cfg, run, pieces, recipe_file)

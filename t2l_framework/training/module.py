@@ -5,6 +5,8 @@
   generated weights), averaged per sample and then over samples as in the T2L reference;
 - ``lora``: the same loss with one learned LoRA shared by every sample (the paper's oracle /
   multi-task LoRA baselines), through the same batched LoRA path so comparisons are fair;
+- ``library``: the same loss with one learned LoRA per training task, each sample carrying its
+  task's (``training/library.py``: a bank gathered by the batch's ``task_idx``);
 - ``recon``: regress a library of task LoRAs with the reference's L1 losses, no LLM forward.
 
 The loss functions are plain functions of tensors (``sft_token_loss``, ``generated_l2``,
@@ -264,6 +266,15 @@ class T2LModule(L.LightningModule):
         acc = (logits.argmax(-1) == targets[keep]).float().mean()
         return loss, acc
 
+    def adapters_for(self, batch: dict) -> LoraWeights:
+        """The batch's adapters: generated from its descriptions, the one learned LoRA (lora), or
+        each sample's task LoRA from the bank (library)."""
+        if self.mode == "lora":
+            return self.generator()
+        if self.mode == "library":
+            return self.generator(batch["task_idx"])
+        return self.generate_weights(batch["desc_idx"])
+
     def recon_loss(self, batch: dict, weights: LoraWeights) -> torch.Tensor:
         """``recon_l1`` between the generated adapters and the library adapters of the batch's tasks."""
         A, B = self.recon_targets
@@ -273,7 +284,7 @@ class T2LModule(L.LightningModule):
                         str(t.recon_loss), float(t.delta_w_scaling))
 
     def _step(self, batch: dict, train: bool) -> tuple[torch.Tensor, dict]:
-        weights = self.generate_weights(batch["desc_idx"]) if self.mode != "lora" else self.generator()
+        weights = self.adapters_for(batch)
         if self.mode == "recon":
             loss = self.recon_loss(batch, weights)
             return loss, {"loss": loss}
@@ -316,7 +327,7 @@ class T2LModule(L.LightningModule):
         """Greedy answers with each sample's own generated adapter, scored by ROUGE-L."""
         from t2l_framework.runtime.greedy import greedy_generate, prompt_ids_from_batch
 
-        weights = self.generate_weights(batch["desc_idx"]) if self.mode == "sft" else self.generator()
+        weights = self.adapters_for(batch)
         preds = greedy_generate(self.base_model, self.tokenizer, prompt_ids_from_batch(batch), self.injection,
                                 weights, int(self.recipe.eval.max_new_tokens))
         self.val_rouge.update(preds, [list(a) for a in batch["answers"]])
@@ -334,7 +345,9 @@ class T2LModule(L.LightningModule):
     def configure_optimizers(self):
         t = self.recipe.training
         params = [p for p in self.generator.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=float(t.lr), weight_decay=float(t.weight_decay))
+        build = getattr(self.generator, "build_optimizer", None)  # a module that needs its own (library mode)
+        opt = (build(lr=float(t.lr), weight_decay=float(t.weight_decay)) if build is not None
+               else torch.optim.AdamW(params, lr=float(t.lr), weight_decay=float(t.weight_decay)))
         total = int(self.recipe.trainer.max_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_steps(t, total), total, t.scheduler))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -30,6 +30,9 @@ def load_lora_library(folder: Path, lora=None) -> tuple[list[str], LoraWeights]:
     (lora_alpha / r, or / sqrt(r) with use_rslora), since the generated adapters are applied
     with the recipe's and regressing factors made for another scaling learns the wrong delta W.
     """
+    if not folder.is_dir():
+        raise T2LError(f"data.lora_library: folder '{folder}' does not exist; a training.mode=library run writes one "
+                       "(RUN/library, e.g. `t2l fit smollm2_library`)")
     dirs = sorted(p for p in folder.iterdir() if (p / "adapter_config.json").is_file())
     if not dirs:
         raise T2LError(f"data.lora_library: '{folder}' holds no PEFT adapter folders (task_id/adapter_config.json)")
