@@ -196,3 +196,15 @@ def test_recon_from_the_library_reproduces_its_adapters(world, library_run):
         assert rec["train_descriptions"][m] < 0.3 * rec["mean_adapter"][m], rec
         assert rec["heldout_descriptions"][m] < 0.6 * rec["mean_adapter"][m], rec
     assert "held-out descriptions" in (run / "report.md").read_text()
+
+
+def test_library_table_scores_the_oracle_and_arrow_over_the_library(world, library_run, tmp_path):
+    from t2l_framework.assembly.library_table import ARROW, build_table
+
+    payload = build_table(library_run, {}, None, tmp_path / "table", progress=lambda s: None)
+    seen, unseen = payload["results"]["seen"], payload["results"]["unseen"]
+    assert {"base", "oracle (task LoRAs)", ARROW} <= set(seen)
+    assert "oracle (task LoRAs)" not in unseen and ARROW in unseen  # Arrow needs no task LoRA of the task
+    assert all(r["n"] > 0 for r in [*seen.values(), *unseen.values()])
+    md = (tmp_path / "table" / "table.md").read_text()
+    assert f"| {ARROW} |" in md and "pending" not in md

@@ -1,5 +1,5 @@
 """The library comparison table (docs/library.md): task LoRAs (oracle), recon T2L L/M/S, SFT T2L,
-multi-task LoRA, Arrow and the base model on the library recipe's held-out SNI items, with
+multi-task LoRA, Arrow routing over the library and the base model on the library recipe's held-out SNI items, with
 task-clustered SEs, paired differences, and the sizes (library vs each hypernetwork).
 
     python -m t2l_framework.assembly.library_table --library runs/smollm2_library \
@@ -9,8 +9,8 @@ task-clustered SEs, paired differences, and the sizes (library vs each hypernetw
 Seen split: held-out instances of the library's training tasks, each with a held-out
 description (``eval.report_seen_per_task`` per task); unseen split: the recipe's eval tasks.
 The oracle row uses each item's own task LoRA, so it exists on the seen split only. Arrow
-(``t2l eval RUN --adapters arrow=LIBRARY_DIR``) comes from another part of the framework; its
-row names that command until the condition exists there.
+routes every token over the whole library without a description (``lora/arrow.py``, the same
+library ``t2l eval RUN --adapters arrow=LIBRARY_DIR`` reads, mttl's defaults).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -31,13 +32,14 @@ from t2l_framework.assembly.fit import planned_device
 from t2l_framework.assembly.lookups import load_recipe
 from t2l_framework.eval.sni_report import score
 from t2l_framework.eval.stats import paired_difference
+from t2l_framework.lora.arrow import load_arrow_library
 from t2l_framework.lora.peft_io import import_peft_adapter
 from t2l_framework.lora.weights import LoraWeights
 from t2l_framework.run_folder import HYPERNET_WEIGHTS, RunFolder
 from t2l_framework.runtime.greedy import greedy_generate
 from t2l_framework.training.budget import TrainingStatus
 
-ARROW_PENDING = "pending: `t2l eval RUN --adapters arrow=LIBRARY_DIR` (Arrow routing, issue 25 item 3)"
+ARROW = "Arrow routing"
 
 
 def _params(folder: Path) -> int:
@@ -46,16 +48,20 @@ def _params(folder: Path) -> int:
         return sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
 
 
-def _evaluate(model, tokenizer, injection, items, weights_for, batch_size: int, max_new_tokens: int) -> dict:
+def _evaluate(model, tokenizer, injection, items, weights_for, batch_size: int, max_new_tokens: int,
+              arrow=None) -> dict:
+    """Greedy answers for ``items`` (per-sample adapters from ``weights_for``, or Arrow routing over
+    the ``arrow`` library), scored."""
     order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
     preds = [""] * len(items)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        chunk = [items[i] for i in idx]
-        outs = greedy_generate(model, tokenizer, [it["input_ids"] for it in chunk], injection,
-                               weights_for(chunk) if weights_for else None, max_new_tokens)
-        for i, out in zip(idx, outs):
-            preds[i] = out
+    with injection.use_arrow(arrow) if arrow is not None else nullcontext():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            chunk = [items[i] for i in idx]
+            outs = greedy_generate(model, tokenizer, [it["input_ids"] for it in chunk], injection,
+                                   weights_for(chunk) if weights_for else None, max_new_tokens)
+            for i, out in zip(idx, outs):
+                preds[i] = out
     return score(preds, items)
 
 
@@ -84,6 +90,8 @@ def build_table(library_run: Path, t2l_runs: dict[str, Path], mtlora: Path | Non
     if mtlora is not None:
         w = import_peft_adapter(mtlora).to(device)
         conditions["multi-task LoRA"] = ((lambda c: w), Path(mtlora).parent)
+    arrow = load_arrow_library(run.library).to(device)
+    conditions[ARROW] = (None, None)
     splits = {"seen": per_task(dm.eval_items("seen"), int(cfg.eval.report_seen_per_task) or 10**9),
               "unseen": dm.eval_items("unseen")}
     results: dict[str, dict] = {}
@@ -94,7 +102,8 @@ def build_table(library_run: Path, t2l_runs: dict[str, Path], mtlora: Path | Non
                 continue  # no task LoRA exists for a task never trained
             t0 = time.time()
             results[split][name] = _evaluate(base.model, base.tokenizer, injection, items, weights_for,
-                                             int(cfg.eval.batch_size), int(cfg.eval.max_new_tokens))
+                                             int(cfg.eval.batch_size), int(cfg.eval.max_new_tokens),
+                                             arrow if name == ARROW else None)
             progress(f"  {split:<6} {name:<22} {len(items)} items in {time.time() - t0:.0f} s")
     per_task_params = sum(a[0].numel() + library[next(iter(library))].B[m][0].numel()
                           for m, a in library[next(iter(library))].A.items())
@@ -104,7 +113,7 @@ def build_table(library_run: Path, t2l_runs: dict[str, Path], mtlora: Path | Non
                 for name, (_, folder) in conditions.items()}
     payload = {"results": {s: {n: {k: r[k] for k in ("n", "n_tasks", "em", "em_se", "rouge_l", "rouge_l_se")}
                                for n, r in res.items()} for s, res in results.items()},
-               "sizes": sizes, "training": training, "arrow": ARROW_PENDING}
+               "sizes": sizes, "training": training}
     out.mkdir(parents=True, exist_ok=True)
     md = render(results, sizes, training)
     (out / "table.md").write_text(md + "\n")
@@ -138,7 +147,6 @@ def render(results: dict, sizes: dict, training: dict) -> str:
                     if split == "seen" and name != ref and res[ref]["rouge_l"] > 0 else "")
             lines.append(f"| {name} | {r['n']} | {_pm(r['em'], r['em_se'])} | {_pm(r['rouge_l'], r['rouge_l_se'])} | "
                          f"{diff}{keep} | {training.get(name, '-')} |")
-        lines.append(f"| Arrow | - | - | - | - | {ARROW_PENDING} |")
         lines.append("")
     lines += ["| sizes | parameters | library / this |", "|---|---:|---:|",
               f"| library: {sizes['tasks']} task LoRAs x {sizes['per_task']:,} | {sizes['library']:,} | 1.0x |"]
