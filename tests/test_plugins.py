@@ -120,3 +120,26 @@ def test_a_plugin_that_fails_half_way_keeps_none_of_its_registrations(site, caps
     half = next(p for p in reg.plugins if p.name == "half")
     assert half.registered == {} and "RuntimeError" in half.error
     assert "fake_encoder" in reg.names("encoders") and "per_layer" in reg.names("heads")  # the others stay
+
+
+MARKING_MODULE = """
+import pathlib
+pathlib.Path(__file__).with_name("imported.flag").write_text("ran")
+from t2l_framework.hypernet import PerLayerHead as Head
+"""
+
+
+def test_plugin_lookups_import_code_only_when_asked(site):
+    from t2l_framework.assembly import head_lookup
+
+    (site / "t2l_marking_head.py").write_text(MARKING_MODULE)
+    try:
+        with pytest.raises(T2LError, match="hypernet.head: 't2l_marking_head:Head' is an import path"):
+            head_lookup()("t2l_marking_head:Head")
+        assert manager.registry().get("heads", "t2l_marking_head:Head") is None  # found, not run
+        assert not (site / "imported.flag").exists() and "t2l_marking_head" not in sys.modules
+        assert head_lookup()("per_layer").__name__ == "PerLayerHead"  # registered names need no trust
+        assert head_lookup(import_code=True)("t2l_marking_head:Head").__name__ == "PerLayerHead"
+        assert (site / "imported.flag").read_text() == "ran"
+    finally:
+        sys.modules.pop("t2l_marking_head", None)

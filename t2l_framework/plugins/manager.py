@@ -43,11 +43,12 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])
 
-    def get(self, kind: str, name: str, key: str | None = None, import_code: bool = True) -> Any:
+    def get(self, kind: str, name: str, key: str | None = None, import_code: bool = False) -> Any:
         """Component ``name`` of ``kind``; heads may also be ``module.path:ClassName``.
 
-        import_code=False checks an import path without running the module (it is only looked
-        up on ``sys.path``) and returns None for it: what ``t2l validate`` does by default.
+        import_code=False (the default: importing runs code, so a caller must ask for it) checks
+        an import path without running the module (it is only looked up on ``sys.path``) and
+        returns None for it: what ``t2l validate`` does by default.
         """
         if kind == "heads" and ":" in name:
             return import_object(name, key or "hypernet.head", execute=import_code)
