@@ -9,6 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from t2l_framework.atomic import atomic_file
 from t2l_framework.errors import T2LError
 from t2l_framework.lora.weights import ModuleShapes
 from t2l_framework.run_folder import HYPERNET_CONFIG as CONFIG_NAME
@@ -19,9 +20,12 @@ FORMAT_VERSION = 1
 
 
 def save_pretrained(model, directory) -> None:
-    """Weights as safetensors and everything needed to rebuild ``model`` as JSON."""
+    """Weights as safetensors and everything needed to rebuild ``model`` as JSON.
+
+    Atomic per file: both are written to temporary names first and renamed into place only when
+    both are whole, so a failure while writing leaves the older checkpoint (or none), never a
+    torn file; other files in ``directory`` are left alone."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "base_model": model.base_model, "encoder": model.encoder_meta, "enc_dim": model.enc_dim,
@@ -31,8 +35,9 @@ def save_pretrained(model, directory) -> None:
         "hypernet": model.hypernet_cfg,
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_file(out / CONFIG_NAME) as config_tmp, atomic_file(out / WEIGHTS_NAME) as weights_tmp:
+        save_file(state, str(weights_tmp), metadata={"format": FORMAT})
+        config_tmp.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _same_model(a: str, b: str) -> bool:
