@@ -47,8 +47,8 @@ def test_two_different_models_of_one_folder_name_do_not_match(tmp_path):
     with pytest.raises(T2LError) as err:
         HyperNetwork.from_pretrained(hyper, expect_base_model=str(other))
     message = str(err.value)
-    assert f"trained for base model '{trained_on}' (architecture sha256 {recorded['sha256'][:12]})" in message
-    assert f"not '{other}' (architecture sha256 " in message and "do not fit another model" in message
+    assert f"trained for base model '{trained_on}', not '{other}'" in message and "do not fit another model" in message
+    assert f"(recorded: architecture sha256 {recorded['sha256'][:12]}; here: architecture sha256 " in message
 
 
 def test_a_copy_of_the_same_model_elsewhere_matches(tmp_path):
@@ -100,5 +100,5 @@ def test_a_hub_model_is_known_by_its_cached_revision(tmp_path, monkeypatch):
     hyper = _save("org/tiny", tmp_path / "hypernet")
     assert HyperNetwork.from_pretrained(hyper, expect_base_model="org/tiny").rank == 2
     cache("b" * 40, hidden=32)  # the hub moved on to a different model under the same id
-    with pytest.raises(T2LError, match="trained for base model 'org/tiny' \\(revision aaaaaaaaaaaa"):
+    with pytest.raises(T2LError, match="'org/tiny' \\(recorded: revision aaaaaaaaaaaa"):
         HyperNetwork.from_pretrained(hyper, expect_base_model="org/tiny")

@@ -74,8 +74,9 @@ def check_base_model(directory, config: dict, expected: str) -> None:
         same = _same_name(config["base_model"], expected)
     if not same:
         raise T2LError(
-            f"{directory}: this hypernetwork was trained for base model '{config['base_model']}' "
-            f"({_describe(recorded or {})}), not '{expected}' ({_describe(here)}); its LoRAs do not fit another model"
+            f"{directory}: this hypernetwork was trained for base model '{config['base_model']}', not "
+            f"'{expected}' (recorded: {_describe(recorded or {})}; here: {_describe(here)}); its LoRAs do not fit "
+            "another model"
         )
 
 
