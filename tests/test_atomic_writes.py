@@ -137,3 +137,27 @@ def test_sni_report_fails_half_way_and_keeps_the_older_report(tmp_path, monkeypa
         sni_report.write_report(tmp_path, {"Seen": newer}, {"Seen": items})
     monkeypatch.undo()
     assert _snapshot(tmp_path) == before
+
+
+def test_replacing_a_folder_keeps_the_old_one_when_the_new_one_cannot_be_renamed_in(tmp_path, monkeypatch):
+    import os
+
+    from t2l_framework import atomic
+
+    out = tmp_path / "adapter"
+    peft_io.export_peft_adapter(_weights(0), out, "tiny", paths=PATHS)
+    before = _snapshot(out)
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if Path(dst) == out and ".old." not in str(src):  # the new folder's rename into place
+            raise OSError("rename refused")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", failing_rename)
+    with pytest.raises(OSError, match="rename refused"):
+        peft_io.export_peft_adapter(_weights(1), out, "tiny", paths=PATHS)
+    monkeypatch.undo()
+    assert _snapshot(out) == before and [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    peft_io.export_peft_adapter(_weights(1), out, "tiny", paths=PATHS)  # and a working rename replaces it
+    assert _snapshot(out) != before and [p.name for p in tmp_path.iterdir()] == ["adapter"]
