@@ -161,3 +161,46 @@ def test_replacing_a_folder_keeps_the_old_one_when_the_new_one_cannot_be_renamed
     assert _snapshot(out) == before and [p.name for p in tmp_path.iterdir()] == ["adapter"]
     peft_io.export_peft_adapter(_weights(1), out, "tiny", paths=PATHS)  # and a working rename replaces it
     assert _snapshot(out) != before and [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+class _CountingEncoder:
+    """A text encoder of fixed vectors that counts how often it encodes."""
+
+    def __init__(self):
+        self.calls = 0
+        self.metadata = {"class": "counting"}
+
+    def encode(self, texts):
+        self.calls += 1
+        return torch.arange(len(texts) * 4, dtype=torch.float32).reshape(len(texts), 4)
+
+
+def test_embedding_cache_fails_half_way_and_is_not_read_back_torn(tmp_path, monkeypatch):
+    from t2l_framework.encoders import EmbeddingCache
+    from t2l_framework.encoders import cache as encoder_cache
+
+    encoder, texts = _CountingEncoder(), ["say yes", "say no"]
+    monkeypatch.setattr(encoder_cache, "save_file", _torn_save_file)
+    with pytest.raises(Crash):
+        EmbeddingCache(encoder, texts, cache_dir=tmp_path, progress=False)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []  # no torn file for the next run to read
+    cache = EmbeddingCache(encoder, texts, cache_dir=tmp_path, progress=False)
+    again = EmbeddingCache(encoder, texts, cache_dir=tmp_path, progress=False)
+    assert encoder.calls == 2 and torch.equal(again.embeddings, cache.embeddings)
+
+
+def test_reference_import_writes_each_file_whole(tmp_path, monkeypatch):
+    from tests.test_parity import reference_state, write_reference
+
+    from t2l_framework.hypernet.reference_import import import_reference
+
+    ref = write_reference(tmp_path / "ref", reference_state("L"), "L")
+    run = import_reference(ref, tmp_path / "run")
+    before = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    monkeypatch.setattr(Path, "write_text", _torn_write_text)
+    with pytest.raises(Crash):
+        import_reference(ref, run, force=True)
+    monkeypatch.undo()
+    after = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert after == before
