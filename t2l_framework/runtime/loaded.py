@@ -118,7 +118,8 @@ class T2LRuntime:
         return [self.adapter_writer(weights.select(i))(d) for i, d in enumerate(out_dirs)]
 
     def adapter_writer(self, weights: LoraWeights) -> Callable[[str | Path], Path]:
-        """``out_dir -> PEFT folder`` for batch-1 ``weights``, safe to call on any thread.
+        """``out_dir -> PEFT folder`` for batch-1 ``weights`` (A[m]: [1, layers, r, in], B[m]:
+        [1, layers, out, r]), safe to call on any thread.
 
         This call is the part that touches the runtime (the injection's module paths, the
         weights on the model's device), so it belongs on the model thread; the writer it returns
@@ -243,4 +244,3 @@ class T2LRuntime:
             results.append(Completion(self.tokenizer.decode(tokens, skip_special_tokens=True), reason,
                                       len(ids[i]), len(tokens)))
         return results
-
