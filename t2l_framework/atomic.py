@@ -36,15 +36,26 @@ def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
     """Yields a temporary folder next to ``path``; on a clean exit it is renamed to ``path``.
 
-    replace: an existing ``path`` is removed first; without it, an existing non-empty ``path``
-    makes the rename fail with ``OSError`` (another writer won: callers decide what that means)."""
+    replace: an existing ``path`` is moved aside, the new folder renamed in, then the old one
+    removed (put back if the rename fails), so at every moment ``path`` is the old folder, the
+    new one, or absent with the old one kept next to it; without it, an existing non-empty
+    ``path`` makes the rename fail with ``OSError`` (another writer won: callers decide)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = None
     try:
         yield tmp
         if replace and path.exists():
-            shutil.rmtree(path)
-        os.rename(tmp, path)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.rename(path, old / path.name)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if old is not None:
+                os.rename(old / path.name, path)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and path.exists():  # else the old folder is all there is: keep it
+            shutil.rmtree(old, ignore_errors=True)

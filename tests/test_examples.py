@@ -38,7 +38,7 @@ def test_fewer_parameters_than_per_layer_b_zero_at_init_and_task_dependent_after
     assert _params(head) < _params(per_layer) / 4
     torch.manual_seed(0)
     net = HyperNetwork(shapes, 24, {"head": HEAD, "latent_size": 128},
-                       {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}, heads=head_lookup())
+                       {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}, heads=head_lookup(import_code=True))
     emb = torch.randn(6, 24)
     w = net(emb)
     A, B = w.A["v_proj"], w.B["v_proj"]
@@ -64,7 +64,7 @@ def test_trains_by_import_path_loss_falls_and_is_smaller(world):
     assert len(val) == 4 and val[-1] < val[0] * 0.9, val
     from t2l_framework.hypernet.hypernetwork import HyperNetwork
 
-    net = HyperNetwork.from_pretrained(run / "hypernet", heads=head_lookup())
+    net = HyperNetwork.from_pretrained(run / "hypernet", heads=head_lookup(import_code=True))
     assert type(net.head).__name__ == "FactorizedHead"
     per_layer = PerLayerHead(net.head.latent_size, net.shapes, net.rank, net.trunk.width)
     assert _params(net.head) < _params(per_layer)

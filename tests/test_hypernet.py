@@ -166,16 +166,16 @@ def test_trunk_and_head_settings_are_checked():
 
 def test_custom_head_by_import_path():
     cfg = tiny_cfg(f"{__name__}:MyHead")
-    net = HyperNetwork(TINY, ENC_DIM, cfg, LORA, heads=head_lookup())
+    net = HyperNetwork(TINY, ENC_DIM, cfg, LORA, heads=head_lookup(import_code=True))
     assert type(net.head).__name__ == "MyHead" and isinstance(net.head, HypernetHead)
     assert net(torch.randn(1, ENC_DIM)).A["q_proj"].shape == (1, 2, 4, 32)
 
 
 def test_import_path_to_non_head_is_refused():
     with pytest.raises(T2LError, match="not a subclass of t2l_framework.HypernetHead"):
-        HyperNetwork(TINY, ENC_DIM, tiny_cfg(f"{__name__}:NotAHead"), LORA, heads=head_lookup())
+        HyperNetwork(TINY, ENC_DIM, tiny_cfg(f"{__name__}:NotAHead"), LORA, heads=head_lookup(import_code=True))
     with pytest.raises(T2LError, match="no attribute 'Nope'"):
-        HyperNetwork(TINY, ENC_DIM, tiny_cfg(f"{__name__}:Nope"), LORA, heads=head_lookup())
+        HyperNetwork(TINY, ENC_DIM, tiny_cfg(f"{__name__}:Nope"), LORA, heads=head_lookup(import_code=True))
 
 
 def test_unknown_head_name_suggests():

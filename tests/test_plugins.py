@@ -79,3 +79,67 @@ def test_unknown_plugin_name_suggests_close_match():
     reg = manager.registry(reload=True)
     with pytest.raises(T2LError, match="unknown head 'per_layr'.*did you mean 'per_layer'"):
         reg.get("heads", "per_layr")
+
+
+HALF_BROKEN_PLUGIN = """
+from t2l_framework import hookimpl
+from t2l_framework.hypernet import PerLayerHead
+
+
+class HalfHead(PerLayerHead):
+    pass
+
+
+@hookimpl
+def t2l_register_encoders(register):
+    register("half_encoder", lambda cfg: None)
+
+
+@hookimpl
+def t2l_register_heads(register):
+    register("half_head", HalfHead)
+
+
+@hookimpl
+def t2l_register_base_models(register):
+    register("half_family", object())
+    raise RuntimeError("fails after three registrations")
+"""
+
+
+def test_a_plugin_that_fails_half_way_keeps_none_of_its_registrations(site, capsys):
+    make_plugin(site, "t2l-fake-plugin", "t2l_fake_plugin", GOOD_PLUGIN, entry_name="fake")
+    make_plugin(site, "t2l-half-plugin", "t2l_half_plugin", HALF_BROKEN_PLUGIN, entry_name="half")
+    try:
+        reg = manager.registry(reload=True)
+    finally:
+        sys.modules.pop("t2l_half_plugin", None)
+    assert "fails after three registrations" in capsys.readouterr().err
+    assert "half_encoder" not in reg.names("encoders") and "half_head" not in reg.names("heads")
+    assert "half_family" not in reg.names("base_models")
+    half = next(p for p in reg.plugins if p.name == "half")
+    assert half.registered == {} and "RuntimeError" in half.error
+    assert "fake_encoder" in reg.names("encoders") and "per_layer" in reg.names("heads")  # the others stay
+
+
+MARKING_MODULE = """
+import pathlib
+pathlib.Path(__file__).with_name("imported.flag").write_text("ran")
+from t2l_framework.hypernet import PerLayerHead as Head
+"""
+
+
+def test_plugin_lookups_import_code_only_when_asked(site):
+    from t2l_framework.assembly import head_lookup
+
+    (site / "t2l_marking_head.py").write_text(MARKING_MODULE)
+    try:
+        with pytest.raises(T2LError, match="hypernet.head: 't2l_marking_head:Head' is an import path"):
+            head_lookup()("t2l_marking_head:Head")
+        assert manager.registry().get("heads", "t2l_marking_head:Head") is None  # found, not run
+        assert not (site / "imported.flag").exists() and "t2l_marking_head" not in sys.modules
+        assert head_lookup()("per_layer").__name__ == "PerLayerHead"  # registered names need no trust
+        assert head_lookup(import_code=True)("t2l_marking_head:Head").__name__ == "PerLayerHead"
+        assert (site / "imported.flag").read_text() == "ran"
+    finally:
+        sys.modules.pop("t2l_marking_head", None)

@@ -39,7 +39,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runtime(world):
-    return load_runtime(world["run"])
+    return load_runtime(world["run"], dtype="float32")  # tests compare numbers: never the CPU's pick
 
 
 @pytest.fixture(scope="module")
@@ -335,9 +335,14 @@ class SlowTokenizer(SlowRuntime):
     def chat(self, *args, **kwargs):
         return self._runtime.chat(*args, **kwargs)
 
-    def encode(self, *args, **kwargs):
-        time.sleep(1.0)
-        return self._runtime.encode(*args, **kwargs)
+    def request_encoder(self):
+        encode = self._runtime.request_encoder()
+
+        def slow(*args, **kwargs):
+            time.sleep(1.0)
+            return encode(*args, **kwargs)
+
+        return slow
 
 
 def test_healthz_stays_fast_while_a_request_is_tokenised(runtime):
@@ -470,16 +475,56 @@ def test_web_page_in_headless_chromium(live_server, tmp_path):
     assert (tmp_path / "t2l_web.png").stat().st_size > 10_000
 
 
-def test_a_failing_batch_fails_its_requests_with_json_500_and_the_server_goes_on(runtime):
+def test_a_failing_batch_fails_its_requests_with_json_500_and_the_server_goes_on(runtime, caplog):
     class Broken(SlowRuntime):
         def chat(self, *args, **kwargs):
-            raise RuntimeError("out of memory")
+            raise RuntimeError("out of memory at /secret/path")
 
-    with fastapi_testclient.TestClient(create_app(Broken(runtime), batch_window_ms=0), raise_server_exceptions=False) as c:
+    with caplog.at_level("INFO", logger="t2l.serve"), \
+            fastapi_testclient.TestClient(create_app(Broken(runtime), batch_window_ms=0)) as c:
         res = _chat(c, model="base")
-        assert res.status_code == 500 and "out of memory" in res.json()["error"]["message"]
+        assert res.status_code == 500 and res.json()["error"]["type"] == "server_error"
+        assert "internal server error" in res.json()["error"]["message"] and "/secret" not in res.text
         assert c.get("/healthz").status_code == 200
         assert _chat(c, model="base").status_code == 500  # the batcher is still there to take it
+        with c.stream("POST", "/v1/chat/completions", json={"model": "base", "messages": USER, "stream": True}) as s:
+            streamed = "".join(s.iter_lines())
+        assert "internal server error" in streamed and "/secret" not in streamed
+    crashes = [r for r in caplog.records if r.exc_info and "out of memory at /secret/path" in str(r.exc_info[1])]
+    assert any(r.getMessage().startswith("internal error in POST /v1/chat/completions") for r in crashes)
+    assert any("POST /v1/chat/completions 500" in r.getMessage() for r in caplog.records)
+
+
+def test_a_t2l_error_from_the_runtime_is_a_400_with_its_message(runtime):
+    class Refusing(SlowRuntime):
+        def chat(self, *args, **kwargs):
+            raise T2LError("this prompt cannot be answered by the runtime")
+
+        def adapters(self, *args, **kwargs):
+            raise T2LError("this description cannot be turned into an adapter")
+
+    with fastapi_testclient.TestClient(create_app(Refusing(runtime), batch_window_ms=0)) as c:
+        res = _chat(c, model="base")
+        assert res.status_code == 400 and res.json()["error"]["message"] == "this prompt cannot be answered by the runtime"
+        res = c.post("/v1/adapters", json={"description": APPLE})
+        assert res.status_code == 400 and "cannot be turned into an adapter" in res.json()["error"]["message"]
+        with c.stream("POST", "/v1/chat/completions", json={"model": "base", "messages": USER, "stream": True}) as s:
+            streamed = "".join(s.iter_lines())
+        assert "cannot be answered by the runtime" in streamed and "invalid_request_error" in streamed
+
+
+def test_a_bug_in_a_route_is_a_500_never_a_4xx(runtime, caplog):
+    class BrokenExport(SlowRuntime):
+        def adapter_writer(self, weights):
+            raise KeyError("state that cannot happen")
+
+    with caplog.at_level("ERROR", logger="t2l.serve"), \
+            fastapi_testclient.TestClient(create_app(BrokenExport(runtime), batch_window_ms=0)) as c:
+        made = c.post("/v1/adapters", json={"description": APPLE})
+        assert made.status_code == 200
+        res = c.get(made.json()["download_url"])
+    assert res.status_code == 500 and "cannot happen" not in res.text
+    assert any(r.exc_info and isinstance(r.exc_info[1], KeyError) for r in caplog.records)
 
 
 def test_t2l_serve_command_binds_loopback_and_answers(world):

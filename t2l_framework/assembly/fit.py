@@ -81,7 +81,7 @@ def build_pieces(cfg, recipe_file: Path | None, run: RunFolder) -> RunPieces:
         embeddings = EmbeddingCache(encoder, dm.descriptions, run.embedding_cache,
                                     device=planned_device(cfg.trainer.accelerator)).embeddings
         say(f"embedded {len(dm.descriptions)} descriptions in {time.time() - t0:.1f} s")
-        trainable = HyperNetwork.from_recipe(cfg, shapes, embeddings.shape[1], heads=head_lookup())
+        trainable = HyperNetwork.from_recipe(cfg, shapes, embeddings.shape[1], heads=head_lookup(import_code=True))
     elif mode == "library":
         from t2l_framework.training.library import TaskLoraBank
 

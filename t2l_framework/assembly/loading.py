@@ -96,7 +96,7 @@ def load_adapter_generator(folder: str | Path, device: str | torch.device,
         # Saved before task embeddings followed the reference (x sqrt(d), full stop): keep what it was trained on.
         enc_cfg = OmegaConf.merge(enc_cfg, {"normalize_scale": "unit", "full_stop": False})
     hypernet = HyperNetwork.from_pretrained(hyper_dir, expect_base_model=base_cfg.name_or_path, device=device,
-                                            heads=head_lookup())
+                                            heads=head_lookup(import_code=trust_remote_code))
     encoder = build_encoder(enc_cfg).to(device)
     identity = _file_digest([config_file, hyper_dir / HYPERNET_WEIGHTS])
     name = RunFolder(hyper_dir.parent).name if recipe is not None else hyper_dir.resolve().name

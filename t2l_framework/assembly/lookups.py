@@ -20,10 +20,20 @@ from t2l_framework.llm.families import BUILTIN_FAMILIES, ModelFamily
 from t2l_framework.plugins import registry
 
 
-def head_lookup(import_code: bool = True, key: str = "hypernet.head") -> HeadLookup:
-    """name -> ``HypernetHead`` subclass: registered heads, or ``pkg.module:Class`` import paths
-    (imported only with ``import_code``; the run-loading code checks trust before that)."""
-    return lambda name: registry().get("heads", name, key=key, import_code=import_code)
+def head_lookup(import_code: bool = False, key: str = "hypernet.head") -> HeadLookup:
+    """name -> ``HypernetHead`` subclass: registered heads, or ``pkg.module:Class`` import paths.
+
+    An import path runs code, so it is imported only where the caller says the user asked:
+    ``t2l fit`` of the user's own recipe passes ``import_code=True``, opening a run folder passes
+    its ``--trust-remote-code``. Without it, an import path is refused with one line."""
+
+    def lookup(name: str):
+        if ":" in name and not import_code:
+            raise T2LError(f"{key}: '{name}' is an import path; importing it would run its code, which "
+                           "this command only does when asked (--trust-remote-code for a run folder)")
+        return registry().get("heads", name, key=key, import_code=import_code)
+
+    return lookup
 
 
 def model_families() -> dict[str, ModelFamily]:

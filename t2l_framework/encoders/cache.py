@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from t2l_framework.atomic import atomic_file
 from t2l_framework.errors import T2LError
 
 
@@ -95,8 +96,8 @@ class EmbeddingCache:
         else:
             self.embeddings = encode_sorted(encoder, self.texts, device, progress)  # [n, dim]
             if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                save_file({"embeddings": self.embeddings}, str(self.path), metadata={"key": self.key})
+                with atomic_file(self.path) as tmp:  # a torn cache would be read by the next run
+                    save_file({"embeddings": self.embeddings}, str(tmp), metadata={"key": self.key})
 
     @property
     def dim(self) -> int:

@@ -20,6 +20,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
+from t2l_framework.atomic import atomic_file
 from t2l_framework.eval.stats import clustered_mean_se, paired_difference
 from t2l_framework.runtime.greedy import greedy_generate
 from t2l_framework.eval.text_metrics import exact_match, rouge_l
@@ -168,7 +169,6 @@ def write_report(out_dir: Path, tables: dict[str, dict], items: dict[str, list[d
     """Write report.md and report.json (per-item predictions, training per condition); return the Markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md = render(tables, training)
-    (out_dir / "report.md").write_text(md + "\n\n" + FOOTNOTE + "\n")
     payload: dict = {"training": dict(training or {}), "tables": {}}
     for title, res in tables.items():
         section = {name: {k: r[k] for k in ("n", "n_tasks", "em", "em_se", "rouge_l", "rouge_l_se")}
@@ -177,7 +177,11 @@ def write_report(out_dir: Path, tables: dict[str, dict], items: dict[str, list[d
             {"task": it["task"], "answers": it["answers"], **{n: r["predictions"][i] for n, r in res.items()}}
             for i, it in enumerate(items[title])]
         payload["tables"][title] = section
-    (out_dir / "report.json").write_text(json.dumps(payload, indent=1))
+    # Both built before either is written; each replaces its older file whole, or not at all.
+    with atomic_file(out_dir / "report.md") as tmp:
+        tmp.write_text(md + "\n\n" + FOOTNOTE + "\n")
+    with atomic_file(out_dir / "report.json") as tmp:
+        tmp.write_text(json.dumps(payload, indent=1))
     return md
 
 

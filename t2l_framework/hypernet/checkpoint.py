@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from t2l_framework.atomic import atomic_file
+from t2l_framework.console import say
 from t2l_framework.errors import T2LError
+from t2l_framework.llm.identity import base_model_identity
 from t2l_framework.lora.weights import ModuleShapes
 from t2l_framework.run_folder import HYPERNET_CONFIG as CONFIG_NAME
 from t2l_framework.run_folder import HYPERNET_WEIGHTS as WEIGHTS_NAME
@@ -19,29 +23,66 @@ FORMAT_VERSION = 1
 
 
 def save_pretrained(model, directory) -> None:
-    """Weights as safetensors and everything needed to rebuild ``model`` as JSON."""
+    """Weights as safetensors and everything needed to rebuild ``model`` as JSON.
+
+    Atomic per file: both are written to temporary names first and renamed into place only when
+    both are whole, so a failure while writing leaves the older checkpoint (or none), never a
+    torn file; other files in ``directory`` are left alone."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "base_model": model.base_model, "encoder": model.encoder_meta, "enc_dim": model.enc_dim,
+        "base_model_identity": base_model_identity(model.base_model),
         "shapes": model.shapes.to_dict(),
         "lora": {"rank": model.rank, "alpha": model.alpha, "use_rslora": model.use_rslora,
                  "target_modules": model.target_modules},
         "hypernet": model.hypernet_cfg,
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_file(out / CONFIG_NAME) as config_tmp, atomic_file(out / WEIGHTS_NAME) as weights_tmp:
+        save_file(state, str(weights_tmp), metadata={"format": FORMAT})
+        config_tmp.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _same_model(a: str, b: str) -> bool:
-    """A hub id and a local folder of the same model count as the same base model."""
+def _same_name(a: str, b: str) -> bool:
+    """By name alone (runs saved before identities were recorded): a hub id and a local folder
+    of the same model count as the same base model, and so, wrongly, do two folders of one name."""
     norm = lambda s: str(s).rstrip("/").lower()  # noqa: E731
     return norm(a) == norm(b) or Path(norm(a)).name == Path(norm(b)).name
 
 
+def _describe(identity: dict) -> str:
+    parts = [f"revision {identity['revision'][:12]}"] if identity.get("revision") else []
+    parts += [f"architecture sha256 {identity['sha256'][:12]}"] if identity.get("sha256") else []
+    return ", ".join(parts) or "identity unknown"
+
+
+def check_base_model(directory, config: dict, expected: str) -> None:
+    """The base model ``expected`` (a recipe's ``name_or_path`` on this machine) is the one the
+    checkpoint was trained for: compared by recorded identity (architecture hash, else hub
+    revision), by name only where no identity is known, which is said."""
+    recorded = config.get("base_model_identity")
+    here = base_model_identity(expected)
+    if recorded and recorded.get("sha256") and here["sha256"]:
+        same = recorded["sha256"] == here["sha256"]
+    elif recorded and recorded.get("revision") and here["revision"] and _same_name(recorded["name"], expected):
+        same = recorded["revision"] == here["revision"]
+    else:
+        why = "this checkpoint records none (saved by an older version)" if not recorded else \
+            f"'{expected}' is not on this machine yet"
+        say(f"{directory}: base model compared by name only, without its identity: {why}")
+        same = _same_name(config["base_model"], expected)
+    if not same:
+        raise T2LError(
+            f"{directory}: this hypernetwork was trained for base model '{config['base_model']}', not "
+            f"'{expected}' (recorded: {_describe(recorded or {})}; here: {_describe(here)}); its LoRAs do not fit "
+            "another model"
+        )
+
+
 MAX_CONFIG_BYTES = 1 << 20  # a hypernet_config.json is a few kB
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_REVISION = re.compile(r"[0-9a-f]{40}")  # a hub commit, as the local cache names its snapshots
 _MAX_FEATURES = 1 << 20  # in/out features of one module: far above any released model
 _MAX_LAYERS = 4096
 
@@ -85,6 +126,14 @@ def _check_config(path: Path, config: dict) -> None:
     if not all(isinstance(t, str) for t in targets):
         raise T2LError(f"{path}: 'lora.target_modules' must be a list of module names")
     _expect(path, "hypernet.head", config["hypernet"].get("head", "per_layer"), str, "a head name")
+    identity = config.get("base_model_identity")
+    if identity is not None:
+        _expect(path, "base_model_identity", identity, dict, "a mapping")
+        _expect(path, "base_model_identity.name", identity.get("name"), str, "a string")
+        for key, pattern in (("revision", _REVISION), ("sha256", _SHA256)):
+            value = identity.get(key)
+            if value is not None and not (isinstance(value, str) and pattern.fullmatch(value)):
+                raise T2LError(f"{path}: 'base_model_identity.{key}' must be null or {pattern.pattern}")
     for section in ("lora", "hypernet"):
         for key, value in config[section].items():
             bounds = RANGES.get(f"{section}.{key}")
@@ -122,11 +171,8 @@ def load_pretrained(cls, directory, expect_base_model=None, expect_rank=None, de
     """Rebuild and load a hypernetwork; shapes are checked against the safetensors header on the
     meta device first, so a doctored config cannot make us allocate what the file does not hold."""
     config = read_config(directory)
-    if expect_base_model is not None and not _same_model(config["base_model"], expect_base_model):
-        raise T2LError(
-            f"{directory}: this hypernetwork was trained for base model '{config['base_model']}', "
-            f"not '{expect_base_model}'; its LoRAs do not fit another model"
-        )
+    if expect_base_model is not None:
+        check_base_model(directory, config, expect_base_model)
     rank = config["lora"]["rank"]
     if expect_rank is not None and int(expect_rank) != int(rank):
         raise T2LError(f"{directory}: this hypernetwork generates rank-{rank} LoRAs, not rank {expect_rank}")

@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 import yaml
 
+from t2l_framework.atomic import atomic_file
 from t2l_framework.errors import T2LError
 from t2l_framework.lora.weights import ModuleShapes
 from t2l_framework.run_folder import RunFolder
@@ -311,15 +312,18 @@ def import_reference(src: str | Path, out: str | Path, module_order: Sequence[st
         raise T2LError(f"{out} is a file; -o needs a folder")
     out.mkdir(parents=True, exist_ok=True)  # with force, our files are overwritten and nothing is deleted
     run = RunFolder(out)
-    run.recipe.write_text(OmegaConf.to_yaml(recipe))
+    with atomic_file(run.recipe) as tmp:
+        tmp.write_text(OmegaConf.to_yaml(recipe))
     net.save_pretrained(run.hypernet)
     run.reference.mkdir(exist_ok=True)
     for name in ("args.yaml", "adapter_config.json"):
-        shutil.copyfile(ref.folder / name, run.reference / name)
-    (run.reference / "import.json").write_text(json.dumps({
-        "source": str(ref.folder.resolve()), "head": net.head_name, "module_order": net.target_modules,
-        "module_order_from": "--module-order" if module_order else "adapter_config.json target_modules",
-        "emb_model": sections["encoder"]["model"], "base_model": sections["base_model"]["name_or_path"],
-        "training_task": ref.args.get("training_task", "sft"),
-    }, indent=2) + "\n")
+        with atomic_file(run.reference / name) as tmp:
+            shutil.copyfile(ref.folder / name, tmp)
+    with atomic_file(run.reference / "import.json") as tmp:
+        tmp.write_text(json.dumps({
+            "source": str(ref.folder.resolve()), "head": net.head_name, "module_order": net.target_modules,
+            "module_order_from": "--module-order" if module_order else "adapter_config.json target_modules",
+            "emb_model": sections["encoder"]["model"], "base_model": sections["base_model"]["name_or_path"],
+            "training_task": ref.args.get("training_task", "sft"),
+        }, indent=2) + "\n")
     return out

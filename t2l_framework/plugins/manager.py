@@ -43,11 +43,12 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])
 
-    def get(self, kind: str, name: str, key: str | None = None, import_code: bool = True) -> Any:
+    def get(self, kind: str, name: str, key: str | None = None, import_code: bool = False) -> Any:
         """Component ``name`` of ``kind``; heads may also be ``module.path:ClassName``.
 
-        import_code=False checks an import path without running the module (it is only looked
-        up on ``sys.path``) and returns None for it: what ``t2l validate`` does by default.
+        import_code=False (the default: importing runs code, so a caller must ask for it) checks
+        an import path without running the module (it is only looked up on ``sys.path``) and
+        returns None for it: what ``t2l validate`` does by default.
         """
         if kind == "heads" and ":" in name:
             return import_object(name, key or "hypernet.head", execute=import_code)
@@ -105,19 +106,43 @@ def _allowed_plugins() -> set[str] | None:
     return {n.strip() for n in value.split(",") if n.strip()}
 
 
-def _make_register(reg: Registry, kind: str, info: PluginInfo) -> Callable[[str, Any], None]:
+def _make_register(reg: Registry, staged: dict[str, dict[str, Any]], kind: str,
+                   info: PluginInfo) -> Callable[[str, Any], None]:
+    """``register(name, obj)`` for one plugin and kind: it fills ``staged`` (this plugin's own,
+    not yet in ``reg``), so a plugin that fails later leaves nothing behind."""
+
     def register(name: str, obj: Any) -> None:
-        owner = reg.owners[kind].get(name)
+        owner = reg.owners[kind].get(name) or (info.name if name in staged[kind] else None)
         if owner is not None:
             raise T2LError(
                 f"{kind[:-1].replace('_', ' ')} '{name}' is registered twice: "
                 f"by plugin '{owner}' and by plugin '{info.name}'"
             )
-        reg.components[kind][name] = obj
-        reg.owners[kind][name] = info.name
-        info.registered.setdefault(kind, []).append(name)
+        staged[kind][name] = obj
 
     return register
+
+
+def _register_plugin(pm: pluggy.PluginManager, reg: Registry, info: PluginInfo) -> None:
+    """Run every ``t2l_register_*`` hook of one plugin; its registrations enter ``reg`` only when
+    all of them succeed (all or nothing), else the plugin is reported and skipped."""
+    plugin = pm.get_plugin(info.name)
+    staged: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
+    try:
+        for kind in KINDS:
+            impls = [i for i in getattr(pm.hook, f"t2l_register_{kind}").get_hookimpls() if i.plugin is plugin]
+            for impl in impls:
+                impl.function(register=_make_register(reg, staged, kind, info))
+    except T2LError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the rest down
+        _report_failure(info, exc)
+        return
+    for kind, items in staged.items():
+        for name, obj in items.items():
+            reg.components[kind][name] = obj
+            reg.owners[kind][name] = info.name
+            info.registered.setdefault(kind, []).append(name)
 
 
 def load_registry() -> Registry:
@@ -143,19 +168,9 @@ def load_registry() -> Registry:
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the rest down
             _report_failure(info, exc)
 
-    for kind in KINDS:
-        caller = getattr(pm.hook, f"t2l_register_{kind}")
-        order = list(infos)  # built-ins first, then entry points by name: the order names are claimed in
-        for impl in sorted(caller.get_hookimpls(), key=lambda i: order.index(i.plugin_name)):
-            info = infos[impl.plugin_name]
-            if info.error:
-                continue
-            try:
-                impl.function(register=_make_register(reg, kind, info))
-            except T2LError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                _report_failure(info, exc)
+    for info in infos.values():  # built-ins first, then entry points by name: the order names are claimed in
+        if not info.error:
+            _register_plugin(pm, reg, info)
     reg.plugins = list(infos.values())
     return reg
 

@@ -8,8 +8,10 @@ or none (base model).
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -57,7 +59,12 @@ class T2LRuntime:
 
     generator: None for a bare base model (PEFT adapters only). prefix_cache: reuse the chat
     template's prefilled head per adapter (``runtime/prefix.py``; same answers, less prefill).
-    Not thread-safe: call from one thread at a time.
+
+    Not thread-safe: model, hypernetwork, injection, prefix cache and ``self.tokenizer`` are used
+    by one thread at a time (the server's model worker). Two exceptions are safe from any thread:
+    the plain attributes set here and never changed (``name``, ``identity``, ``base_model_name``,
+    ``device``, ``context``, ...), and the callables of ``request_encoder`` and ``adapter_writer``,
+    which own what they touch.
     """
 
     def __init__(self, base, injection, generator: AdapterGenerator | None = None, chat_template: bool = True,
@@ -108,14 +115,29 @@ class T2LRuntime:
         weights = descriptions if isinstance(descriptions, LoraWeights) else self.adapters(descriptions)
         if weights.batch_size != len(out_dirs):
             raise T2LError(f"{weights.batch_size} adapters but {len(out_dirs)} output folders")
-        return [export_peft_adapter(weights.select(i).to("cpu"), d, self.base_model_name, paths=self.injection.paths)
-                for i, d in enumerate(out_dirs)]
+        return [self.adapter_writer(weights.select(i))(d) for i, d in enumerate(out_dirs)]
+
+    def adapter_writer(self, weights: LoraWeights) -> Callable[[str | Path], Path]:
+        """``out_dir -> PEFT folder`` for batch-1 ``weights`` (A[m]: [1, layers, r, in], B[m]:
+        [1, layers, out, r]), safe to call on any thread.
+
+        This call is the part that touches the runtime (the injection's module paths, the
+        weights on the model's device), so it belongs on the model thread; the writer it returns
+        holds its own CPU copy of the factors and of the paths, so writing and zipping can run
+        elsewhere while the model thread decodes."""
+        if weights.batch_size != 1:
+            raise T2LError(f"adapter_writer writes one adapter; got a batch of {weights.batch_size}")
+        own = weights.with_factors({m: a.detach().to("cpu", copy=True) for m, a in weights.A.items()},
+                                   {m: b.detach().to("cpu", copy=True) for m, b in weights.B.items()})
+        paths = {target: list(p) for target, p in self.injection.paths.items()}
+        return partial(export_peft_adapter, own, base_model_name_or_path=self.base_model_name, paths=paths)
 
     # --- chat ------------------------------------------------------------------------------
 
-    def format(self, prompt: str | Messages) -> str:
-        """Chat text for a user prompt or a message list, ending where the answer starts."""
-        family, tok = self.base.family, self.tokenizer
+    def format(self, prompt: str | Messages, tokenizer=None) -> str:
+        """Chat text for a user prompt or a message list, ending where the answer starts
+        (tokenizer: whose chat template; default ``self.tokenizer``)."""
+        family, tok = self.base.family, tokenizer or self.tokenizer
         if isinstance(prompt, str):
             return family.format_prompt(tok, prompt, chat_template=self.chat_template)
         roles = [m["role"] for m in prompt]
@@ -133,13 +155,21 @@ class T2LRuntime:
             messages[0]["content"] = f"{system}\n\n{messages[0]['content']}"
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **family.template_kwargs)
 
-    def encode(self, prompt: str | Messages, max_new_tokens: int = 0) -> list[int]:
+    def encode(self, prompt: str | Messages, max_new_tokens: int = 0, tokenizer=None) -> list[int]:
         """Prompt token ids; T2LError when prompt + answer would not fit the model's context."""
-        ids = list(self.tokenizer(self.format(prompt), add_special_tokens=False)["input_ids"])
+        tok = tokenizer or self.tokenizer
+        ids = list(tok(self.format(prompt, tok), add_special_tokens=False)["input_ids"])
         if self.context and len(ids) + max_new_tokens > self.context:
             raise T2LError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's "
                            f"context of {self.context} tokens")
         return ids
+
+    def request_encoder(self) -> Callable[..., list[int]]:
+        """``encode`` for another thread (the server's tokenizer thread), on a private copy of the
+        tokenizer: a fast tokenizer may change its own truncation and padding state when called,
+        so it is never shared with the model thread, which decodes with ``self.tokenizer``. The
+        rest of what ``encode`` reads (family, chat-template flag, context) is fixed at construction."""
+        return partial(self.encode, tokenizer=copy.deepcopy(self.tokenizer))
 
     def _row_weights(self, weights: RowWeights, n: int) -> LoraWeights | None:
         """One LoraWeights for the batch: batch 1 when every row shares it, zeros for base rows."""

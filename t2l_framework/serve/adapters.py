@@ -15,6 +15,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from t2l_framework.lora.weights import LoraWeights
 
@@ -72,12 +73,15 @@ class AdapterCache:
                 "generated": self.generated, "evicted": self.evicted}
 
 
-def adapter_zip(runtime, item: Adapter) -> bytes:
-    """The adapter as a zip of a PEFT folder (files at the top level) plus ``t2l_adapter.json``."""
+def adapter_zip(write: Callable[[Path], Path], item: Adapter, hypernetwork: str, identity: str) -> bytes:
+    """The adapter as a zip of a PEFT folder (files at the top level) plus ``t2l_adapter.json``.
+
+    write: ``T2LRuntime.adapter_writer(item.weights)``, made on the model thread; it holds its
+    own CPU copy of the adapter, so this (file writing and zipping) runs on any thread."""
     with tempfile.TemporaryDirectory(prefix="t2l-adapter-") as tmp:
-        folder = runtime.export(item.weights, [Path(tmp) / "adapter"])[0]
+        folder = write(Path(tmp) / "adapter")
         (folder / "t2l_adapter.json").write_text(json.dumps(
-            {"description": item.description, "hypernetwork": runtime.name, "hypernetwork_sha256": runtime.identity},
+            {"description": item.description, "hypernetwork": hypernetwork, "hypernetwork_sha256": identity},
             indent=2) + "\n")
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -3,7 +3,16 @@
 Routes: ``GET /`` (web page), ``GET /healthz``, ``GET /v1/models``, ``GET /v1/stats``,
 ``POST /v1/adapters`` (description -> adapter id), ``GET /v1/adapters/{id}`` (PEFT zip),
 ``POST /v1/chat/completions`` (``model``: 'base' | 't2l:<id>', or a ``description``).
-Errors are JSON ``{"error": {"message", "type", "param"}}`` with a 4xx status.
+Errors are JSON ``{"error": {"message", "type", "param"}}``: bad input (validation, ``T2LError``)
+gets a 4xx with its message; anything else is a bug or a server fault and gets a 500 with a
+generic body, its traceback in the log (``InternalErrors``).
+
+Threads: the event loop owns the adapter cache and the batcher's state; every model and
+hypernetwork call (decoding, adapter generation, the device side of a download) runs on the
+batcher's one model thread. Two other threads touch the runtime, read-only: the tokenizer
+thread (with its own tokenizer copy, ``T2LRuntime.request_encoder``) and the download thread
+(zips a CPU copy made on the model thread, ``T2LRuntime.adapter_writer``). Routes read only
+attributes fixed at load (names, identity).
 
 Input budgets (see docs/security.md): a body limit (413), message and length limits in the
 schemas, tokenising and model work off the event loop (``/healthz`` stays fast under abuse),
@@ -50,6 +59,37 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
 
 
+INTERNAL_ERROR = "internal server error (a bug or a server fault, not your request); the server log has the details"
+
+
+class InternalErrors:
+    """ASGI middleware: an exception that is not a user error becomes a 500 with a generic body
+    (an internal message may hold paths or values that are not the client's business), and its
+    traceback is logged here, once. User errors never get this far: the exception handlers inside
+    answer ``T2LError`` and validation errors with a 4xx."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            log.exception("internal error in %s %s", scope["method"], scope["path"])
+            if started:  # too late for a status: let the server drop the connection
+                raise
+            await _error(500, INTERNAL_ERROR)(scope, receive, send)
+
+
 class RequestLog:
     """ASGI middleware: one log line per request with status and latency (streams included)."""
 
@@ -79,14 +119,16 @@ class Service:
         self.batcher = Batcher(runtime, max_batch, window_s)
         self.cache = AdapterCache(cache_size)
         self.pending: dict[str, asyncio.Future] = {}
-        # chat templates and tokenising are CPU work: one thread of their own, never the event loop
+        # chat templates and tokenising are CPU work: one thread of their own, never the event loop,
+        # with a tokenizer of its own (the model thread decodes with the runtime's)
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2l-tokenize")
+        self.encode_request = runtime.request_encoder()
 
     async def encode(self, req: ChatRequest) -> list[int]:
         """Prompt token ids of a chat request (tokenised off the event loop); 400 when too long."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.tokenizing, self.runtime.encode, req.chat_messages(), req.max_tokens)
+            return await loop.run_in_executor(self.tokenizing, self.encode_request, req.chat_messages(), req.max_tokens)
         except T2LError as exc:
             raise ApiError(400, str(exc), "messages") from None
 
@@ -103,6 +145,12 @@ class Service:
             task = self.pending[key] = asyncio.create_task(self._generate(key, description))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # waiters may all be gone
         return await asyncio.shield(task), not fresh
+
+    async def zip(self, item: Adapter) -> bytes:
+        """The PEFT zip of a cached adapter: its CPU copy is made on the model thread (after the
+        batch in flight), the files are written and zipped on a thread of their own."""
+        write = await self.batcher.run_model(self.runtime.adapter_writer, item.weights)
+        return await asyncio.to_thread(adapter_zip, write, item, self.runtime.name, self.runtime.identity)
 
     async def _generate(self, key: str, description: str) -> Adapter:
         try:
@@ -183,6 +231,7 @@ def create_app(runtime, max_batch: int = 16, batch_window_ms: float = 30.0, cach
     app = FastAPI(title="Text-to-LoRA", description="Adapters from task descriptions; OpenAI-compatible chat.",
                   lifespan=lifespan)
     app.state.service = service
+    app.add_middleware(InternalErrors)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
@@ -197,12 +246,8 @@ def create_app(runtime, max_batch: int = 16, batch_window_ms: float = 30.0, cach
         return _error(exc.status_code, str(exc.detail), getattr(exc, "param", None))
 
     @app.exception_handler(T2LError)
-    async def on_t2l(request, exc):
+    async def on_t2l(request, exc):  # bad input found below the routes (e.g. by the runtime)
         return _error(400, str(exc))
-
-    @app.exception_handler(Exception)
-    async def on_crash(request, exc):  # still logged with its traceback by Starlette
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
@@ -235,7 +280,7 @@ def create_app(runtime, max_batch: int = 16, batch_window_ms: float = 30.0, cach
         if item is None:
             raise ApiError(404, f"unknown adapter id '{adapter}' (never generated, or evicted from the cache); "
                                 "POST /v1/adapters with its description again", "id")
-        data = await asyncio.to_thread(adapter_zip, runtime, item)
+        data = await service.zip(item)
         return Response(data, media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="t2l-adapter-{item.id[:12]}.zip"'})
 
@@ -277,9 +322,13 @@ async def _stream(service: Service, head: dict, ids, weights, req: ChatRequest, 
             yield _chunk(head, {"content": delta})
         try:
             done, batch_size = task.result()
-        except Exception as exc:  # noqa: BLE001 - headers are out; report in-band
+        except T2LError as exc:  # headers are out: report in-band, as the status would have
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'invalid_request_error'}})}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        except Exception:  # noqa: BLE001 - a bug: generic in-band error, traceback in the log
             log.exception("streamed request failed")
-            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
+            yield f"data: {json.dumps({'error': {'message': INTERNAL_ERROR, 'type': 'server_error'}})}\n\n"
             yield "data: [DONE]\n\n"
             return
         if done.text.startswith(sent) and len(done.text) > len(sent):
