@@ -218,12 +218,13 @@ def cmd_eval(args) -> int:
     generator = None
     if target.is_dir() and run.is_lora_run():
         recipe_file = run.recipe  # a LoRA-baseline run: its base model, and its adapter by default
-        cfg, default_out = load_recipe(recipe_file, check_files=False), run.eval_dir
+        cfg, default_out = load_recipe(recipe_file, check_files=False, untrusted=not args.trust_remote_code), run.eval_dir
         check_run_trust(cfg, recipe_file, args.trust_remote_code)
         own_adapter = [f"{run.name}={run.adapter}"]
     elif target.is_dir():  # a trained T2L run (or hypernet) folder; loaded once the arguments are checked
         recipe_file = run.recipe if run.has_recipe() else None
-        cfg, default_out = (load_recipe(recipe_file, check_files=False) if recipe_file else None), run.eval_dir
+        cfg = load_recipe(recipe_file, check_files=False, untrusted=not args.trust_remote_code) if recipe_file else None
+        default_out = run.eval_dir
     else:
         recipe_file = find_recipe(args.run_or_recipe)
         cfg, default_out = load_recipe(recipe_file), Path("eval_results") / recipe_file.stem
