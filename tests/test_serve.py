@@ -39,7 +39,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runtime(world):
-    return load_runtime(world["run"])
+    return load_runtime(world["run"], dtype="float32")  # answers and logits are compared
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def _stats(client) -> dict:
 # --- runtime ------------------------------------------------------------------------------
 
 def test_load_run_accepts_run_and_hypernet_folders_and_names_bad_ones(world, runtime, tmp_path):
-    assert load_runtime(world["run"] / "hypernet").identity == runtime.identity
+    assert load_runtime(world["run"] / "hypernet", dtype="float32").identity == runtime.identity
     with pytest.raises(T2LError, match="not a T2L run folder"):
         load_runtime(tmp_path)
     with pytest.raises(T2LError, match="no such folder"):
