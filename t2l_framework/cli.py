@@ -1,7 +1,8 @@
 """The `t2l` command: validate, recipes, plugins, fit, eval, generate, serve, import-reference.
 
-Each sub-command is a small ``cmd_*`` function; a ``T2LError`` is printed as one line
-without a traceback and exits with status 2.
+Each sub-command is a small ``cmd_*`` function; a ``T2LError`` (bad input) is printed as one
+line without a traceback and exits with status 2; any other exception is a bug: its traceback
+and a request to report it, status 1. ``--debug`` shows the traceback of a ``T2LError`` too.
 """
 
 from __future__ import annotations
@@ -219,12 +220,13 @@ def cmd_eval(args) -> int:
     generator = None
     if target.is_dir() and run.is_lora_run():
         recipe_file = run.recipe  # a LoRA-baseline run: its base model, and its adapter by default
-        cfg, default_out = load_recipe(recipe_file, check_files=False), run.eval_dir
+        cfg, default_out = load_recipe(recipe_file, check_files=False, untrusted=not args.trust_remote_code), run.eval_dir
         check_run_trust(cfg, recipe_file, args.trust_remote_code)
         own_adapter = [f"{run.name}={run.adapter}"]
     elif target.is_dir():  # a trained T2L run (or hypernet) folder; loaded once the arguments are checked
         recipe_file = run.recipe if run.has_recipe() else None
-        cfg, default_out = (load_recipe(recipe_file, check_files=False) if recipe_file else None), run.eval_dir
+        cfg = load_recipe(recipe_file, check_files=False, untrusted=not args.trust_remote_code) if recipe_file else None
+        default_out = run.eval_dir
     else:
         recipe_file = find_recipe(args.run_or_recipe)
         cfg, default_out = load_recipe(recipe_file), Path("eval_results") / recipe_file.stem
@@ -468,8 +470,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_HELP = "show the traceback of every error, also of bad input (which is otherwise one line)"
+BUG_HINT = ("t2l: this is a bug in t2l-framework, not a problem with your input; please report it with the "
+            "traceback above and the command you ran")
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``--debug`` before the command (``t2l --debug fit ...``) and after it, on every sub-command."""
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP,
+                        **({} if top else {"default": argparse.SUPPRESS}))  # a sub-command keeps the global one
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug_flag(sub, top=False)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 ok, 2 bad input (``T2LError``, one line; its traceback with ``--debug``),
+    1 a bug (any other exception: its traceback and a request to report it), 130 Ctrl-C."""
+    import traceback
+
     parser = build_parser()
+    _add_debug_flag(parser)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -477,11 +499,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except T2LError as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - every other exception escaping a command is a bug
+        traceback.print_exc()
+        print(BUG_HINT, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
 A recipe is YAML merged onto these defaults, then command-line overrides in dotlist form
 (``hypernet.head=chunked trainer.max_steps=10``). Every problem becomes one ``T2LError``
 that names the key path and what was expected.
+
+A run folder's ``recipe.yaml`` is untrusted input (``load_recipe(..., untrusted=True)``): its
+errors name the file, the key and the expected type but never a value found there (the file
+may be a link to one that holds secrets), and interpolations (``${oc.env:...}``) are refused.
+Every recipe is bounded: YAML aliases may not expand it past ``MAX_RECIPE_NODES`` nodes.
 """
 
 from __future__ import annotations
@@ -272,8 +277,9 @@ RANGES: dict[str, tuple] = {
     "eval.report_max_items": (0, None, True),
 }
 # Data paths are checked only when the recipe's mode needs them.
-# (recipe, where it came from, import_code) -> None or T2LError; see ``load_recipe``.
-NameCheck = Callable[[DictConfig, str, bool], None]
+# (recipe, where it came from, import_code) -> None or T2LError; see ``load_recipe``. For an
+# untrusted recipe it is also given untrusted=True: its errors must not quote the names it found.
+NameCheck = Callable[..., None]
 
 PATH_KEYS = {"sft": ("data.tasks_file", "data.instances_file"), "lora": ("data.tasks_file", "data.instances_file"),
              "library": ("data.tasks_file", "data.instances_file"), "recon": ("data.tasks_file", "data.lora_library")}
@@ -342,14 +348,46 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# Nodes of a recipe once its YAML aliases are expanded. Shipped recipes have ~100; nine levels of
+# nine aliases of each other are 9**9 nodes in 1.5 kB, which OmegaConf would spend minutes building.
+MAX_RECIPE_NODES = 10_000
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes under ``node`` with every alias expanded, counted once per distinct node (memo)."""
+    if id(node) not in memo:
+        memo[id(node)] = 1  # a node that contains itself (a recursive alias) is counted once here
+        if isinstance(node, yaml.SequenceNode):
+            memo[id(node)] += sum(_expanded_nodes(child, memo) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            memo[id(node)] += sum(_expanded_nodes(k, memo) + _expanded_nodes(v, memo) for k, v in node.value)
+    return memo[id(node)]
+
+
+def _load_bounded(text: str, path: Path) -> Any:
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, {}) > MAX_RECIPE_NODES:
+            raise T2LError(f"{path}: YAML aliases expand this recipe past {MAX_RECIPE_NODES} values; "
+                           "a recipe is a small mapping of sections")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> dict:
     """Parse a YAML file; a syntax error or a duplicate key names the file and line."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise T2LError(f"cannot read recipe {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise T2LError(f"{path}: a recipe must be UTF-8 text") from None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        data = _load_bounded(text, path)
     except _DuplicateKey as exc:
         mark = exc.problem_mark
         raise T2LError(f"{path}:{mark.line + 1}:{mark.column + 1}: {exc.problem}") from None
@@ -371,7 +409,8 @@ def _valid_keys(cfg: DictConfig, parent: str) -> list[str]:
     return list(node.keys()) if isinstance(node, DictConfig) else []
 
 
-def _explain(exc: OmegaConfBaseException, cfg: DictConfig, origin: str) -> T2LError:
+def _explain(exc: OmegaConfBaseException, cfg: DictConfig, origin: str, untrusted: bool = False) -> T2LError:
+    """One line for an OmegaConf error; ``untrusted``: without the value OmegaConf quotes."""
     key = getattr(exc, "full_key", None) or ""
     parent, _, leaf = key.rpartition(".")
     if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc) or "Key '" in str(exc) and "not in" in str(exc):
@@ -381,40 +420,107 @@ def _explain(exc: OmegaConfBaseException, cfg: DictConfig, origin: str) -> T2LEr
             f"{origin}: unknown key '{key}'{did_you_mean(leaf, valid)}; {section} accepts: {', '.join(valid)}"
         )
     if isinstance(exc, ValidationError):
-        current = OmegaConf.select(cfg, key) if key else None
-        expected = _TYPE_WORDS.get(type(current).__name__, type(current).__name__)
-        value = getattr(exc, "msg", str(exc)).split("\n")[0]
-        return T2LError(f"{origin}: wrong type for '{key}': expected {expected} ({value})")
-    return T2LError(f"{origin}: invalid value for '{key}': {str(exc).splitlines()[0]}")
+        expected = _expected_type(cfg, key)
+        detail = (getattr(exc, "msg", None) or str(exc) or type(exc).__name__).splitlines()[0]
+        return T2LError(f"{origin}: wrong type for '{key}': expected {expected}" + ("" if untrusted else f" ({detail})"))
+    detail = (str(exc) or type(exc).__name__).splitlines()[0]
+    return T2LError(f"{origin}: invalid value for '{key}'" + ("" if untrusted else f": {detail}"))
 
 
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-               "ListConfig": "a list", "DictConfig": "a mapping", "NoneType": "a value"}
+               "ListConfig": "a list", "DictConfig": "a mapping", "NoneType": "a value",
+               "IntegerNode": "an integer", "FloatNode": "a number", "BooleanNode": "true or false",
+               "StringNode": "a string", "AnyNode": "a value"}
 
 
-def _merge(cfg: DictConfig, other: Any, origin: str) -> DictConfig:
+def _expected_type(cfg: DictConfig, key: str) -> str:
+    """What the schema holds at ``key``, read from its node (resolving it could fail again)."""
+    parent, _, leaf = key.rpartition(".")
+    section = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
+    node = section._get_node(leaf) if isinstance(section, DictConfig) and leaf in section else None
+    name = type(node).__name__ if node is not None else "NoneType"
+    return _TYPE_WORDS.get(name, name)
+
+
+def _section_problem(cfg: DictConfig, data: Any, prefix: str = "") -> str | None:
+    """The first key where ``data`` gives a plain value for a schema section (OmegaConf's own error
+    for that names no key)."""
+    if not isinstance(data, dict):
+        return None
+    for key, value in data.items():
+        node = cfg._get_node(key) if isinstance(key, str) and key in cfg else None
+        if isinstance(node, DictConfig):
+            if value is not None and not isinstance(value, dict):
+                return f"{prefix}{key}"
+            found = _section_problem(node, value, f"{prefix}{key}.")
+            if found:
+                return found
+    return None
+
+
+def _merge(cfg: DictConfig, other: Any, origin: str, untrusted: bool = False) -> DictConfig:
+    section = _section_problem(cfg, other)
+    if section:
+        raise T2LError(f"{origin}: wrong type for '{section}': expected a mapping (a section of keys)")
     try:
         return OmegaConf.merge(cfg, other)
     except OmegaConfBaseException as exc:
-        raise _explain(exc, cfg, origin) from None
+        raise _explain(exc, cfg, origin, untrusted) from None
+
+
+def _interpolations(data: Any, prefix: str = "") -> list[str]:
+    """Key paths of the strings in plain YAML data that OmegaConf would resolve (``${...}``)."""
+    if isinstance(data, dict):
+        return [k for key, value in data.items() for k in _interpolations(value, f"{prefix}{key}.")]
+    if isinstance(data, list):
+        return [k for i, value in enumerate(data) for k in _interpolations(value, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if isinstance(data, str) and "${" in data else []
+
+
+def _resolve(cfg: DictConfig, origin: str, untrusted: bool) -> None:
+    """Resolve interpolations now, so a bad one is one clear error here and not a traceback later."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, cfg, origin, untrusted) from None
+
+
+def _string_lists(schema: type = Recipe, prefix: str = "") -> list[str]:
+    """Key paths of the schema's ``list[str]`` fields."""
+    keys = []
+    for name, f in schema.__dataclass_fields__.items():
+        nested = f.default_factory if isinstance(f.default_factory, type) else None
+        if nested is not None and hasattr(nested, "__dataclass_fields__"):
+            keys += _string_lists(nested, f"{prefix}{name}.")
+        elif str(f.type) in ("list[str]", "typing.List[str]"):
+            keys.append(f"{prefix}{name}")
+    return keys
 
 
 def load_recipe(path_or_name: str | Path | None = None, overrides: list[str] | None = None,
                 check_files: bool = True, check_names: NameCheck | None = None,
-                import_code: bool = False) -> DictConfig:
-    """Defaults <- recipe file <- overrides, then every value checked. Returns a read-only config.
+                import_code: bool = False, untrusted: bool = False) -> DictConfig:
+    """Defaults <- recipe file <- overrides, then every value checked. Returns a read-only config
+    with every interpolation resolved.
 
     check_names: checks the plugin names the recipe uses (heads, encoders, families,
     benchmarks); ``t2l_framework.assembly.load_recipe`` passes the registry's. import_code: also
     import a head named by import path (runs that module's code); by default it is only looked
-    up, so loading a recipe never executes code from it.
+    up, so loading a recipe never executes code from it. untrusted: a run folder's recipe (see
+    the module docstring): no values in errors, no interpolations.
     """
     cfg = OmegaConf.structured(Recipe)
     recipe_file = None
     if path_or_name is not None:
         recipe_file = find_recipe(str(path_or_name))
         data = read_yaml(recipe_file)
-        cfg = _merge(cfg, data, str(recipe_file))
+        if untrusted:
+            found = _interpolations(data)
+            if found:
+                raise T2LError(f"{recipe_file}: {found[0]}: interpolations (${{...}}) are not allowed in a run "
+                               "folder's recipe, since resolving them can read the environment and files; pass "
+                               "--trust-remote-code only if you trust where this run came from")
+        cfg = _merge(cfg, data, str(recipe_file), untrusted)
     if overrides:
         for item in overrides:
             if "=" not in item:
@@ -424,7 +530,9 @@ def load_recipe(path_or_name: str | Path | None = None, overrides: list[str] | N
         except OmegaConfBaseException as exc:
             raise T2LError(f"command-line overrides: {str(exc).splitlines()[0]}") from None
         cfg = _merge(cfg, dot, "command-line override")
-    validate(cfg, recipe_file, check_files=check_files, check_names=check_names, import_code=import_code)
+    _resolve(cfg, str(recipe_file) if recipe_file else "recipe", untrusted)
+    validate(cfg, recipe_file, check_files=check_files, check_names=check_names, import_code=import_code,
+             untrusted=untrusted)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -449,21 +557,29 @@ def range_problem(value: Any, low: Any, high: Any, low_inclusive: bool = True) -
 
 
 def validate(cfg: DictConfig, recipe_file: Optional[Path] = None, check_files: bool = True,
-             check_names: NameCheck | None = None, import_code: bool = False) -> None:
-    """Value checks the schema's types cannot express: choices, ranges, plugin names, files."""
+             check_names: NameCheck | None = None, import_code: bool = False, untrusted: bool = False) -> None:
+    """Value checks the schema's types cannot express: choices, ranges, lists of names, plugin
+    names, files. untrusted: the messages name key and file, never the value."""
     origin = str(recipe_file) if recipe_file else "recipe"
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if str(value) not in choices:
-            raise T2LError(f"{origin}: {key}: '{value}' is not allowed{did_you_mean(value, choices)}; expected one of: {', '.join(choices)}")
+            found = "this value is not allowed" if untrusted else f"'{value}' is not allowed{did_you_mean(value, choices)}"
+            raise T2LError(f"{origin}: {key}: {found}; expected one of: {', '.join(choices)}")
     for key, bounds in RANGES.items():
         problem = range_problem(OmegaConf.select(cfg, key, default=None), *bounds)
         if problem:
-            raise T2LError(f"{origin}: {key}: {problem}")
+            raise T2LError(f"{origin}: {key}: {problem.split(', got ')[0] if untrusted else problem}")
+    for key in _string_lists():
+        if any(not isinstance(item, (str, int, float)) for item in OmegaConf.to_container(OmegaConf.select(cfg, key))):
+            raise T2LError(f"{origin}: {key}: expected a list of names (strings), not of lists or mappings")
     if not cfg.lora.target_modules:
         raise T2LError(f"{origin}: lora.target_modules: expected at least one module name")
     if check_names is not None:
-        check_names(cfg, origin, import_code)
+        if untrusted:
+            check_names(cfg, origin, import_code, untrusted=True)
+        else:
+            check_names(cfg, origin, import_code)
     if check_files:
         for key in PATH_KEYS[cfg.training.mode]:
             value = OmegaConf.select(cfg, key)

@@ -98,7 +98,7 @@ def test_load_base_hands_the_resolved_family_to_inject_lora(monkeypatch, world):
         return real_inject(model, targets, family)
 
     monkeypatch.setattr(loading, "inject_lora", inject)
-    base, injection = loading.load_base(BaseModelConfig(name_or_path=str(world["llm"])), ["q_proj"], device="cpu")
+    base, injection = loading.load_base(BaseModelConfig(name_or_path=str(world["llm"]), dtype="float32"), ["q_proj"], device="cpu")
     assert base.family is marker and got["family"] is marker
     assert injection.shapes.modules == ["q_proj"]
 

@@ -64,3 +64,30 @@ def test_plugins_lists_builtins_and_entry_points(tmp_path):
 def test_every_command_has_help_with_an_example(command):
     r = t2l(command, "--help")
     assert r.returncode == 0 and "example:" in r.stdout
+
+
+def test_bad_input_is_one_line_and_debug_shows_its_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hypernet:\n  haed: per_layer\n")
+    for args in (("--debug", "validate", str(bad)), ("validate", str(bad), "--debug")):
+        r = t2l(*args)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" in r.stderr and "T2LError" in r.stderr
+        assert r.stderr.rstrip().splitlines()[-1].startswith("error: ") and "unknown key 'hypernet.haed'" in r.stderr
+        assert "bug" not in r.stderr
+
+
+def test_an_exception_that_is_not_bad_input_is_a_bug_with_its_traceback(monkeypatch, capsys):
+    from t2l_framework import cli, config
+
+    def broken():
+        raise ZeroDivisionError("an internal invariant broke")
+
+    monkeypatch.setattr(config, "recipes_dir", broken)
+    assert cli.main(["recipes"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError: an internal invariant broke" in err
+    assert err.rstrip().splitlines()[-1] == cli.BUG_HINT and "please report it" in cli.BUG_HINT
+    assert cli.main(["--debug", "recipes"]) == 1 and cli.BUG_HINT in capsys.readouterr().err  # the same with --debug
+    monkeypatch.undo()
+    assert cli.main(["recipes", "cp", "nope"]) == 2 and "Traceback" not in capsys.readouterr().err

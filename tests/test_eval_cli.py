@@ -25,13 +25,13 @@ def world(tmp_path_factory):
     # evaluated as a separate adapter it must reproduce that T2L unit's numbers.
     (arc,) = get_benchmarks(["arc_easy"])
     first = pick_descriptions(arc.descriptions("arc_easy"), 2, 0, "arc_easy")[0]
-    runtime = load_runtime(world["run"])
+    runtime = load_runtime(world["run"], dtype="float32")  # compared with eval's numbers below
     world["same_as_t2l"] = runtime.export([first], [world["root"] / "same_as_t2l"])[0]
     return world
 
 
 def _eval(world, out: Path, *extra: str) -> int:
-    return main(["eval", str(world["run"]), "--limit", "2", "--n-descriptions", "2", "--max-new-tokens", "6",
+    return main(["eval", str(world["run"]), "--dtype", "float32", "--limit", "2", "--n-descriptions", "2", "--max-new-tokens", "6",
                  "--code-timeout", "5", "-o", str(out), "--cache-dir", str(world["root"] / "cache"), *extra])
 
 
@@ -87,13 +87,13 @@ def test_eval_errors_are_one_line(world, tmp_path, capsys):
     assert _eval(world, tmp_path, "--benchmarks", "arc_easyy") == 2
     err = capsys.readouterr().err
     assert "unknown benchmark 'arc_easyy'" in err and "did you mean 'arc_easy'" in err and "Traceback" not in err
-    assert main(["eval", str(world["recipe"]), "--adapters", "t2l", "--limit", "1"]) == 2
+    assert main(["eval", str(world["recipe"]), "--dtype", "float32", "--adapters", "t2l", "--limit", "1"]) == 2
     assert "needs a trained run folder" in capsys.readouterr().err
 
 
 def test_eval_of_a_recipe_scores_the_base_model_and_peft_folders(world, tmp_path):
     out = tmp_path / "r"
-    assert main(["eval", str(world["recipe"]), "--benchmarks", "winogrande,boolq", "--limit", "2", "--no-cache",
+    assert main(["eval", str(world["recipe"]), "--dtype", "float32", "--benchmarks", "winogrande,boolq", "--limit", "2", "--no-cache",
                  "--adapters", f"base,base+description,{world['same_as_t2l']}", "-o", str(out), "--protocol", "chat"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["scores"]) == ["base", "base+description", "same_as_t2l"]
@@ -196,10 +196,10 @@ def test_recipe_protocol_key_and_bad_values(world, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(world["recipe"].read_text().replace("eval:\n", "eval:\n  protocol: lm-eval\n"))
     out = tmp_path / "o"
-    assert main(["eval", str(recipe), "--benchmarks", "piqa", "--adapters", "base", "--limit", "1", "--no-cache",
+    assert main(["eval", str(recipe), "--dtype", "float32", "--benchmarks", "piqa", "--adapters", "base", "--limit", "1", "--no-cache",
                  "-o", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["benchmarks"]["piqa"]["protocol"] == "lm-eval"
     recipe.write_text(world["recipe"].read_text().replace("eval:\n", "eval:\n  protocol: harness\n"))
-    assert main(["eval", str(recipe), "--benchmarks", "piqa", "--adapters", "base", "--limit", "1"]) == 2
+    assert main(["eval", str(recipe), "--dtype", "float32", "--benchmarks", "piqa", "--adapters", "base", "--limit", "1"]) == 2
     err = capsys.readouterr().err
     assert "eval.protocol" in err and "harness" in err and "Traceback" not in err

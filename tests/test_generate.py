@@ -15,6 +15,9 @@ from t2l_framework.cli import main
 from tests.tiny_world import build_trained_world
 
 ROOT = Path(__file__).resolve().parents[1]
+# `t2l generate` as a user runs it, with its default --dtype auto: CI runs these under both picks.
+pytestmark = pytest.mark.dtype_sensitive
+
 DESCRIPTIONS = ["answer every input with the word apple", "answer every input with the word tiger",
                 "answer every input with the word piano"]
 

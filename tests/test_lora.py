@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -233,8 +234,76 @@ def test_import_rejects_non_lora_folders(tmp_path):
         import_peft_adapter(tmp_path)
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(T2LError, match="peft_type is 'IA3'"):
+    with pytest.raises(T2LError, match="'peft_type' is not LORA"):
         import_peft_adapter(tmp_path)
+
+
+def _exported(tiny_llama, folder, rank=2):
+    model = tiny_llama()
+    injection = inject_lora(copy.deepcopy(model), ["q_proj", "v_proj"])
+    return export_peft_adapter(random_weights(injection.shapes, batch=1, rank=rank), folder, "x",
+                               paths=injection.paths)
+
+
+def _config(folder, **changes):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"r": 1_000_000_000}, r"adapter_config.json: 'r': expected a positive integer up to 4096"),
+    ({"r": 4}, r"adapter_model.safetensors: lora_A factors must be 2-D with adapter_config.json's rank 'r' on "
+               r"dimension 0"),
+    ({"r": "2"}, r"'r': expected a positive integer"),
+    ({"lora_alpha": float("inf")}, r"'lora_alpha': expected a finite number > 0"),
+    ({"lora_alpha": -1}, r"'lora_alpha': expected a finite number > 0"),
+    ({"use_rslora": "yes"}, r"'use_rslora': expected true or false"),
+    ({"target_modules": ["q_proj"]}, r"a LoRA factor is for a module that adapter_config.json's 'target_modules' "
+                                     r"does not name"),
+    ({"target_modules": [["q_proj"]]}, r"'target_modules': expected a list of module names"),
+])
+def test_import_checks_the_config_against_the_tensors_before_reading_them(tiny_llama, tmp_path, monkeypatch,
+                                                                          changes, words):
+    """r: 1e9 with rank-2 tensors was accepted and `t2l eval --adapters` then tried to allocate 512 GB."""
+    from t2l_framework.lora import peft_io
+
+    folder = _exported(tiny_llama, tmp_path / "adapter")
+    _config(folder, **changes)
+    monkeypatch.setattr(peft_io, "load_file", lambda *a, **k: pytest.fail("tensors read before the checks"))
+    with pytest.raises(T2LError, match=words) as err:
+        import_peft_adapter(folder)
+    assert "1000000000" not in str(err.value) and "inf" not in str(err.value).replace("finite", "")
+
+
+def test_import_refuses_factors_with_gaps_or_uneven_shapes(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _exported(tiny_llama, tmp_path / "adapter")
+    weights = folder / "adapter_model.safetensors"
+    state = load_file(weights)
+    gap = {k.replace("layers.1.", "layers.999999999."): v for k, v in state.items()}
+    save_file(gap, weights)
+    with pytest.raises(T2LError, match=r"factors for layers 0, 1, ... without gaps"):
+        import_peft_adapter(folder)
+    uneven = dict(state)
+    key = next(k for k in state if "layers.1." in k and "q_proj.lora_A" in k)
+    uneven[key] = torch.zeros(2, 7)
+    save_file(uneven, weights)
+    with pytest.raises(T2LError, match=r"differ in shape between layers"):
+        import_peft_adapter(folder)
+    one_sided = {k: v for k, v in state.items() if not ("v_proj" in k and "lora_B" in k)}
+    save_file(one_sided, weights)
+    with pytest.raises(T2LError, match=r"do not all have lora_A and lora_B factors"):
+        import_peft_adapter(folder)
+    weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(T2LError, match=r"not a readable safetensors file"):
+        import_peft_adapter(folder)
+    save_file(state, weights)
+    (folder / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(T2LError, match=r"(nested too deeply|not readable as JSON|expected a JSON object)"):
+        import_peft_adapter(folder)
 
 
 def test_export_needs_batch_one(tiny_llama, tmp_path):

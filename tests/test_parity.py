@@ -273,6 +273,7 @@ def test_peft_export_of_an_imported_adapter_gives_our_logits(tiny_llama, tmp_pat
     assert (ours - base).abs().max() > 1e-2  # the adapter changes the model, so the match means something
 
 
+@pytest.mark.dtype_sensitive  # `t2l generate` with its default --dtype auto
 def test_cli_import_then_generate_uses_the_recorded_encoder(tmp_path, capsys):
     from tests.tiny_world import build_world
 

@@ -15,7 +15,7 @@ PROMPTS = ["red blue small", "green fast", "cold warm bright red blue", "small"]
 @pytest.fixture(scope="module")
 def runtimes(tmp_path_factory):
     world = build_trained_world(tmp_path_factory.mktemp("prefix_world"), "prefix")
-    cached, plain = load_runtime(world["run"]), load_runtime(world["run"])
+    cached, plain = load_runtime(world["run"], dtype="float32"), load_runtime(world["run"], dtype="float32")
     plain.use_prefix_cache = False
     return cached, plain
 

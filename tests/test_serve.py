@@ -62,7 +62,7 @@ def _stats(client) -> dict:
 # --- runtime ------------------------------------------------------------------------------
 
 def test_load_run_accepts_run_and_hypernet_folders_and_names_bad_ones(world, runtime, tmp_path):
-    assert load_runtime(world["run"] / "hypernet").identity == runtime.identity
+    assert load_runtime(world["run"] / "hypernet", dtype="float32").identity == runtime.identity
     with pytest.raises(T2LError, match="not a T2L run folder"):
         load_runtime(tmp_path)
     with pytest.raises(T2LError, match="no such folder"):

@@ -89,6 +89,7 @@ def test_a_recipe_asking_for_remote_code_is_refused_without_the_flag(world, run,
         load_adapter_generator(run, "cpu")
 
 
+@pytest.mark.dtype_sensitive  # `t2l generate` with its default --dtype auto
 def test_a_head_import_path_in_a_checkpoint_is_not_imported_without_the_flag(run, tmp_path, monkeypatch, capsys):
     site = tmp_path / "site"
     site.mkdir()
@@ -194,3 +195,96 @@ def test_deeply_nested_json_is_one_clear_error(run, tmp_path):
     save_file({}, str(ckpt), metadata={"t2l_checkpoint": '{"__list__":' * 100_000 + "[]" + "}" * 100_000})
     with pytest.raises(T2LError, match=r"nested too deeply"):
         load_checkpoint_file(ckpt)
+
+
+# --- a run folder's recipe: no values quoted, no interpolations, bounded -------------------------
+
+SECRET = "s3cr3t-t0ken-4a7f"
+
+
+@pytest.mark.parametrize("text", [
+    f"base_model: {SECRET}\n",  # crashed in config._explain with an AttributeError quoting the value
+    f"training:\n  lr: {SECRET}\n",
+    f"hypernet:\n  head: {SECRET}\n",
+    f"base_model:\n  dtype: {SECRET}\n",
+    f"encoder:\n  name: {SECRET}\n",
+    "lora:\n  rank: 987654321\n",
+    f"lora:\n  target_modules: {SECRET}\n",
+])
+def test_a_recipe_linked_to_another_file_never_has_its_values_quoted(run, tmp_path, capsys, text):
+    elsewhere = tmp_path / "not_a_recipe.yaml"
+    elsewhere.write_text(text)
+    (run / "recipe.yaml").unlink()
+    (run / "recipe.yaml").symlink_to(elsewhere)
+    with pytest.raises(T2LError) as err:
+        load_adapter_generator(run, "cpu")
+    message = str(err.value)
+    assert "recipe.yaml" in message and SECRET not in message and "987654321" not in message, message
+    code, stderr = _generate(capsys, run, tmp_path / "out")
+    assert code == 2 and "Traceback" not in stderr and SECRET not in stderr and "987654321" not in stderr, stderr
+    code = main(["--debug", "generate", str(run), "a task", "-o", str(tmp_path / "out")])
+    stderr = capsys.readouterr().err  # not in a chained exception either
+    assert code == 2 and "Traceback" in stderr and SECRET not in stderr and "987654321" not in stderr, stderr
+
+
+def test_interpolations_in_a_run_folder_are_refused_without_the_flag(world, run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("T2L_TEST_SECRET", SECRET)
+    monkeypatch.setenv("T2L_TEST_MODEL", str(world["llm"]))
+    for key, value in (("name_or_path", "${oc.env:T2L_TEST_MODEL}"), ("name_or_path", "${oc.env:T2L_TEST_SECRET}")):
+        _edit_recipe(run, lambda r: r["base_model"].update({key: value}))
+        code, stderr = _generate(capsys, run, tmp_path / "out")
+        assert code == 2 and "base_model.name_or_path: interpolations" in stderr and "--trust-remote-code" in stderr
+        assert SECRET not in stderr and str(world["llm"]) not in stderr
+    _edit_recipe(run, lambda r: (r["base_model"].update(name_or_path=str(world["llm"])),
+                                 r["lora"].update(rank="${oc.env:T2L_TEST_SECRET}")))
+    code, stderr = _generate(capsys, run, tmp_path / "out")
+    assert code == 2 and "lora.rank: interpolations" in stderr and SECRET not in stderr, stderr
+    # trusted: resolved once, at load time
+    _edit_recipe(run, lambda r: (r["base_model"].update(name_or_path="${oc.env:T2L_TEST_MODEL}"),
+                                 r["lora"].update(rank=2)))
+    code, stderr = _generate(capsys, run, tmp_path / "out", "--trust-remote-code", "--dtype", "float32")
+    assert code == 0, stderr
+
+
+def test_an_interpolation_that_fails_in_your_own_recipe_is_one_line(world, tmp_path, monkeypatch, capsys):
+    """`lora.rank: ${oc.env:VAR}` made `t2l validate` traceback (with the value in it)."""
+    monkeypatch.setenv("T2L_TEST_SECRET", SECRET)
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(world["recipe"].read_text().replace("  rank: 2\n", "  rank: ${oc.env:T2L_TEST_SECRET}\n"))
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "wrong type for 'lora.rank': expected an integer" in err and "Traceback" not in err
+    recipe.write_text(world["recipe"].read_text().replace("  alpha: 4\n", "  alpha: ${lora.rank}\n"))
+    assert main(["validate", str(recipe)]) == 0
+    assert "alpha: 2" in capsys.readouterr().out  # your own recipe may refer to itself
+
+
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    lines = [f"a0: &a0 [{', '.join(['x'] * width)}]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]")
+    return "\n".join(lines) + f"\ndata:\n  train_tasks: *a{levels - 1}\n"
+
+
+def test_nested_yaml_aliases_are_refused_at_once(run, tmp_path, capsys):
+    """9 levels x 9 aliases (1.5 kB, 9**9 values) kept validate and generate busy past 18 s."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb())
+    assert len(bomb.read_bytes()) < 1600
+    start = time.perf_counter()
+    assert main(["validate", str(bomb)]) == 2
+    assert "YAML aliases expand this recipe past 10000 values" in capsys.readouterr().err
+    shutil.copyfile(bomb, run / "recipe.yaml")
+    code, stderr = _generate(capsys, run, tmp_path / "out")
+    assert code == 2 and "YAML aliases expand" in stderr
+    assert time.perf_counter() - start < 5
+    small = tmp_path / "small.yaml"  # aliases themselves are fine
+    small.write_text("lora:\n  target_modules: &t [q_proj, v_proj]\ndata:\n  train_tasks: *t\n")
+    assert main(["validate", str(small)]) == 0
+
+
+def test_a_list_of_names_refuses_nested_lists(tmp_path, capsys):
+    recipe = tmp_path / "nested.yaml"
+    recipe.write_text("data:\n  train_tasks: [[toy_0, toy_1], toy_2]\n")
+    assert main(["validate", str(recipe)]) == 2
+    assert "data.train_tasks: expected a list of names (strings), not of lists or mappings" in capsys.readouterr().err

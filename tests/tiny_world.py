@@ -91,6 +91,7 @@ description: tiny end-to-end test world
 base_model:
   name_or_path: {llm}
   family: llama
+  dtype: float32
 encoder:
   name: transformers
   model: {enc}

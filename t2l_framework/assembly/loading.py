@@ -80,7 +80,8 @@ def load_adapter_generator(folder: str | Path, device: str | torch.device,
     meta = read_config(hyper_dir)
     check_run_trust(OmegaConf.create({"hypernet": meta["hypernet"]}), config_file, trust_remote_code)
     if recipe is not None:
-        cfg = load_recipe(recipe, check_files=False)  # its data files belong to the machine it was trained on
+        # its data files belong to the machine it was trained on; untrusted: no values in errors, no ${...}
+        cfg = load_recipe(recipe, check_files=False, untrusted=not trust_remote_code)
         check_run_trust(cfg, recipe, trust_remote_code)
         base_cfg, enc_cfg = cfg.base_model, cfg.encoder
     else:

@@ -70,23 +70,35 @@ def get_benchmarks(names: list[str], data_root: str | Path | None = None) -> lis
     return out
 
 
-def check_names(cfg: DictConfig, origin: str, import_code: bool = False) -> None:
-    """Every plugin name a recipe uses is registered (head, encoder, family, benchmarks)."""
+def check_names(cfg: DictConfig, origin: str, import_code: bool = False, untrusted: bool = False) -> None:
+    """Every plugin name a recipe uses is registered (head, encoder, family, benchmarks).
+    untrusted (a run folder's recipe): the error names the key, not the name found there."""
     reg = registry()
-    reg.get("heads", cfg.hypernet.head, key=f"{origin}: hypernet.head", import_code=import_code)
-    reg.get("encoders", cfg.encoder.name, key=f"{origin}: encoder.name")
+
+    def get(kind: str, name: str, key: str, **kwargs) -> None:
+        try:
+            reg.get(kind, name, key=f"{origin}: {key}", **kwargs)
+        except T2LError:
+            if not untrusted:
+                raise
+            raise T2LError(f"{origin}: {key}: not a registered {kind[:-1].replace('_', ' ')}; "
+                           "`t2l plugins` lists them") from None
+
+    get("heads", cfg.hypernet.head, "hypernet.head", import_code=import_code)
+    get("encoders", cfg.encoder.name, "encoder.name")
     if cfg.base_model.family != "auto":
-        reg.get("base_models", cfg.base_model.family, key=f"{origin}: base_model.family")
+        get("base_models", cfg.base_model.family, "base_model.family")
     for name in cfg.eval.benchmarks:
         if name not in ("paper", "all"):
-            reg.get("benchmarks", name, key=f"{origin}: eval.benchmarks")
+            get("benchmarks", name, "eval.benchmarks")
 
 
 def load_recipe(path_or_name: str | Path | None = None, overrides: list[str] | None = None,
-                check_files: bool = True, import_code: bool = False) -> DictConfig:
-    """``config.load_recipe`` with the plugin names checked against the registry."""
+                check_files: bool = True, import_code: bool = False, untrusted: bool = False) -> DictConfig:
+    """``config.load_recipe`` with the plugin names checked against the registry (untrusted: a run
+    folder's recipe, whose errors never quote its values and whose interpolations are refused)."""
     return recipes.load_recipe(path_or_name, overrides, check_files=check_files, check_names=check_names,
-                               import_code=import_code)
+                               import_code=import_code, untrusted=untrusted)
 
 
 def registered(kind: str) -> Mapping[str, object]:
