@@ -112,6 +112,7 @@ class T2LRun(ModelHubMixin, library_name=LIBRARY, tags=TAGS, repo_url=REPO_URL,
     def __init__(self, root: Path):
         self.run = RunFolder(root)
         self._hub_mixin_config = None  # config.json is written by _save_pretrained, never the local path
+        self.repo_id = "ORG/NAME"  # what the card's usage lines name; push_to_hub sets it
 
     @property
     def root(self) -> Path:
@@ -132,12 +133,12 @@ class T2LRun(ModelHubMixin, library_name=LIBRARY, tags=TAGS, repo_url=REPO_URL,
         if tasks:
             (save_directory / "training_tasks.txt").write_text("\n".join(tasks) + "\n")
         (save_directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        model_card(self.run, tasks).save(save_directory / "README.md")
+        model_card(self.run, tasks, self.repo_id).save(save_directory / "README.md")
 
     def generate_model_card(self, *args, **kwargs):
         from t2l_framework.assembly.model_card import model_card, training_task_ids
 
-        return model_card(self.run, training_task_ids(self.run))
+        return model_card(self.run, training_task_ids(self.run), self.repo_id)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
@@ -153,10 +154,12 @@ class T2LRun(ModelHubMixin, library_name=LIBRARY, tags=TAGS, repo_url=REPO_URL,
         endpoint: another Hub (default ``HF_ENDPOINT``)."""
         if not is_hub_id(repo_id):
             raise T2LError(f"'{repo_id}': a hub repo id is ORG/NAME")
+        if create_pr and branch:
+            raise T2LError("--create-pr opens a pull request against the default branch; leave out --revision")
         hub_config(self.run)  # a clear error before anything is created
         api = HfApi(endpoint=endpoint, token=token)
         try:
-            repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+            repo_id = self.repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
             if branch:
                 api.create_branch(repo_id, branch=branch, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix="t2l-push-") as tmp:
