@@ -19,7 +19,7 @@ def inspect_png(rows: list[dict], path: str | Path, task_median: list[list[float
     import numpy as np
 
     n = len(rows)
-    fig, axes = plt.subplots(n, 3, figsize=(13, 4.2 * n), squeeze=False,
+    fig, axes = plt.subplots(n, 3, figsize=(14, 4.6 * n), squeeze=False, layout="constrained",
                              gridspec_kw={"width_ratios": [1.1, 1.4, 1.4]})
     median = np.asarray(task_median, dtype=float)
     for (ax_map, ax_enc, ax_ad), row in zip(axes, rows):
@@ -40,14 +40,16 @@ def inspect_png(rows: list[dict], path: str | Path, task_median: list[list[float
                                (ax_ad, "closest_adapters", "closest training adapters (ΔW cosine)")):
             items = row[key][::-1]
             ax.barh([i["task"] for i in items], [i["cosine"] for i in items], color="#2457c5")
-            ax.set_xlim(min(0.0, min(i["cosine"] for i in items)), 1.0)
+            low = min(i["cosine"] for i in items)
+            # adapters of one hypernetwork share most of their weights: zoom in where they differ
+            ax.set_xlim(min(0.0, low) if key == "nearest_tasks" else max(-1.0, low - 0.5 * (1.0 - low) - 1e-4), 1.0)
             ax.set_title(title, fontsize=9)
             ax.tick_params(axis="y", labelsize=8)
-        head = textwrap.shorten(row["description"], 110)
-        ax_enc.annotate(f"\"{head}\"  —  familiarity {row['familiarity']:.0f}th percentile "
-                        f"({row['verdict'].split(':')[0]})", (0, 1.13), xycoords="axes fraction", fontsize=10,
-                        fontweight="bold")
-    fig.tight_layout()
+        head = textwrap.shorten(row["description"], 90)
+        enc_title = ax_enc.get_title()
+        ax_enc.set_title("")
+        ax_enc.set_title(f"\"{head}\"\nfamiliarity {row['familiarity']:.0f}th percentile "
+                         f"({row['verdict'].split(':')[0]})\n\n{enc_title}", fontsize=9, loc="left")
     path = Path(path)
     with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
