@@ -256,7 +256,8 @@ def cmd_eval(args) -> int:
     from t2l_framework.assembly.hub import is_hub_id, resolve_run
 
     target = Path(args.run_or_recipe).expanduser()
-    if args.revision or (not target.exists() and is_hub_id(args.run_or_recipe)):
+    looks_like_recipe = target.suffix in (".yaml", ".yml")
+    if args.revision or (not target.exists() and not looks_like_recipe and is_hub_id(args.run_or_recipe)):
         target = resolve_run(args.run_or_recipe, args.revision)
     run = RunFolder(target)
     own_adapter: list[str] = []

@@ -166,3 +166,20 @@ def test_t2l_push_uploads_the_run_to_the_hub_api(world, monkeypatch, capsys):
     card = ModelCard(files["README.md"].decode())
     assert card.data.library_name == "t2l-framework" and f"t2l generate {REPO}" in card.text
     assert yaml.safe_load(files["config.json"])["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_import_reference_takes_a_hub_id_and_subfolder(tmp_path, monkeypatch, capsys):
+    release = tmp_path / "release" / "trained_t2l" / "tiny_t2l"
+    release.mkdir(parents=True)
+    (release / "args.yaml").write_text("model_dir: x\n")
+    cache = _hub_cache(tmp_path / "release", tmp_path / "hf", "SakanaAI/text-to-lora")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    snapshot = cache / "models--SakanaAI--text-to-lora" / "snapshots" / SHA
+    assert resolve_run("SakanaAI/text-to-lora", subfolder="trained_t2l/tiny_t2l") == snapshot / "trained_t2l" / "tiny_t2l"
+    # the command reaches the reference reader with the snapshot's folder (which then names the missing file)
+    assert main(["import-reference", "SakanaAI/text-to-lora", "--subfolder", "trained_t2l/tiny_t2l",
+                 "-o", str(tmp_path / "run")]) == 2
+    assert "trained_t2l/tiny_t2l" in capsys.readouterr().err
+    with pytest.raises(T2LError, match="has no folder 'trained_t2l/other'"):
+        resolve_run("SakanaAI/text-to-lora", subfolder="trained_t2l/other")
