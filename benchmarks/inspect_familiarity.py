@@ -8,7 +8,8 @@
    out of the reference it is scored against) vs the descriptions of the run's never-trained
    eval tasks; mean, quartiles and the share of each verdict.
 3. Adapter cosine from the factors (trace((B1^T B2)(A2 A1^T))) vs forming every delta W:
-   the same numbers, and the time ratio, over the training tasks' adapters.
+   the same numbers, and the time ratio, over the training tasks' adapters; plain and centred
+   on the mean-task adapter (what ``closest_adapters`` ranks by).
 4. The example PNG and JSON (docs/inspect_example.png) for one training-task and one unseen description.
 
     python benchmarks/inspect_familiarity.py [RUN] [--unseen-per-task 10] [--png docs/inspect_example.png]
@@ -131,9 +132,24 @@ def main() -> None:
         on += (do * do).sum(dim=(1, 2, 3))
     full = num / (qn.sqrt() * on.sqrt())
     t_full = time.perf_counter() - t0
+    anchor = inspector.anchor()
+    centred = adapter_cosine(query, others, index.modules, anchor)
+    num = torch.zeros(len(index.task_ids))
+    qn = torch.zeros(())
+    on = torch.zeros(len(index.task_ids))
+    for m in index.modules:
+        da = anchor.B[m][0].float() @ anchor.A[m][0].float()
+        dq = query.B[m][0].float() @ query.A[m][0].float() - da
+        do = others.B[m].float() @ others.A[m].float() - da
+        num += (do * dq).sum(dim=(1, 2, 3))
+        qn += (dq * dq).sum()
+        on += (do * do).sum(dim=(1, 2, 3))
+    centred_full = num / (qn.sqrt() * on.sqrt())
     print(f"\nadapter cosine over {len(index.task_ids)} training adapters: factors {t_fast * 1000:.1f} ms, full delta W "
           f"{t_full * 1000:.1f} ms (baseline), {t_full / t_fast:.1f}x faster; max |difference| "
-          f"{float((fast - full).abs().max()):.2e}")
+          f"{float((fast - full).abs().max()):.2e}; plain cosines {float(full.min()):.3f}..{float(full.max()):.3f}")
+    print(f"  centred on the mean-task adapter: {float(centred_full.min()):+.3f}..{float(centred_full.max()):+.3f}, "
+          f"max |factors - full| {float((centred - centred_full).abs().max()):.2e}")
 
     # 4. example figure
     if args.png:

@@ -357,8 +357,8 @@ def cmd_inspect(args) -> int:
         for n in row["nearest_descriptions"]:
             print(f"    {n['cosine']:.3f}  {n['task']:<12} {n['description'][:90]}")
         print("  nearest tasks (encoder):   " + ", ".join(f"{t['task']} {t['cosine']:.3f}" for t in row["nearest_tasks"]))
-        print("  closest adapters (ΔW cos): " + ", ".join(f"{t['task']} {t['cosine']:.3f}"
-                                                       for t in row["closest_adapters"]))
+        print("  closest adapters (ΔW cos, centred on the mean-task adapter): "
+              + ", ".join(f"{t['task']} {t['cosine']:.3f}" for t in row["closest_adapters"]))
         cells = len(row["norms"]) * len(row["modules"])
         print(f"  adapter norm: {row['norms_outside_training_range']} of {cells} layer x module cells outside the "
               "training tasks' range")

@@ -41,6 +41,10 @@ def test_factor_arithmetic_equals_full_delta_w():
     dq = torch.cat([full(q, m).flatten() for m in q.modules])
     do = torch.stack([torch.cat([full(others, m)[t].flatten() for m in q.modules]) for t in range(4)])
     torch.testing.assert_close(adapter_cosine(q, others, q.modules), torch.nn.functional.cosine_similarity(do, dq[None]))
+    anchor = _weights(2, 1)
+    da = torch.cat([full(anchor, m).flatten() for m in q.modules])
+    torch.testing.assert_close(adapter_cosine(q, others, q.modules, anchor),
+                               torch.nn.functional.cosine_similarity(do - da[None], (dq - da)[None]))
 
 
 def test_familiarity_is_the_percentile_among_the_reference():

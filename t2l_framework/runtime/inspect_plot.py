@@ -37,12 +37,11 @@ def inspect_png(rows: list[dict], path: str | Path, task_median: list[list[float
         ax_map.set_title("log2(||ΔW|| / training median)\nx: outside the training range", fontsize=9)
         fig.colorbar(im, ax=ax_map, fraction=0.05)
         for ax, key, title in ((ax_enc, "nearest_tasks", "nearest training tasks (encoder cosine)"),
-                               (ax_ad, "closest_adapters", "closest training adapters (ΔW cosine)")):
+                               (ax_ad, "closest_adapters", "closest training adapters (ΔW cosine,\ncentred on the mean-task adapter)")):
             items = row[key][::-1]
             ax.barh([i["task"] for i in items], [i["cosine"] for i in items], color="#2457c5")
             low = min(i["cosine"] for i in items)
-            # adapters of one hypernetwork share most of their weights: zoom in where they differ
-            ax.set_xlim(min(0.0, low) if key == "nearest_tasks" else max(-1.0, low - 0.5 * (1.0 - low) - 1e-4), 1.0)
+            ax.set_xlim(min(0.0, low), 1.0)
             ax.set_title(title, fontsize=9)
             ax.tick_params(axis="y", labelsize=8)
         head = textwrap.shorten(row["description"], 90)

@@ -8,7 +8,10 @@ the familiarity is the percentile of the description within it (50 = as close as
 held-out description of a training task, 0 = farther than all of them).
 
 Adapters are compared as delta W = s * B @ A without forming a matrix:
-<B1 A1, B2 A2>_F = trace((B1^T B2)(A2 A1^T)), so a norm or cosine costs r x r products.
+<B1 A1, B2 A2>_F = trace((B1^T B2)(A2 A1^T)), so a norm or cosine costs r x r products. The
+closest training adapters are ranked by the cosine of what sets each adapter apart from the
+adapter of the training tasks' mean embedding (adapters of one hypernetwork share most of
+their weights, so their plain cosines are all near 1); the plain cosine is reported too.
 ``InspectIndex`` holds what is computed once per run (``assembly/inspect.py`` builds and caches it).
 """
 
@@ -91,13 +94,27 @@ def layer_norms(weights: LoraWeights, modules: Sequence[str]) -> torch.Tensor:
     return torch.stack(out, dim=-1) * abs(weights.scaling)
 
 
-def adapter_cosine(query: LoraWeights, others: LoraWeights, modules: Sequence[str]) -> torch.Tensor:
+def adapter_inner(x: LoraWeights, y: LoraWeights, modules: Sequence[str]) -> torch.Tensor:
+    """<delta W_x, delta W_y> over all layers and modules (scaling left out): batch 1 against
+    batch T broadcasts to [T]; equal batches pair row by row."""
+    return sum(gram_inner(x.A[m], x.B[m], y.A[m], y.B[m]).sum(dim=-1) for m in modules)
+
+
+def adapter_cosine(query: LoraWeights, others: LoraWeights, modules: Sequence[str],
+                   anchor: LoraWeights | None = None) -> torch.Tensor:
     """Cosine between the whole delta W of ``query`` (batch 1) and each adapter of ``others``
-    (batch T), all layers and modules as one vector: [T]."""
-    inner = sum(gram_inner(query.A[m], query.B[m], others.A[m], others.B[m]).sum(dim=-1) for m in modules)
-    q = sum(gram_inner(query.A[m], query.B[m], query.A[m], query.B[m]).sum(dim=-1) for m in modules)
-    o = sum(gram_inner(others.A[m], others.B[m], others.A[m], others.B[m]).sum(dim=-1) for m in modules)
-    return inner / (q.clamp_min(1e-30).sqrt() * o.clamp_min(1e-30).sqrt())
+    (batch T), all layers and modules as one vector: [T].
+
+    anchor (batch 1): compare what sets each adapter apart from it, cos(q - a, t - a), expanded
+    into inner products of the factors (<q-a, t-a> = <q,t> - <q,a> - <a,t> + <a,a>), so the
+    differences are never formed either."""
+    qt, qq, tt = (adapter_inner(query, others, modules), adapter_inner(query, query, modules),
+                  adapter_inner(others, others, modules))
+    if anchor is not None:
+        qa, ta, aa = (adapter_inner(query, anchor, modules), adapter_inner(anchor, others, modules),
+                      adapter_inner(anchor, anchor, modules))
+        qt, qq, tt = qt - qa - ta + aa, qq - 2 * qa + aa, tt - 2 * ta + aa
+    return qt / (qq.clamp_min(1e-30).sqrt() * tt.clamp_min(1e-30).sqrt())
 
 
 class Inspector:
@@ -148,6 +165,14 @@ class Inspector:
         return hyper(self.index.task_embeddings[start:stop].to(hyper.layer_idx.device))
 
     @torch.inference_mode()
+    def anchor(self) -> LoraWeights:
+        """The adapter of the training tasks' mean embedding (batch 1): what all of them share."""
+        emb = self.index.task_embeddings
+        mean = unit(emb.mean(dim=0, keepdim=True)) * emb.norm(dim=1).mean()
+        hyper = self.generator.hypernet
+        return hyper(mean.to(hyper.layer_idx.device))
+
+    @torch.inference_mode()
     def inspect(self, descriptions: Sequence[str], k: int = 5) -> list[dict]:
         """Everything about each description: neighbours, familiarity, its adapter's norms per layer
         and module against the training tasks' range, and the training tasks with the closest adapters."""
@@ -157,11 +182,14 @@ class Inspector:
         norms = layer_norms(weights, modules).cpu()  # [n, L, M]
         lo, hi = idx.task_norms.min(dim=0).values, idx.task_norms.max(dim=0).values  # [L, M]
         cos = torch.empty(len(rows), len(idx.task_ids))
+        raw = torch.empty(len(rows), len(idx.task_ids))
+        anchor = self.anchor()
         for start in range(0, len(idx.task_ids), self.chunk):
             stop = min(start + self.chunk, len(idx.task_ids))
             others = self.task_adapters(start, stop)
             for i in range(len(rows)):
-                cos[i, start:stop] = adapter_cosine(weights.select(i), others, modules).cpu()
+                cos[i, start:stop] = adapter_cosine(weights.select(i), others, modules, anchor).cpu()
+                raw[i, start:stop] = adapter_cosine(weights.select(i), others, modules).cpu()
         for i, row in enumerate(rows):
             outside = ((norms[i] < lo) | (norms[i] > hi))
             top = cos[i].topk(min(k, cos.shape[1]))
@@ -172,7 +200,8 @@ class Inspector:
                 "training_norm_range": {"min": [[round(float(v), 5) for v in layer] for layer in lo],
                                         "max": [[round(float(v), 5) for v in layer] for layer in hi]},
                 "norms_outside_training_range": int(outside.sum()),
-                "closest_adapters": [{"task": idx.task_ids[int(j)], "cosine": round(float(c), 4)}
+                "closest_adapters": [{"task": idx.task_ids[int(j)], "cosine": round(float(c), 4),
+                                      "raw_cosine": round(float(raw[i, j]), 4)}
                                      for c, j in zip(top.values, top.indices)],
             })
         return rows
