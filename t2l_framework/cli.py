@@ -1,4 +1,4 @@
-"""The `t2l` command: validate, recipes, plugins, fit, eval, generate, serve, import-reference.
+"""The `t2l` command: validate, recipes, plugins, fit, eval, generate, serve, import-reference, push, inspect.
 
 Each sub-command is a small ``cmd_*`` function; a ``T2LError`` (bad input) is printed as one
 line without a traceback and exits with status 2; any other exception is a bug: its traceback
@@ -148,7 +148,8 @@ def cmd_generate(args) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise T2LError(f"{out} already exists; pass --force to overwrite it, or -o DIR for another folder")
     say(f"loading {args.run} ...")
-    runtime = load_runtime(args.run, dtype=_dtype(args), trust_remote_code=args.trust_remote_code)
+    runtime = load_runtime(args.run, dtype=_dtype(args), trust_remote_code=args.trust_remote_code,
+                           revision=args.revision)
     weights = runtime.adapters(descriptions)  # one hypernetwork forward for all of them
     folders = [out] if len(descriptions) == 1 else [out / f"adapter_{i:03d}" for i in range(len(descriptions))]
     runtime.export(weights, folders)
@@ -158,6 +159,9 @@ def cmd_generate(args) -> int:
              "adapters": [{"folder": f.name, "description": d} for f, d in zip(folders, descriptions)]}, indent=2) + "\n")
     for folder, desc in zip(folders, descriptions):
         print(f"wrote {folder}  ({desc})")
+    if not args.no_familiarity:
+        for line in _familiarity_lines(runtime.generator, args.run, args.revision, descriptions):
+            print(line)
     if args.chat:
         rows = [None] + [weights.select(i) for i in range(len(descriptions))]
         answers = runtime.chat([args.chat] * len(rows), rows, max_new_tokens=args.max_new_tokens,
@@ -168,6 +172,40 @@ def cmd_generate(args) -> int:
         for label, answer in zip(labels, answers):
             print(f"  {label:<{width}}  {answer.text.strip()}")
     return 0
+
+
+def _familiarity_lines(generator, run: str, revision: str | None, descriptions: list[str]) -> list[str]:
+    """One verdict line per description (``t2l inspect`` has the details); a run whose training
+    data is not on this machine says so instead of failing the command."""
+    from t2l_framework.assembly.hub import resolve_run
+    from t2l_framework.assembly.inspect import inspector_for
+    from t2l_framework.run_folder import locate_hypernet
+
+    try:
+        inspector = inspector_for(generator, locate_hypernet(resolve_run(run, revision))[1])
+    except T2LError as exc:
+        return [f"familiarity: not available ({exc})"]
+    rows = inspector.familiarity(descriptions)
+    prefix = len(descriptions) > 1
+    return [f"familiarity{f' [{i:03d}]' if prefix else ''}: {r['familiarity']:.0f}th percentile, {r['verdict']} "
+            f"(nearest task {r['nearest_tasks'][0]['task']}, cosine {r['nearest_tasks'][0]['cosine']:.2f})"
+            for i, r in enumerate(rows)]
+
+
+def _server_inspector(runtime, args):
+    """The server's ``Inspector`` (familiarity in ``/v1/adapters``, ``/v1/inspect``), or None with
+    the reason logged when the run's training data is not here."""
+    from t2l_framework.assembly.hub import resolve_run
+    from t2l_framework.assembly.inspect import inspector_for
+    from t2l_framework.run_folder import locate_hypernet
+
+    if args.no_familiarity:
+        return None
+    try:
+        return inspector_for(runtime.generator, locate_hypernet(resolve_run(args.run, args.revision))[1])
+    except T2LError as exc:
+        say(f"familiarity is off: {exc}")
+        return None
 
 
 def cmd_serve(args) -> int:
@@ -190,9 +228,12 @@ def cmd_serve(args) -> int:
     say(f"loading {args.run} ...")
     if args.max_body_kb < 1:
         raise T2LError("--max-body-kb must be at least 1")
-    app = create_app(load_runtime(args.run, dtype=_dtype(args), trust_remote_code=args.trust_remote_code),
+    runtime = load_runtime(args.run, dtype=_dtype(args), trust_remote_code=args.trust_remote_code,
+                           revision=args.revision)
+    app = create_app(runtime,
                      max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, cache_size=args.cache_size,
-                     max_body_bytes=args.max_body_kb * 1024, allowed_hosts=allowed_hosts(args.host))
+                     max_body_bytes=args.max_body_kb * 1024, allowed_hosts=allowed_hosts(args.host),
+                     inspector=_server_inspector(runtime, args))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
     return 0
 
@@ -214,7 +255,12 @@ def cmd_eval(args) -> int:
     from t2l_framework.eval.report import markdown_table, write_outputs
     from t2l_framework.run_folder import RunFolder
 
+    from t2l_framework.assembly.hub import is_hub_id, resolve_run
+
     target = Path(args.run_or_recipe).expanduser()
+    looks_like_recipe = target.suffix in (".yaml", ".yml")
+    if args.revision or (not target.exists() and not looks_like_recipe and is_hub_id(args.run_or_recipe)):
+        target = resolve_run(args.run_or_recipe, args.revision)
     run = RunFolder(target)
     own_adapter: list[str] = []
     generator = None
@@ -289,9 +335,50 @@ def cmd_eval(args) -> int:
 def cmd_import_reference(args) -> int:
     from t2l_framework.hypernet.reference_import import import_reference
 
+    from t2l_framework.assembly.hub import REFERENCE_FILES, resolve_run
+
     order = _split_list([args.module_order]) if args.module_order else None
-    out = import_reference(args.folder, args.output, module_order=order, force=args.force)
+    folder = resolve_run(args.folder, args.revision, args.subfolder, files=REFERENCE_FILES)
+    out = import_reference(folder, args.output, module_order=order, force=args.force)
     print(f"wrote {out}  (load it like any run: t2l generate {out} \"DESCRIPTION\")")
+    return 0
+
+
+# --- push / inspect -------------------------------------------------------------------------
+
+def cmd_push(args) -> int:
+    from t2l_framework.assembly.hub import T2LRun
+
+    run = Path(args.run).expanduser()
+    if not run.is_dir():
+        raise T2LError(f"{run}: no such run folder; `t2l push` uploads a local run (runs/NAME)")
+    url = T2LRun(run).push_to_hub(args.repo_id, private=args.private or None, create_pr=args.create_pr or None,
+                                  branch=args.revision)
+    print(f"pushed {run} to {args.repo_id}: {url}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from t2l_framework.assembly.inspect import inspect_run
+
+    rows = inspect_run(args.run, args.descriptions, revision=args.revision, k=args.top, json_file=args.json,
+                       png_file=args.png, device=args.device, trust_remote_code=args.trust_remote_code)
+    for row in rows:
+        print(f"\n{row['description']}")
+        print(f"  familiarity: {row['familiarity']:.0f}th percentile (max cosine {row['similarity']:.3f}); "
+              f"{row['verdict']}")
+        print("  nearest training descriptions:")
+        for n in row["nearest_descriptions"]:
+            print(f"    {n['cosine']:.3f}  {n['task']:<12} {n['description'][:90]}")
+        print("  nearest tasks (encoder):   " + ", ".join(f"{t['task']} {t['cosine']:.3f}" for t in row["nearest_tasks"]))
+        print("  closest adapters (ΔW cos, centred on the mean-task adapter): "
+              + ", ".join(f"{t['task']} {t['cosine']:.3f}" for t in row["closest_adapters"]))
+        cells = len(row["norms"]) * len(row["modules"])
+        print(f"  adapter norm: {row['norms_outside_training_range']} of {cells} layer x module cells outside the "
+              "training tasks' range")
+    for kind, path in (("json", args.json), ("png", args.png)):
+        if path:
+            print(f"wrote {path}  ({kind})")
     return 0
 
 
@@ -362,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "writes results.json, results.md and results.png.",
                     "t2l eval runs/smollm2_demo --limit 50   # or: t2l eval recipes/mistral_L.yaml "
                     "--adapters base,oracle=lora/arc --benchmarks arc_easy,gsm8k")
-    p.add_argument("run_or_recipe", help="trained run folder (runs/NAME), hypernet folder, or a recipe (base model only)")
+    p.add_argument("run_or_recipe", help="trained run folder (runs/NAME), hypernet folder, hub id (ORG/NAME), or a "
+                   "recipe (base model only)")
+    p.add_argument("--revision", help="hub ids only: branch, tag or commit of the Hub repo (default main)")
     p.add_argument("--benchmarks", action="append", metavar="LIST",
                    help="comma-separated benchmark names, 'paper' (the ten of the T2L paper, the default), or 'all' "
                         "(adds sni_unseen and plugin benchmarks); `t2l plugins` lists them")
@@ -401,8 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser_for(sub, "generate", "Write PEFT adapters for task descriptions with a trained hypernetwork.",
                     't2l generate runs/smollm2_demo "Classify the sentiment of a review" -o sentiment '
                     '--chat "Great film!"')
-    p.add_argument("run", help="run folder (runs/NAME) or its hypernet/ folder")
+    p.add_argument("run", help="run folder (runs/NAME), its hypernet/ folder, or a hub id (ORG/NAME)")
     p.add_argument("descriptions", nargs="*", help="task descriptions; several give DIR/adapter_000, ...")
+    p.add_argument("--revision", help="hub ids only: branch, tag or commit of the Hub repo (default main)")
+    p.add_argument("--no-familiarity", action="store_true",
+                   help="skip the familiarity line (it embeds the run's training descriptions once, then is cached)")
     p.add_argument("-o", "--output", metavar="DIR", help="adapter folder (default: adapter/, or adapters/ for several)")
     p.add_argument("--from-file", metavar="FILE", help="more descriptions, one per line")
     p.add_argument("--chat", metavar="PROMPT", help="also answer PROMPT with each adapter and with the base model")
@@ -443,7 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser_for(sub, "serve", "Serve a trained hypernetwork: adapter API, OpenAI-compatible chat, web page.",
                     "t2l serve runs/smollm2_demo --port 8000   # then open http://127.0.0.1:8000/")
-    p.add_argument("run", help="run folder (runs/NAME) or its hypernet/ folder")
+    p.add_argument("run", help="run folder (runs/NAME), its hypernet/ folder, or a hub id (ORG/NAME)")
+    p.add_argument("--revision", help="hub ids only: branch, tag or commit of the Hub repo (default main)")
+    p.add_argument("--no-familiarity", action="store_true",
+                   help="answers without familiarity / nearest tasks, and no /v1/inspect")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (1 = one at a time)")
@@ -459,7 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "Convert a released T2L reference checkpoint folder (hypermod.pt, args.yaml, adapter_config.json "
                     "of SakanaAI/text-to-lora) into a run folder that generate, serve and eval load.",
                     "t2l import-reference trained_t2l/mistral_7b_t2l -o runs/mistral_t2l_ref --module-order q_proj,v_proj")
-    p.add_argument("folder", help="reference checkpoint folder (hypermod.pt is read with weights_only=True)")
+    p.add_argument("folder", help="reference checkpoint folder (hypermod.pt is read with weights_only=True), or a "
+                   "hub id (ORG/NAME) with --subfolder")
+    p.add_argument("--subfolder", help="hub ids: the checkpoint folder inside the repo, e.g. trained_t2l/mistral_7b_t2l")
+    p.add_argument("--revision", help="hub ids only: branch, tag or commit of the Hub repo (default main)")
     p.add_argument("-o", "--output", metavar="RUN", required=True, help="run folder to write")
     p.add_argument("--module-order", metavar="LIST",
                    help="comma-separated target modules in the order of the reference's module-type embedding rows "
@@ -467,6 +565,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "order, see docs/parity.md")
     p.add_argument("--force", action="store_true", help="write into an existing, non-empty RUN folder")
     p.set_defaults(func=cmd_import_reference)
+
+    p = _parser_for(sub, "push", "Upload a trained run to the Hugging Face Hub (model card, config.json, safetensors).",
+                    "t2l push runs/smollm2_demo my-org/smollm2-t2l --private")
+    p.add_argument("run", help="local run folder (runs/NAME)")
+    p.add_argument("repo_id", help="hub repo id, ORG/NAME (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    p.add_argument("--revision", help="branch to commit to (created if missing; default main)")
+    p.set_defaults(func=cmd_push)
+
+    p = _parser_for(sub, "inspect", "Why a description gives its adapter: nearest training descriptions and tasks, "
+                    "familiarity, adapter norms per layer and module, closest training adapters; JSON and PNG.",
+                    't2l inspect runs/smollm2_demo "Classify the sentiment of a review" --png inspect.png')
+    p.add_argument("run", help="run folder (runs/NAME) or a hub id (ORG/NAME)")
+    p.add_argument("descriptions", nargs="+", help="task descriptions")
+    p.add_argument("--json", metavar="FILE", help="write the full result as JSON")
+    p.add_argument("--png", metavar="FILE", help="write the heat map and nearest-task bars as PNG")
+    p.add_argument("--top", type=int, default=5, help="neighbours listed (default 5)")
+    p.add_argument("--revision", help="hub ids only: branch, tag or commit of the Hub repo (default main)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 

@@ -415,12 +415,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def live_server(runtime):
+def live_server(runtime, world, tmp_path, monkeypatch):
     import uvicorn
 
+    from t2l_framework.assembly.inspect import inspector_for
+
+    monkeypatch.setenv("T2L_CACHE_DIR", str(tmp_path / "cache"))
+    inspector = inspector_for(runtime.generator, world["run"] / "recipe.yaml")  # familiarity on the page
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(runtime, batch_window_ms=50), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(runtime, batch_window_ms=50, inspector=inspector),
+                                           host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -470,6 +474,19 @@ def test_web_page_in_headless_chromium(live_server, tmp_path):
             assert "error" not in driver.find_element(By.ID, el).get_attribute("class")
         assert driver.find_element(By.ID, "base-time").text.endswith(" s")
         assert download.get_attribute("aria-disabled") == "false" and "/v1/adapters/" in download.get_attribute("href")
+        # familiarity next to the answer; a training task's description raises no warning ...
+        familiarity = driver.find_element(By.ID, "familiarity").text
+        assert "Familiarity:" in familiarity and "th percentile" in familiarity and "toy_0" in familiarity
+        assert not driver.find_element(By.ID, "familiarity-warning").is_displayed()
+        # ... a description of words the encoder never saw is flagged
+        driver.find_element(By.ID, "description").clear()
+        driver.find_element(By.ID, "description").send_keys("zzz qqq xxyy")
+        driver.find_element(By.ID, "run").click()
+        wait.until(lambda d: d.find_element(By.ID, "familiarity-warning").is_displayed())
+        warning = driver.find_element(By.ID, "familiarity-warning").text
+        assert warning.startswith("Unfamiliar description") and "extrapolation" in warning
+        assert "unfamiliar" in driver.find_element(By.ID, "familiarity").get_attribute("class")
+        driver.save_screenshot(str(tmp_path / "t2l_web_unfamiliar.png"))
     finally:
         driver.quit()
     assert (tmp_path / "t2l_web.png").stat().st_size > 10_000

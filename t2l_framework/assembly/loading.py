@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from omegaconf import OmegaConf
 
+from t2l_framework.assembly.hub import resolve_run
 from t2l_framework.assembly.lookups import build_encoder, head_lookup, load_recipe, model_families
 from t2l_framework.config import BaseModelConfig, EncoderConfig
 from t2l_framework.console import say
@@ -68,14 +69,15 @@ def _file_digest(paths: Sequence[Path]) -> str:
 
 
 def load_adapter_generator(folder: str | Path, device: str | torch.device,
-                           trust_remote_code: bool = False) -> AdapterGenerator:
-    """The hypernetwork and encoder of a run folder (``recipe.yaml`` + ``hypernet/``) or a bare
-    hypernet folder; a bare folder takes the base model and encoder its config records.
+                           trust_remote_code: bool = False, revision: str | None = None) -> AdapterGenerator:
+    """The hypernetwork and encoder of a run folder (``recipe.yaml`` + ``hypernet/``), a bare
+    hypernet folder, or a hub id (``ORG/NAME`` at ``revision``, through the Hub's cache); a bare
+    folder takes the base model and encoder its config records.
 
     Nothing in the folder runs as code unless ``trust_remote_code``: a recipe asking for a
     model's custom code or a head named by import path is refused with the reason.
     """
-    hyper_dir, recipe = locate_hypernet(folder)
+    hyper_dir, recipe = locate_hypernet(resolve_run(folder, revision))
     config_file = hyper_dir / HYPERNET_CONFIG
     meta = read_config(hyper_dir)
     check_run_trust(OmegaConf.create({"hypernet": meta["hypernet"]}), config_file, trust_remote_code)
@@ -105,17 +107,18 @@ def load_adapter_generator(folder: str | Path, device: str | torch.device,
 
 
 def load_runtime(folder: str | Path, device: str | torch.device | None = None, dtype: str | None = "auto",
-                 trust_remote_code: bool = False) -> T2LRuntime:
+                 trust_remote_code: bool = False, revision: str | None = None) -> T2LRuntime:
     """A ``T2LRuntime`` for a run folder (``recipe.yaml`` + ``hypernet/``) or a bare hypernet folder.
 
     The recipe gives the base model and encoder settings; a bare hypernet folder falls back
     to what its ``hypernet_config.json`` records (base model name, encoder). dtype: the base
     model's weights: 'auto' = bfloat16 where the device does it natively, else float32
     (``llm/dtype.py``); None = the recipe's ``base_model.dtype``. trust_remote_code: see
-    ``load_adapter_generator``; without it, opening a run never executes code from it.
+    ``load_adapter_generator``; without it, opening a run never executes code from it. folder
+    may be a hub id (``ORG/NAME``), downloaded at ``revision`` into the Hub's cache.
     """
     device = torch.device(device) if device else default_device()
-    generator = load_adapter_generator(folder, device, trust_remote_code)
+    generator = load_adapter_generator(folder, device, trust_remote_code, revision)
     return runtime_for(generator.base_config, device, dtype, generator)
 
 

@@ -33,6 +33,7 @@ class Adapter:
     weights: LoraWeights
     generation_ms: float
     created: int = field(default_factory=lambda: int(time.time()))
+    familiarity: dict | None = None  # serve/familiarity.py fills it on first use
 
     def info(self, runtime) -> dict:
         return {"id": self.id, "object": "adapter", "model": f"t2l:{self.id}", "description": self.description,

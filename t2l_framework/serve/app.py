@@ -2,7 +2,9 @@
 
 Routes: ``GET /`` (web page), ``GET /healthz``, ``GET /v1/models``, ``GET /v1/stats``,
 ``POST /v1/adapters`` (description -> adapter id), ``GET /v1/adapters/{id}`` (PEFT zip),
-``POST /v1/chat/completions`` (``model``: 'base' | 't2l:<id>', or a ``description``).
+``POST /v1/chat/completions`` (``model``: 'base' | 't2l:<id>', or a ``description``),
+``POST /v1/inspect`` (descriptions -> nearest training tasks, familiarity, adapter norms; with an
+inspector). With an inspector, adapter answers carry ``familiarity`` (``serve/familiarity.py``).
 Errors are JSON ``{"error": {"message", "type", "param"}}``: bad input (validation, ``T2LError``)
 gets a 4xx with its message; anything else is a bug or a server fault and gets a 500 with a
 generic body, its traceback in the log (``InternalErrors``).
@@ -39,6 +41,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from t2l_framework.errors import T2LError
 from t2l_framework.serve.adapters import Adapter, AdapterCache, adapter_id, adapter_zip
 from t2l_framework.serve.batching import Batcher
+from t2l_framework.serve.familiarity import InspectRequest, adapter_familiarity
 from t2l_framework.serve.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from t2l_framework.serve.schemas import INVALID_UNICODE, AdapterRequest, ChatRequest
 
@@ -210,12 +213,14 @@ def _chunk(base: dict, delta: dict, finish_reason: str | None = None, **extra) -
 
 
 def create_app(runtime, max_batch: int = 16, batch_window_ms: float = 30.0, cache_size: int = 128,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: list[str] | None = None) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: list[str] | None = None,
+               inspector=None) -> FastAPI:
     """The app for a loaded ``T2LRuntime``; ``max_batch=1`` serves requests one at a time.
 
     max_body_bytes: larger request bodies get 413 before they are parsed. allowed_hosts: the
     ``Host`` header values accepted (any port), None = any; ``t2l serve`` bound to localhost
     passes the loopback names so a foreign web page cannot reach the API by DNS rebinding.
+    inspector: a ``runtime.inspection.Inspector`` for the run (None: no familiarity, 404 on /v1/inspect).
     """
     service = Service(runtime, max_batch, batch_window_ms / 1000, cache_size)
 
@@ -272,7 +277,15 @@ def create_app(runtime, max_batch: int = 16, batch_window_ms: float = 30.0, cach
     @app.post("/v1/adapters")
     async def create_adapter(req: AdapterRequest):
         item, cached = await service.adapter(req.description)
-        return {**item.info(runtime), "cached": cached}
+        return {**item.info(runtime), "cached": cached, "familiarity": await adapter_familiarity(service, inspector, item)}
+
+    @app.post("/v1/inspect")
+    async def inspect(req: InspectRequest):
+        if inspector is None:
+            raise ApiError(404, "inspection is off for this server (the run's training data was not found, or "
+                                "--no-familiarity)")
+        rows = await service.batcher.run_model(inspector.inspect, req.descriptions, req.top)
+        return {"object": "list", "hypernetwork": runtime.name, "data": rows}
 
     @app.get("/v1/adapters/{adapter}")
     async def download_adapter(adapter: str):
@@ -301,6 +314,7 @@ def create_app(runtime, max_batch: int = 16, batch_window_ms: float = 30.0, cach
                 "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
                           "total_tokens": done.prompt_tokens + done.completion_tokens},
                 "t2l": {"adapter_id": item.id if item else None, "batch_size": batch_size,
+                        "familiarity": await adapter_familiarity(service, inspector, item) if item else None,
                         "latency_ms": round((time.perf_counter() - t0) * 1000, 1)}}
 
     return app
