@@ -31,7 +31,7 @@ def _rows(report: str) -> dict[str, str]:
     """Condition label -> its whole table row, from the first (seen) table of report.md."""
     rows = {}
     for line in report.splitlines():
-        m = re.match(r"\| (\([a-e]\)[^|]*?) \| \d+ \|", line)
+        m = re.match(r"\| (\([a-g]\)[^|]*?) \| \d+ \|", line)
         if m and m.group(1) not in rows:
             rows[m.group(1)] = line
     return rows
@@ -76,17 +76,33 @@ def test_allow_cut_short_exits_0_but_still_marks_the_report(world):
     assert f"cut short at step {status.steps} of 100000" in (runs / "t2l_allowed" / "report.md").read_text()
 
 
-def test_full_runs_report_steps_examples_and_time_and_flag_unequal_work(world):
+def test_full_runs_report_steps_examples_and_time_and_flag_unequal_work(world, capsys):
     runs = world["root"] / "runs"
     assert _fit(world, "mt_3", "training.mode=lora", "trainer.max_steps=3") == 0
+    capsys.readouterr()
     assert _fit(world, "t2l_4", "trainer.max_steps=4", f"eval.baseline_adapter={runs / 'mt_3' / 'adapter'}",
                 "eval.report_seen_per_task=2") == 0
+    # the time breakdown: printed at the end and kept in report.json
+    printed = capsys.readouterr()
+    breakdown = (printed.out + printed.err)[(printed.out + printed.err).rindex("time: "):]
+    parts = json.loads((runs / "t2l_4" / "report.json").read_text())["seconds"]
+    tables = [k for k in parts if k.startswith("table: ")]
+    assert len(embed := [k for k in parts if k.startswith("embed ")]) == 1
+    assert [k.split(" (")[0] for k in tables] == ["table: Training tasks, held-out instances and descriptions",
+                                                  "table: Tasks never seen in training"]
+    embed = [k for k in parts if k.startswith("embed ") and k.endswith(" descriptions (encoder load + cache)")]
+    for part in ["load base model", "train (4 steps)", *embed, *tables]:
+        assert parts[part] >= 0 and part in breakdown, part
+    assert "other (setup, checks, writing files)" in breakdown
     own = json.loads((runs / "t2l_4" / STATUS_FILE).read_text())
     assert (own["steps"], own["max_steps"], own["examples"], own["stopped_by"]) == (4, 4, 32, "")
     assert own["seconds"] > 0
     rows = _rows((runs / "t2l_4" / "report.md").read_text())
     assert re.search(r"\| 4 of 4 steps \(32 examples\), \d+ (min \d+ )?s \|$", rows["(c) T2L, held-out description"])
     assert "3 of 3 steps (24 examples)" in rows["(e) multi-task LoRA"]
+    for control in ("(f) T2L, random letters of the description's length",
+                    "(g) T2L, one generic description ('Answer the question.')"):
+        assert re.search(r"\| 4 of 4 steps \(32 examples\), \d+ (min \d+ )?s \|$", rows[control])
     assert "not the same work as T2L (4 steps, 32 examples)" in rows["(e) multi-task LoRA"]
     report = (runs / "t2l_4" / "report.md").read_text()
     assert "cut short" not in report
