@@ -164,9 +164,14 @@ def test_demo_tasks_file_lists_the_recipes_tasks():
         assert list(cfg.data.eval_tasks) == listed["eval_tasks"]
 
 
-def test_demo_baseline_does_the_same_work_as_t2l():
+LONG, LONG_MTLORA = recipes_dir() / "smollm2_demo_long.yaml", recipes_dir() / "smollm2_demo_long_mtlora.yaml"
+
+
+@pytest.mark.parametrize("t2l_recipe, mt_recipe", [(DEMO, MTLORA), (LONG, LONG_MTLORA)], ids=["demo", "demo-long"])
+def test_demo_baseline_does_the_same_work_as_t2l(t2l_recipe, mt_recipe):
     """Same tasks, batch, steps, seed and schedule: (e) against (c) is a comparison by work."""
-    t2l, mt = _demo_cfg(DEMO), _demo_cfg(MTLORA)
+    t2l, mt = _demo_cfg(t2l_recipe), _demo_cfg(mt_recipe)
+    assert Path(t2l.eval.baseline_adapter).parent.name == mt_recipe.stem  # (e) is this pair's own baseline
     assert (t2l.training.mode, mt.training.mode) == ("sft", "lora")
     assert t2l.data == mt.data and t2l.trainer == mt.trainer and t2l.lora == mt.lora
     same = ("lr", "weight_decay", "warmup_steps", "scheduler", "label_smoothing", "seed")
@@ -210,3 +215,15 @@ def test_make_demo_passes_the_same_overrides_to_both_runs(tmp_path):
     assert log.read_text().splitlines() == [
         "fit smollm2_demo_mtlora trainer.max_steps=7 training.seed=7 --overwrite",
         "fit smollm2_demo trainer.max_steps=7 training.seed=7 --overwrite"]
+
+
+@pytest.mark.skipif(not Path("/usr/bin/make").exists(), reason="make is not installed")
+def test_make_demo_long_trains_the_long_pair(tmp_path):
+    """`make demo-long` is demo-runs on the 288-step recipe pair (the stand-in t2l logs the calls)."""
+    log, fake = _fake_t2l(tmp_path, "exit 0")
+    run = _make_demo_runs(fake, "DEMO_T2L=smollm2_demo_long")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert log.read_text().splitlines() == ["fit smollm2_demo_long_mtlora --overwrite", "fit smollm2_demo_long --overwrite"]
+    assert _demo_cfg(LONG).trainer.max_steps == 3 * _demo_cfg(DEMO).trainer.max_steps
+    makefile = (ROOT / "Makefile").read_text()
+    assert "demo-runs DEMO_T2L=smollm2_demo_long" in makefile.split("\ndemo-long:", 1)[1].split("\n\n")[0]
