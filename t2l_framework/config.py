@@ -73,6 +73,8 @@ class HypernetConfig:
     dropout: float = _help("Dropout inside the trunk (reference: 0.05)", 0.05)
     chunk_position: str = _help("chunked (S) head: how the rank index enters the trunk: rotary (paper's S, "
                                 "no parameters) | learned (Embedding + LayerNorm)", "rotary")
+    output_offset: bool = _help("The generated A and B are added to a fixed per-layer LoRA held with the weights "
+                                "(set by training.mtlora_offset; recorded so a checkpoint rebuilds it)", False)
 
 
 @dataclass
@@ -136,6 +138,9 @@ class TrainingConfig:
     mode: str = _help("sft | recon | lora", "sft")
     lr: float = _help("Peak learning rate", 2.5e-5)
     weight_decay: float = _help("AdamW weight decay", 0.01)
+    mtlora_offset: str = _help("sft mode: a PEFT LoRA folder (e.g. a multi-task LoRA run's adapter/) the "
+                               "hypernetwork's output starts from: a fixed offset added to every generated "
+                               "adapter (the reference's mt-LoRA init); empty = none", "")
     lr_head_bias: float = _help("Learning rate of the hypernetwork head's biases (the part every generated adapter "
                                 "shares) as a multiple of lr; the trunk and head weights (the task-specific part) "
                                 "keep lr", 1.0)

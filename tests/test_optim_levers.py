@@ -40,3 +40,48 @@ def test_head_bias_learning_rate_is_its_own_group():
 def test_param_groups_of_a_module_without_a_head_is_one_group():
     lin = torch.nn.Linear(3, 2)
     assert [len(g["params"]) for g in param_groups(lin, 1e-3, 5.0)] == [2]
+
+
+def test_output_offset_is_added_in_the_networks_scaling_and_survives_save_and_load(tmp_path):
+    from t2l_framework.hypernet import HyperNetwork
+    from tests.test_hypernet import TINY
+    from tests.test_lora import random_weights
+
+    hyper = tiny("per_layer")
+    emb = torch.randn(3, ENC_DIM)
+    hyper.eval()
+    with torch.no_grad():
+        plain = hyper(emb)
+        offset = random_weights(TINY, batch=1, rank=2, alpha=3.0)  # smaller rank, another scaling
+        hyper.set_output_offset(offset)
+        shifted = hyper(emb)
+    for m in TINY.modules:
+        pad_a = torch.zeros(TINY.n_layers, 4, TINY.shapes[m][0])
+        pad_a[:, :2] = offset.A[m][0]
+        assert torch.allclose(shifted.A[m] - plain.A[m], pad_a.expand_as(plain.A[m]), atol=1e-6)
+        # the offset's own delta W: scaling_hyper * B_shift = scaling_offset * B_offset
+        got = (shifted.B[m] - plain.B[m])[:, :, :, :2] * plain.scaling
+        assert torch.allclose(got, (offset.B[m][0] * offset.scaling).expand_as(got), atol=1e-5)
+    hyper.save_pretrained(tmp_path / "h")
+    again = HyperNetwork.from_pretrained(tmp_path / "h")
+    again.eval()
+    with torch.no_grad():
+        assert torch.allclose(again(emb).B["q_proj"], shifted.B["q_proj"])
+
+
+def test_recipe_mtlora_offset_starts_the_hypernetwork_from_that_lora(tmp_path):
+    from t2l_framework.assembly.fit import fit
+    from t2l_framework.hypernet import HyperNetwork
+    from t2l_framework.lora.peft_io import import_peft_adapter
+    from tests.tiny_world import build_world
+
+    world = build_world(tmp_path / "w")
+    mt = fit(str(world["recipe"]), ["training.mode=lora", "trainer.max_steps=2", "training.run_name=mt"])
+    run = fit(str(world["recipe"]), ["trainer.max_steps=1", "training.run_name=off", f"training.mtlora_offset={mt}"])
+    hyper = HyperNetwork.from_pretrained(run / "hypernet")
+    lora = import_peft_adapter(mt / "adapter")
+    assert hyper.hypernet_cfg["output_offset"] is True
+    for i, m in enumerate(hyper.shapes.modules):
+        assert torch.allclose(getattr(hyper.output_offset, f"A{i}"), lora.A[m][0], atol=1e-6)
+    plain = fit(str(world["recipe"]), ["trainer.max_steps=1", "training.run_name=plain"])
+    assert HyperNetwork.from_pretrained(plain / "hypernet").output_offset is None

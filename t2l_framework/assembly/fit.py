@@ -14,6 +14,7 @@ from t2l_framework.assembly import loading
 from t2l_framework.assembly.lookups import build_encoder, head_lookup, load_recipe
 from t2l_framework.config import find_recipe
 from t2l_framework.console import say
+from t2l_framework.errors import T2LError
 from t2l_framework.run_folder import RunFolder
 
 
@@ -86,6 +87,19 @@ def build_pieces(cfg, recipe_file: Path | None, run: RunFolder) -> RunPieces:
         seconds[f"embed {len(dm.descriptions)} descriptions (encoder load + cache)"] = time.time() - t0
         say(f"embedded {len(dm.descriptions)} descriptions in {time.time() - t0:.1f} s")
         trainable = HyperNetwork.from_recipe(cfg, shapes, embeddings.shape[1], heads=head_lookup())
+        if mode == "sft" and cfg.training.mtlora_offset:
+            from t2l_framework.config import resolve_path
+            from t2l_framework.lora.peft_io import import_peft_adapter
+
+            folder = resolve_path(cfg.training.mtlora_offset, recipe_file)
+            if (folder / "adapter" / "adapter_config.json").is_file():
+                folder = folder / "adapter"  # a multi-task LoRA run folder
+            offset = import_peft_adapter(folder)
+            try:
+                trainable.set_output_offset(offset)
+            except T2LError as exc:
+                raise T2LError(f"training.mtlora_offset {folder}: {exc}") from None
+            say(f"the hypernetwork's output starts from the LoRA in {folder}")
     else:
         trainable = LearnedLora(shapes, int(cfg.lora.rank), float(cfg.lora.alpha), bool(cfg.lora.use_rslora))
     n_params = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
