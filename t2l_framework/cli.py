@@ -456,10 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated benchmark names, 'paper' (the ten of the T2L paper, the default), or 'all' "
                         "(adds sni_unseen and plugin benchmarks); `t2l plugins` lists them")
     p.add_argument("--adapters", action="append", metavar="LIST",
-                   help="comma-separated: base, base+description, t2l, arrow=LIBRARY_DIR (Arrow routing over a folder "
-                        "of PEFT task adapters; plain 'arrow': the recipe's eval.arrow_library), NAME=PATH (a PEFT "
-                        "folder or another T2L run); default: base, base+description, t2l and the recipe's "
-                        "eval.baseline_adapter and eval.arrow_library")
+                   help="comma-separated: base, base+description, t2l, the controls other_description, "
+                        "random_description, generic_description (the run's hypernetwork given another task's "
+                        "description, random letters of the same length, or 'Answer the question.'), "
+                        "arrow=LIBRARY_DIR (Arrow routing over a folder of PEFT task adapters; plain 'arrow': the "
+                        "recipe's eval.arrow_library), NAME=PATH (a PEFT folder or another T2L run); default: base, "
+                        "base+description, t2l and the recipe's eval.baseline_adapter and eval.arrow_library")
     p.add_argument("--limit", type=int, default=None, help="items per benchmark (default: the recipe's eval.limit; 0 = all)")
     p.add_argument("--n-descriptions", type=int, default=0, help="descriptions averaged per benchmark (default 3)")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default=None,

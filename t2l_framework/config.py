@@ -78,6 +78,8 @@ class HypernetConfig:
     dropout: float = _help("Dropout inside the trunk (reference: 0.05)", 0.05)
     chunk_position: str = _help("chunked (S) head: how the rank index enters the trunk: rotary (paper's S, "
                                 "no parameters) | learned (Embedding + LayerNorm)", "rotary")
+    output_offset: bool = _help("The generated A and B are added to a fixed per-layer LoRA held with the weights "
+                                "(set by training.mtlora_offset; recorded so a checkpoint rebuilds it)", False)
 
 
 @dataclass
@@ -141,6 +143,12 @@ class TrainingConfig:
     mode: str = _help("sft | recon | lora | library (one LoRA per training task, all in one run)", "sft")
     lr: float = _help("Peak learning rate", 2.5e-5)
     weight_decay: float = _help("AdamW weight decay", 0.01)
+    mtlora_offset: str = _help("sft mode: a PEFT LoRA folder (e.g. a multi-task LoRA run's adapter/) the "
+                               "hypernetwork's output starts from: a fixed offset added to every generated "
+                               "adapter (the reference's mt-LoRA init); empty = none", "")
+    lr_head_bias: float = _help("Learning rate of the hypernetwork head's biases (the part every generated adapter "
+                                "shares) as a multiple of lr; the trunk and head weights (the task-specific part) "
+                                "keep lr", 1.0)
     warmup_steps: int = _help("Linear warm-up steps (lr rises from 0, as in transformers' schedules)", 100)
     warmup_ratio: float = _help("Warm-up as a fraction of trainer.max_steps; > 0 replaces warmup_steps "
                                 "(the reference: warmup_frac=0.2)", 0.0)
@@ -268,6 +276,7 @@ RANGES: dict[str, tuple] = {
     "training.label_smoothing": _PROBABILITY, "training.delta_w_scaling": (0.0, None, False),
     "training.l2_penalty": (0.0, None, True), "training.neftune_alpha": (0.0, None, True),
     "training.checkpoint_every_n_steps": (1, None, True),
+    "training.lr_head_bias": (0.0, None, True),
     "trainer.num_nodes": (1, None, True), "trainer.max_steps": (1, None, True),
     "trainer.accumulate_grad_batches": (1, None, True), "trainer.gradient_clip_val": (0.0, None, True),
     "trainer.val_check_interval": (1, None, True), "trainer.limit_val_batches": (0.0, None, True),

@@ -284,4 +284,4 @@ def test_end_of_training_table_has_the_arrow_condition(arrow_world):
                                            f"eval.arrow_library={arrow_world['library']}"])
     tables = json.loads((run / "report.json").read_text())["tables"]
     assert tables and all("arrow" in section and section["arrow"]["n"] == 3 for section in tables.values())
-    assert "(f) Arrow routing over the LoRA library" in (run / "report.md").read_text()
+    assert "(h) Arrow routing over the LoRA library" in (run / "report.md").read_text()

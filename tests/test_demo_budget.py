@@ -31,7 +31,7 @@ def _rows(report: str) -> dict[str, str]:
     """Condition label -> its whole table row, from the first (seen) table of report.md."""
     rows = {}
     for line in report.splitlines():
-        m = re.match(r"\| (\([a-e]\)[^|]*?) \| \d+ \|", line)
+        m = re.match(r"\| (\([a-g]\)[^|]*?) \| \d+ \|", line)
         if m and m.group(1) not in rows:
             rows[m.group(1)] = line
     return rows
@@ -76,17 +76,33 @@ def test_allow_cut_short_exits_0_but_still_marks_the_report(world):
     assert f"cut short at step {status.steps} of 100000" in (runs / "t2l_allowed" / "report.md").read_text()
 
 
-def test_full_runs_report_steps_examples_and_time_and_flag_unequal_work(world):
+def test_full_runs_report_steps_examples_and_time_and_flag_unequal_work(world, capsys):
     runs = world["root"] / "runs"
     assert _fit(world, "mt_3", "training.mode=lora", "trainer.max_steps=3") == 0
+    capsys.readouterr()
     assert _fit(world, "t2l_4", "trainer.max_steps=4", f"eval.baseline_adapter={runs / 'mt_3' / 'adapter'}",
                 "eval.report_seen_per_task=2") == 0
+    # the time breakdown: printed at the end and kept in report.json
+    printed = capsys.readouterr()
+    breakdown = (printed.out + printed.err)[(printed.out + printed.err).rindex("time: "):]
+    parts = json.loads((runs / "t2l_4" / "report.json").read_text())["seconds"]
+    tables = [k for k in parts if k.startswith("table: ")]
+    assert len(embed := [k for k in parts if k.startswith("embed ")]) == 1
+    assert [k.split(" (")[0] for k in tables] == ["table: Training tasks, held-out instances and descriptions",
+                                                  "table: Tasks never seen in training"]
+    embed = [k for k in parts if k.startswith("embed ") and k.endswith(" descriptions (encoder load + cache)")]
+    for part in ["load base model", "train (4 steps)", *embed, *tables]:
+        assert parts[part] >= 0 and part in breakdown, part
+    assert "other (setup, checks, writing files)" in breakdown
     own = json.loads((runs / "t2l_4" / STATUS_FILE).read_text())
     assert (own["steps"], own["max_steps"], own["examples"], own["stopped_by"]) == (4, 4, 32, "")
     assert own["seconds"] > 0
     rows = _rows((runs / "t2l_4" / "report.md").read_text())
     assert re.search(r"\| 4 of 4 steps \(32 examples\), \d+ (min \d+ )?s \|$", rows["(c) T2L, held-out description"])
     assert "3 of 3 steps (24 examples)" in rows["(e) multi-task LoRA"]
+    for control in ("(f) T2L, random letters of the description's length",
+                    "(g) T2L, one generic description ('Answer the question.')"):
+        assert re.search(r"\| 4 of 4 steps \(32 examples\), \d+ (min \d+ )?s \|$", rows[control])
     assert "not the same work as T2L (4 steps, 32 examples)" in rows["(e) multi-task LoRA"]
     report = (runs / "t2l_4" / "report.md").read_text()
     assert "cut short" not in report
@@ -148,9 +164,14 @@ def test_demo_tasks_file_lists_the_recipes_tasks():
         assert list(cfg.data.eval_tasks) == listed["eval_tasks"]
 
 
-def test_demo_baseline_does_the_same_work_as_t2l():
+LONG, LONG_MTLORA = recipes_dir() / "smollm2_demo_long.yaml", recipes_dir() / "smollm2_demo_long_mtlora.yaml"
+
+
+@pytest.mark.parametrize("t2l_recipe, mt_recipe", [(DEMO, MTLORA), (LONG, LONG_MTLORA)], ids=["demo", "demo-long"])
+def test_demo_baseline_does_the_same_work_as_t2l(t2l_recipe, mt_recipe):
     """Same tasks, batch, steps, seed and schedule: (e) against (c) is a comparison by work."""
-    t2l, mt = _demo_cfg(DEMO), _demo_cfg(MTLORA)
+    t2l, mt = _demo_cfg(t2l_recipe), _demo_cfg(mt_recipe)
+    assert Path(t2l.eval.baseline_adapter).parent.name == mt_recipe.stem  # (e) is this pair's own baseline
     assert (t2l.training.mode, mt.training.mode) == ("sft", "lora")
     assert t2l.data == mt.data and t2l.trainer == mt.trainer and t2l.lora == mt.lora
     same = ("lr", "weight_decay", "warmup_steps", "scheduler", "label_smoothing", "seed")
@@ -194,3 +215,15 @@ def test_make_demo_passes_the_same_overrides_to_both_runs(tmp_path):
     assert log.read_text().splitlines() == [
         "fit smollm2_demo_mtlora trainer.max_steps=7 training.seed=7 --overwrite",
         "fit smollm2_demo trainer.max_steps=7 training.seed=7 --overwrite"]
+
+
+@pytest.mark.skipif(not Path("/usr/bin/make").exists(), reason="make is not installed")
+def test_make_demo_long_trains_the_long_pair(tmp_path):
+    """`make demo-long` is demo-runs on the 288-step recipe pair (the stand-in t2l logs the calls)."""
+    log, fake = _fake_t2l(tmp_path, "exit 0")
+    run = _make_demo_runs(fake, "DEMO_T2L=smollm2_demo_long")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert log.read_text().splitlines() == ["fit smollm2_demo_long_mtlora --overwrite", "fit smollm2_demo_long --overwrite"]
+    assert _demo_cfg(LONG).trainer.max_steps == 3 * _demo_cfg(DEMO).trainer.max_steps
+    makefile = (ROOT / "Makefile").read_text()
+    assert "demo-runs DEMO_T2L=smollm2_demo_long" in makefile.split("\ndemo-long:", 1)[1].split("\n\n")[0]

@@ -203,3 +203,17 @@ def test_recipe_protocol_key_and_bad_values(world, tmp_path, capsys):
     assert main(["eval", str(recipe), "--dtype", "float32", "--benchmarks", "piqa", "--adapters", "base", "--limit", "1"]) == 2
     err = capsys.readouterr().err
     assert "eval.protocol" in err and "harness" in err and "Traceback" not in err
+
+
+def test_description_controls_are_adapter_conditions_of_any_run(world, tmp_path):
+    """(d), (f), (g) from the evaluated run's hypernetwork, paired with base on the same items;
+    the generic description is one adapter for every task, so it is scored once."""
+    out = tmp_path / "controls"
+    adapters = "base,t2l,other_description,random_description,generic_description"
+    assert _eval(world, out, "--benchmarks", "sni_unseen", "--adapters", adapters, "--limit", "8") == 0
+    results = json.loads((out / "results.json").read_text())
+    scores = {name: per_bench["sni_unseen"] for name, per_bench in results["scores"].items()}
+    assert list(scores) == adapters.split(",")
+    assert [len(scores[n]["per_description"]) for n in scores] == [1, 2, 2, 2, 1]
+    assert all("vs_base" in scores[n] for n in scores if n != "base")
+    assert results["adapters"]["random_description"]["identity"] == results["adapters"]["t2l"]["identity"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from t2l_framework.config import resolve_path
 from t2l_framework.console import say
-from t2l_framework.eval.sni_report import evaluate_conditions, write_report
+from t2l_framework.eval.sni_report import T2L_CONDITIONS, evaluate_conditions, write_report
 from t2l_framework.lora.arrow import load_arrow_library
 from t2l_framework.lora.peft_io import import_peft_adapter
 from t2l_framework.run_folder import RunFolder
@@ -43,7 +44,7 @@ def training_column(cfg, run_dir: Path, baseline_dir: Path | None) -> dict[str, 
     own = TrainingStatus.load(run_dir)
     if cfg.training.mode == "lora":
         return {"mt_lora": own.describe()} if own else {}
-    column = {name: own.describe() for name in ("t2l", "t2l_other_task_description")} if own else {}
+    column = {name: own.describe() for name in T2L_CONDITIONS} if own else {}
     if baseline_dir is not None:
         other = TrainingStatus.load(baseline_dir)
         if other is None:
@@ -56,22 +57,29 @@ def training_column(cfg, run_dir: Path, baseline_dir: Path | None) -> dict[str, 
     return column
 
 
-def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None) -> str:
-    """Score base / base+description / T2L / wrong-description control / baseline LoRA with the
+def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None,
+                 seconds: dict[str, float] | None = None) -> str:
+    """Score base / base+description / T2L / the description controls / baseline LoRA with the
     trained ``pieces`` (``RunPieces``) and write ``report.md`` + ``report.json`` into the run
-    folder; returns the Markdown."""
+    folder; returns the Markdown. seconds (part -> wall seconds, e.g. training) receives one
+    entry per table and goes into report.json with them."""
     base, injection, dm, embeddings, generator = (pieces.base, pieces.injection, pieces.datamodule,
                                                   pieces.embeddings, pieces.trainable)
     run_dir = run.root
     model, device = base.model, next(base.model.parameters()).device
     generator.eval()
-    make_weights = None
+    make_weights = text_weights = None
     if cfg.training.mode == "sft":
         emb, generator = embeddings.to(device), generator.to(device)
+        encoder = pieces.encoder
 
         @torch.inference_mode()
         def make_weights(desc_idx: list[int]):
             return generator(emb[torch.as_tensor(desc_idx, device=device)])
+
+        @torch.inference_mode()
+        def text_weights(texts: list[str]):  # the controls' texts are not among the embedded descriptions
+            return generator(encoder.encode(texts).to(device))
 
     baseline, baseline_dir = None, None
     if cfg.training.mode == "lora":
@@ -93,7 +101,8 @@ def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None) -
             arrow.check_fits(injection.shapes, "the trained model's LoRA targets")
             arrow = arrow.to(device)
         else:
-            say(f"eval.arrow_library {path} not found; the table leaves out (f).")
+            say(f"eval.arrow_library {path} not found; the table leaves out (h).")
+    seconds = {} if seconds is None else seconds
     limit = int(cfg.eval.report_max_items)
     tables, items = {}, {}
     for split, title in (("seen", "Training tasks, held-out instances and descriptions"),
@@ -107,10 +116,13 @@ def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None) -
             continue
         say(f"evaluating {len(its)} items: {title}")
         items[title] = its
+        start = time.perf_counter()
         tables[title] = evaluate_conditions(model, base.tokenizer, injection, its, make_weights, baseline,
                                             batch_size=int(cfg.eval.batch_size),
                                             max_new_tokens=int(cfg.eval.max_new_tokens), progress=_progress,
-                                            arrow=arrow)
-    md = write_report(run_dir, tables, items, training_column(cfg, run_dir, baseline_dir))
+                                            text_weights=text_weights, descriptions=dm.descriptions,
+                                            seed=int(cfg.training.seed), arrow=arrow)
+        seconds[f"table: {title} ({len(its)} items x {len(tables[title])} conditions)"] = time.perf_counter() - start
+    md = write_report(run_dir, tables, items, training_column(cfg, run_dir, baseline_dir), seconds)
     print(md)
     return md

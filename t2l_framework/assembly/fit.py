@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from t2l_framework.assembly import loading
 from t2l_framework.assembly.lookups import build_encoder, head_lookup, load_recipe
 from t2l_framework.config import find_recipe
 from t2l_framework.console import say
+from t2l_framework.errors import T2LError
 from t2l_framework.run_folder import RunFolder
 
 
@@ -28,6 +29,8 @@ class RunPieces:
     encoder: the ``TextEncoder`` that made them (None in lora mode).
     trainable: what the optimizer updates: ``HyperNetwork`` (sft / recon), ``LearnedLora`` (lora) or
     ``TaskLoraBank`` (library: one LoRA per training task).
+    seconds: wall time of each part built (loading the base model, embedding descriptions), for
+    the time breakdown at the end of ``t2l fit``.
     """
 
     base: Any
@@ -36,6 +39,7 @@ class RunPieces:
     embeddings: torch.Tensor | None
     encoder: Any
     trainable: torch.nn.Module
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def planned_device(accelerator: str) -> str:
@@ -55,6 +59,7 @@ def build_pieces(cfg, recipe_file: Path | None, run: RunFolder) -> RunPieces:
     # micro-batches per rank; the stream holds world-size times as many (data.stream)
     total = int(cfg.trainer.max_steps) * int(cfg.trainer.accumulate_grad_batches) + 1
     base = injection = None
+    seconds: dict[str, float] = {}
     if mode == "recon":
         from t2l_framework.training.recon import ReconDataModule, library_shapes
 
@@ -67,7 +72,8 @@ def build_pieces(cfg, recipe_file: Path | None, run: RunFolder) -> RunPieces:
         say(f"loading base model {cfg.base_model.name_or_path} ...")
         base, injection = loading.load_base(cfg.base_model, list(cfg.lora.target_modules),
                                             runs_on=planned_device(cfg.trainer.accelerator))
-        say(f"base model loaded in {time.time() - t0:.1f} s")
+        seconds["load base model"] = time.time() - t0
+        say(f"base model loaded in {seconds['load base model']:.1f} s")
         shapes = injection.shapes
         fmt = partial(base.family.format_prompt, base.tokenizer, chat_template=bool(cfg.base_model.chat_template))
         dm = T2LDataModule(cfg.data, base.tokenizer, lambda user, system="": fmt(user, system),
@@ -80,8 +86,22 @@ def build_pieces(cfg, recipe_file: Path | None, run: RunFolder) -> RunPieces:
         encoder = build_encoder(cfg.encoder)
         embeddings = EmbeddingCache(encoder, dm.descriptions, run.embedding_cache,
                                     device=planned_device(cfg.trainer.accelerator)).embeddings
+        seconds[f"embed {len(dm.descriptions)} descriptions (encoder load + cache)"] = time.time() - t0
         say(f"embedded {len(dm.descriptions)} descriptions in {time.time() - t0:.1f} s")
         trainable = HyperNetwork.from_recipe(cfg, shapes, embeddings.shape[1], heads=head_lookup(import_code=True))
+        if mode == "sft" and cfg.training.mtlora_offset:
+            from t2l_framework.config import resolve_path
+            from t2l_framework.lora.peft_io import import_peft_adapter
+
+            folder = resolve_path(cfg.training.mtlora_offset, recipe_file)
+            if (folder / "adapter" / "adapter_config.json").is_file():
+                folder = folder / "adapter"  # a multi-task LoRA run folder
+            offset = import_peft_adapter(folder)
+            try:
+                trainable.set_output_offset(offset)
+            except T2LError as exc:
+                raise T2LError(f"training.mtlora_offset {folder}: {exc}") from None
+            say(f"the hypernetwork's output starts from the LoRA in {folder}")
     elif mode == "library":
         from t2l_framework.training.library import TaskLoraBank
 
@@ -91,7 +111,7 @@ def build_pieces(cfg, recipe_file: Path | None, run: RunFolder) -> RunPieces:
         trainable = LearnedLora(shapes, int(cfg.lora.rank), float(cfg.lora.alpha), bool(cfg.lora.use_rslora))
     n_params = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
     say(f"{type(trainable).__name__}: {n_params / 1e6:.2f}M trainable parameters")
-    return RunPieces(base, injection, dm, embeddings, encoder, trainable)
+    return RunPieces(base, injection, dm, embeddings, encoder, trainable, seconds)
 
 
 def fit(recipe: str | Path, overrides: list[str] | None = None, resume: bool = False, overwrite: bool = False,
@@ -100,9 +120,11 @@ def fit(recipe: str | Path, overrides: list[str] | None = None, resume: bool = F
     ``eval.final_report``, the end-of-training table follows (``final_report``)."""
     import lightning as L
 
+    from t2l_framework.eval.sni_report import time_breakdown
     from t2l_framework.training.run import prepare_run_folder, save_result, train
     from t2l_framework.training.sharding import check_sharded_recipe
 
+    started = time.perf_counter()
     cfg = load_recipe(recipe, overrides)
     recipe_file = find_recipe(recipe)
     check_sharded_recipe(cfg)  # before minutes of model loading
@@ -116,9 +138,13 @@ def fit(recipe: str | Path, overrides: list[str] | None = None, resume: bool = F
     L.seed_everything(int(cfg.training.seed), workers=True, verbose=False)
 
     pieces = build_pieces(cfg, recipe_file, run)
+    seconds = pieces.seconds
+    t0 = time.perf_counter()
     trainer = train(cfg, run, pieces, ckpt, callbacks)
+    seconds[f"train ({trainer.global_step} steps)"] = time.perf_counter() - t0
     if not trainer.is_global_zero:  # every rank holds the same trained weights: rank 0 writes them
         return run.root
+    t0 = time.perf_counter()
     if cfg.training.mode == "library":
         from t2l_framework.training.library import save_library
 
@@ -129,9 +155,11 @@ def fit(recipe: str | Path, overrides: list[str] | None = None, resume: bool = F
         from t2l_framework.training.recon_error import write_recon_report
 
         write_recon_report(run, pieces.trainable, pieces.embeddings, pieces.datamodule)
+    seconds["save the result"] = time.perf_counter() - t0
     if report and cfg.training.mode not in ("recon", "library") and cfg.eval.final_report:
         from t2l_framework.assembly.final_report import final_report
 
-        final_report(cfg, run, pieces, recipe_file)
+        final_report(cfg, run, pieces, recipe_file, seconds)  # adds each table's time; report.json keeps them
+    say(time_breakdown(seconds, time.perf_counter() - started))
     say(f"run folder: {run.root}")
     return run.root

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from t2l_framework.config import DataConfig
+from t2l_framework.data.description_controls import other_task_description
 from t2l_framework.data.encoding import FormatPrompt, encode_examples, encode_prompt, pad_batch, pad_id
 from t2l_framework.data.length_groups import group_by_length
 from t2l_framework.data.stream import ResumableStream, trainer_share
@@ -250,12 +251,8 @@ class T2LDataModule(ResumableStream, L.LightningDataModule):
         pairs = self._seen if split == "seen" else self._unseen
         group = self.train_task_ids if split == "seen" else self.eval_task_ids
         others = group if len(group) > 1 else self.task_ids
-        picks = []
-        for k, (t, _, _) in enumerate(pairs):
-            tid = self.task_ids[t]
-            rng = random.Random(f"{self.seed}-control-{split}-{k}")
-            other = rng.choice([o for o in others if o != tid] or [tid])
-            picks.append(rng.choice(self.heldout_descriptions[other]))
+        picks = [other_task_description(f"{self.seed}-control-{split}-{k}", self.task_ids[t], others,
+                                        self.heldout_descriptions) for k, (t, _, _) in enumerate(pairs)]
         return index(picks)
 
     # ---- loaders -------------------------------------------------------------------------

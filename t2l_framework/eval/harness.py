@@ -1,7 +1,8 @@
 """``t2l eval``: score adapters on benchmarks, all adapters of a benchmark in shared batches.
 
 An *adapter* is a way of answering: ``base`` (no LoRA), ``base+description`` (the task
-description in the prompt), ``t2l`` (a LoRA generated from the description) or a PEFT folder
+description in the prompt), ``t2l`` (a LoRA generated from the description), a description
+control (the same hypernetwork given another text: ``DESCRIPTION_CONTROLS``), a PEFT folder
 (oracle / multi-task LoRA), or ``arrow=LIBRARY_DIR`` (Arrow routing over a folder of task
 LoRAs, ``lora/arrow.py``; no description). Adapters that use descriptions are scored once per description
 (``n_descriptions`` of each benchmark's, drawn with a fixed seed) and averaged, as in the paper.
@@ -27,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 from t2l_framework.config import EvalConfig
 from t2l_framework.console import say
+from t2l_framework.data.description_controls import GENERIC_DESCRIPTION, other_task_description, random_description
 from t2l_framework.errors import T2LError
 from t2l_framework.eval.benchmarks import Benchmark, Example, GradeContext, Graded
 from t2l_framework.eval.cache import ResultCache
@@ -39,16 +41,28 @@ from t2l_framework.runtime.adapters import AdapterGenerator
 HARNESS_VERSION = "2"
 BUILTIN_ADAPTERS = ("base", "base+description", "t2l")
 
+# Controls: the evaluated run's hypernetwork given another text than the task's description.
+# name -> text(task, slot, descs, seed); descs[t]: the descriptions picked for task t of the benchmark.
+DescriptionControl = Callable[[str, int, dict[str, list[str]], int], str]
+DESCRIPTION_CONTROLS: dict[str, DescriptionControl] = {
+    "other_description": lambda task, slot, descs, seed: other_task_description(
+        f"{seed}-control-{task}-{slot}", task, list(descs), descs),
+    "random_description": lambda task, slot, descs, seed: random_description(descs[task][slot], seed),
+    "generic_description": lambda task, slot, descs, seed: GENERIC_DESCRIPTION,
+}
+
 
 @dataclass
 class AdapterSpec:
     """name: shown in the table. kind: base | description | t2l | peft | arrow. path: a PEFT folder,
     a T2L run or (arrow) a library of PEFT folders; None for ``t2l`` means the hypernetwork of the
-    run being evaluated."""
+    run being evaluated. control: a ``DESCRIPTION_CONTROLS`` name (kind t2l): the text the
+    hypernetwork gets instead of the description."""
 
     name: str
     kind: str
     path: Path | None = None
+    control: str | None = None
 
     @property
     def uses_descriptions(self) -> bool:
@@ -56,7 +70,9 @@ class AdapterSpec:
 
 
 def parse_adapters(specs: Sequence[str], have_run: bool) -> list[AdapterSpec]:
-    """``base``, ``base+description``, ``t2l`` (the evaluated run), ``arrow=LIBRARY_DIR``, ``NAME=PATH`` or ``PATH``.
+    """``base``, ``base+description``, ``t2l`` (the evaluated run), a description control of the
+    evaluated run (``other_description``, ``random_description``, ``generic_description``),
+    ``arrow=LIBRARY_DIR``, ``NAME=PATH`` or ``PATH``.
 
     PATH is a PEFT adapter folder (``adapter_config.json``) or another T2L run / hypernet folder;
     LIBRARY_DIR holds one PEFT adapter folder per task (``data.lora_library``'s layout).
@@ -75,6 +91,11 @@ def parse_adapters(specs: Sequence[str], have_run: bool) -> list[AdapterSpec]:
                 raise T2LError("--adapters t2l needs a trained run folder as RUN_OR_RECIPE "
                                "(or name one: t2l=runs/NAME)")
             out.append(AdapterSpec("t2l", "t2l"))  # no path: the evaluated run's hypernetwork
+        elif spec in DESCRIPTION_CONTROLS:
+            if not have_run:
+                raise T2LError(f"--adapters {spec} needs a trained run folder as RUN_OR_RECIPE "
+                               "(it gives that run's hypernetwork another text than the description)")
+            out.append(AdapterSpec(spec, "t2l", control=spec))
         elif spec.startswith("arrow="):
             folder = Path(spec[len("arrow="):]).expanduser()
             if not folder.is_dir():
@@ -87,7 +108,8 @@ def parse_adapters(specs: Sequence[str], have_run: bool) -> list[AdapterSpec]:
             name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
             folder = Path(path).expanduser()
             if not folder.is_dir():
-                raise T2LError(f"--adapters: '{spec}' is not base, base+description, t2l, or an existing folder "
+                raise T2LError(f"--adapters: '{spec}' is not base, base+description, t2l, "
+                               f"{', '.join(DESCRIPTION_CONTROLS)} or an existing folder "
                                f"({folder} does not exist)")
             if (folder / "adapter_config.json").is_file():
                 kind = "peft"
@@ -236,9 +258,17 @@ class Evaluator:
         s, protocol, mode = self.settings, self._protocol(bench), self._mode(bench)
         n_slots = max(1, min(len(d) for d in descs.values()))
         fingerprint = bench.fingerprint()
+        if any(a.control == "other_description" for a in self.adapters) and len(descs) < 2:
+            raise T2LError(f"--adapters other_description needs a benchmark of several tasks (e.g. sni_unseen); "
+                           f"'{bench.name}' has one")
         units = []
         for spec in self.adapters:
+            seen_texts = []
             for slot in range(n_slots if spec.uses_descriptions else 1):
+                texts = self._texts(spec, descs, slot) if spec.uses_descriptions else None
+                if texts is not None and texts in seen_texts:
+                    continue  # e.g. the generic description: the same adapter in every slot, scored once
+                seen_texts.append(texts)
                 key = {"harness": HARNESS_VERSION, "model": self.runtime.base_model_name, "dtype": self.runtime.dtype,
                        "adapter": self.identity[spec.name], "benchmark": bench.name, "data": fingerprint,
                        "protocol": protocol, "items": [e.id for e in examples], "scoring": mode,
@@ -246,9 +276,16 @@ class Evaluator:
                        "max_new_tokens": self._max_new(bench), "stop": list(bench.stop_texts(protocol)),
                        "chat_template": self.runtime.chat_template,
                        "code_timeout_s": s.code_timeout_s if bench.runs_programs else None,
-                       "descriptions": {t: d[slot] for t, d in descs.items()} if spec.uses_descriptions else None}
+                       "descriptions": texts}
                 units.append(_Unit(spec, slot, key))
         return units
+
+    def _texts(self, spec: AdapterSpec, descs: dict[str, list[str]], slot: int) -> dict[str, str]:
+        """task -> the text a unit's adapter is made from: the description, or its control's text."""
+        if spec.control is None:
+            return {t: d[slot] for t, d in descs.items()}
+        control = DESCRIPTION_CONTROLS[spec.control]
+        return {t: control(t, slot, descs, self.settings.seed) for t in descs}
 
     def _max_new(self, bench: Benchmark) -> int:
         if self._mode(bench) != "generate":
@@ -263,7 +300,7 @@ class Evaluator:
             todo = [u for u in units if u.adapter.name == name]
             if not todo:
                 continue
-            texts = [descs[t][u.slot] for u in todo for t in descs]
+            texts = [u.key["descriptions"][t] for u in todo for t in descs]
             weights = gen.adapters(texts).conform(shapes, self.rank).to(self.runtime.device)
             for i, u in enumerate(todo):
                 u.weights = {t: weights.select(i * len(descs) + j) for j, t in enumerate(descs)}

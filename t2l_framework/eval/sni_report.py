@@ -3,7 +3,9 @@
 Conditions: (a) the base model; (b) the base model with the description in the prompt;
 (c) T2L, adapter generated from the held-out description; (d) control: T2L adapter from a
 *different* task's description; (e) a trained LoRA baseline (multi-task LoRA), if given;
-(f) Arrow routing over a library of task LoRAs (``eval.arrow_library``), if given.
+(f) control: T2L adapter from random letters of the description's length; (g) control: T2L
+adapter from one generic description for every task (``data.description_controls``).
+(h) Arrow routing over a library of task LoRAs (``eval.arrow_library``), if given.
 
 Standard errors are clustered by task (CR1, ``eval.stats``): items of one task share a
 format and a difficulty, so they are not independent, and an item-level SE would overstate
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from t2l_framework.atomic import atomic_file
+from t2l_framework.data.description_controls import GENERIC_DESCRIPTION, random_description
 from t2l_framework.eval.stats import clustered_mean_se, paired_difference
 from t2l_framework.runtime.greedy import greedy_generate
 from t2l_framework.eval.text_metrics import exact_match, rouge_l
@@ -33,8 +37,12 @@ CONDITIONS = {
     "t2l": "(c) T2L, held-out description",
     "t2l_other_task_description": "(d) T2L, another task's description",
     "mt_lora": "(e) multi-task LoRA",
-    "arrow": "(f) Arrow routing over the LoRA library",
+    "t2l_random_description": "(f) T2L, random letters of the description's length",
+    "t2l_generic_description": f"(g) T2L, one generic description ('{GENERIC_DESCRIPTION}')",
+    "arrow": "(h) Arrow routing over the LoRA library",
 }
+# Conditions made by this run's hypernetwork: their training column is the run's own.
+T2L_CONDITIONS = ("t2l", "t2l_other_task_description", "t2l_random_description", "t2l_generic_description")
 METRICS = ("em", "rouge_l")
 FOOTNOTE = ("(± is one standard error clustered by task (CR1): items of one task are not independent. "
             "Differences are paired over the same items, clustered the same way; 'cSE' = that standard error. "
@@ -61,12 +69,16 @@ def evaluate_conditions(model, tokenizer, injection, items: list[dict],
                         make_weights: Callable[[list[int]], LoraWeights] | None,
                         baseline: LoraWeights | None = None, batch_size: int = 16,
                         max_new_tokens: int = 16, progress: Callable | None = None,
-                        arrow: ArrowLibrary | None = None) -> dict:
+                        text_weights: Callable[[list[str]], LoraWeights] | None = None,
+                        descriptions: Sequence[str] = (), seed: int = 0,
+                        seconds: dict[str, float] | None = None, arrow: ArrowLibrary | None = None) -> dict:
     """Score every condition on ``items`` (from ``T2LDataModule.eval_items``).
 
     make_weights(desc_indices) -> LoraWeights with one adapter per index (the hypernetwork).
-    arrow: a library routed per token for condition (f), fitted to ``injection``.
-    Returns {condition: ``score(...)``}.
+    text_weights(texts) -> LoraWeights with one adapter per text (encoder + hypernetwork): with
+    ``descriptions`` (desc_idx -> text) it adds the controls (f) and (g). seconds, when given,
+    receives each condition's wall time. arrow: a library routed per token for condition (h),
+    fitted to ``injection``. Returns {condition: ``score(...)``}.
     """
     plans: dict[str, tuple[str, Callable | None]] = {"base": ("input_ids", None),
                                                      "base+description": ("prompt_with_description_ids", None)}
@@ -76,10 +88,15 @@ def evaluate_conditions(model, tokenizer, injection, items: list[dict],
             "input_ids", lambda chunk: make_weights([it["other_desc_idx"] for it in chunk]))
     if baseline is not None:
         plans["mt_lora"] = ("input_ids", lambda chunk: baseline)
+    if text_weights is not None and descriptions:
+        plans["t2l_random_description"] = ("input_ids", lambda chunk: text_weights(
+            [random_description(descriptions[it["desc_idx"]], seed) for it in chunk]))
+        plans["t2l_generic_description"] = ("input_ids", lambda chunk: text_weights([GENERIC_DESCRIPTION]))
     if arrow is not None:
         plans["arrow"] = ("input_ids", None)
     results = {}
     for name, (field, weights_for) in plans.items():
+        t0 = time.perf_counter()
         # Similar lengths share a batch, so little compute goes to padding.
         order = sorted(range(len(items)), key=lambda i: len(items[i][field]))
         preds: list[str] = [""] * len(items)
@@ -95,6 +112,8 @@ def evaluate_conditions(model, tokenizer, injection, items: list[dict],
             if progress:
                 progress(name, min(start + batch_size, len(order)), len(order))
         results[name] = score(preds, items)
+        if seconds is not None:
+            seconds[name] = time.perf_counter() - t0
     return results
 
 
@@ -164,12 +183,31 @@ def render(tables: dict[str, dict], training: dict[str, str] | None = None) -> s
     return "\n\n".join(head + [markdown_table(t, r, training) for t, r in tables.items()])
 
 
+def time_breakdown(seconds: dict[str, float], total: float | None = None) -> str:
+    """Where a run's wall time went: one line per part (``seconds``: part -> wall seconds) with its
+    share of ``total``; what the parts do not cover of ``total`` is shown as 'other'."""
+    def format_seconds(value: float) -> str:
+        minutes, secs = divmod(int(round(value)), 60)
+        return f"{minutes} min {secs} s" if minutes else f"{value:.1f} s"
+
+    parts = dict(seconds)
+    if total is None:
+        total = sum(parts.values())
+    else:
+        parts["other (setup, checks, writing files)"] = max(0.0, total - sum(parts.values()))
+    lines = [f"  {name:<60} {format_seconds(s):>11}  {100 * s / total if total else 0:5.1f}%"
+             for name, s in parts.items()]
+    return "\n".join([f"time: {format_seconds(total)} in all"] + lines)
+
+
 def write_report(out_dir: Path, tables: dict[str, dict], items: dict[str, list[dict]],
-                 training: dict[str, str] | None = None) -> str:
-    """Write report.md and report.json (per-item predictions, training per condition); return the Markdown."""
+                 training: dict[str, str] | None = None, seconds: dict[str, float] | None = None) -> str:
+    """Write report.md and report.json (per-item predictions, training per condition, the time
+    breakdown ``seconds``: part -> wall seconds); return the Markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md = render(tables, training)
-    payload: dict = {"training": dict(training or {}), "tables": {}}
+    payload: dict = {"training": dict(training or {}), "tables": {},
+                     "seconds": {k: round(v, 2) for k, v in (seconds or {}).items()}}
     for title, res in tables.items():
         section = {name: {k: r[k] for k in ("n", "n_tasks", "em", "em_se", "rouge_l", "rouge_l_se")}
                    for name, r in res.items()}

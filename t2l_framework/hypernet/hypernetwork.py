@@ -7,6 +7,7 @@ go through a Python loop); the head finishes the trunk for its rows (see ``Hyper
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, fields, is_dataclass
 from typing import Any, Callable
 
@@ -93,6 +94,33 @@ class HyperNetwork(nn.Module):
         self.head = build_head(self.head_name, hc, shapes, self.rank, self.trunk.width, heads)
         self.register_buffer("layer_idx", torch.arange(shapes.n_layers), persistent=False)
         self.register_buffer("module_idx", torch.arange(len(shapes.modules)), persistent=False)
+        self.output_offset = None
+        if hc.get("output_offset"):
+            self.set_output_offset(None)
+
+    def set_output_offset(self, weights: LoraWeights | None) -> None:
+        """Add a fixed LoRA to every generated adapter (buffers saved with the weights).
+
+        weights: batch-1 ``LoraWeights`` for this network's shapes and rank at most ``self.rank``
+        (e.g. a multi-task LoRA), or None for zeros (a checkpoint's offset is then loaded into
+        them). Stored in this network's scaling, so the applied delta W is the adapter's own.
+        """
+        offset = nn.Module()
+        if weights is not None:
+            if weights.batch_size != 1:
+                raise T2LError(f"an output offset is one LoRA, got a batch of {weights.batch_size}")
+            weights = weights.conform(self.shapes, self.rank)  # scaling folded into B: 1.0
+            scaling = self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        for i, (m, (fan_in, fan_out)) in enumerate(self.shapes.shapes.items()):
+            a = torch.zeros(self.shapes.n_layers, self.rank, fan_in)
+            b = torch.zeros(self.shapes.n_layers, fan_out, self.rank)
+            if weights is not None:
+                a, b = weights.A[m][0].detach().float().cpu(), weights.B[m][0].detach().float().cpu() / scaling
+            offset.register_buffer(f"A{i}", a.contiguous())
+            offset.register_buffer(f"B{i}", b.contiguous())
+        device = self.layer_idx.device
+        self.output_offset = offset.to(device)
+        self.hypernet_cfg["output_offset"] = True
 
     @classmethod
     def from_recipe(cls, recipe: Any, shapes: ModuleShapes, enc_dim: int,
@@ -127,6 +155,9 @@ class HyperNetwork(nn.Module):
         for i, module in enumerate(self.shapes.modules):
             a, b = self.head(feats[i].flatten(0, 1), module, self.trunk)  # rows = batch * n_layers
             A[module], B[module] = a.unflatten(0, (batch, n_layers)), b.unflatten(0, (batch, n_layers))
+            if self.output_offset is not None:  # [n_layers, ...] broadcast over the batch
+                A[module] = A[module] + getattr(self.output_offset, f"A{i}").to(A[module].dtype)
+                B[module] = B[module] + getattr(self.output_offset, f"B{i}").to(B[module].dtype)
         return LoraWeights(A, B, self.rank, self.alpha, self.use_rslora)
 
     def save_pretrained(self, directory) -> None:

@@ -54,6 +54,19 @@ class LearnedLora(nn.Module):
         return LoraWeights(dict(self.A), dict(self.B), self.rank, self.alpha, self.use_rslora)
 
 
+def param_groups(generator: nn.Module, lr: float, head_bias_factor: float = 1.0) -> list[dict]:
+    """AdamW parameter groups: the head's biases ("head.*.bias": the adapter every task starts
+    from) at ``lr * head_bias_factor``, everything else trainable at ``lr``. One group when the
+    factor is 1 or the module has no head (a ``LearnedLora``), so nothing changes by default."""
+    named = [(n, p) for n, p in generator.named_parameters() if p.requires_grad]
+    bias = [p for n, p in named if n.startswith("head.") and n.endswith(".bias")]
+    if head_bias_factor == 1.0 or not bias:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    ids = {id(p) for p in bias}
+    return [{"params": [p for _, p in named if id(p) not in ids], "lr": lr, "name": "trunk+head weights"},
+            {"params": bias, "lr": lr * head_bias_factor, "name": "head bias"}]
+
+
 def lr_lambda(warmup: int, total: int, kind: str):
     """Linear warm-up from 0, then cosine / linear decay to 0 or constant.
 
@@ -344,10 +357,10 @@ class T2LModule(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.recipe.training
-        params = [p for p in self.generator.parameters() if p.requires_grad]
         build = getattr(self.generator, "build_optimizer", None)  # a module that needs its own (library mode)
         opt = (build(lr=float(t.lr), weight_decay=float(t.weight_decay)) if build is not None
-               else torch.optim.AdamW(params, lr=float(t.lr), weight_decay=float(t.weight_decay)))
+               else torch.optim.AdamW(param_groups(self.generator, float(t.lr), float(t.lr_head_bias)),
+                                      lr=float(t.lr), weight_decay=float(t.weight_decay)))
         total = int(self.recipe.trainer.max_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_steps(t, total), total, t.scheduler))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,194 @@
+"""Tasks x steps scaling map: T2L against the multi-task LoRA at equal work, and the description controls.
+
+For every cell (N training tasks, S steps) of the grid it trains the multi-task LoRA
+(``recipes/smollm2_demo_mtlora.yaml``) and T2L (``recipes/smollm2_demo.yaml``) on the same N tasks
+(the rule of ``data/demo_tasks.yaml``: ``data.demo_task_sets``) for S steps each, with the same
+unseen set, and reads T2L's end-of-training table: (c) and the paired differences
+(c)-(d) another task's description, (c)-(e) the multi-task LoRA, (c)-(f) random letters and
+(c)-(g) the generic description, in task-clustered SE (cSE), on the unseen and the training tasks.
+
+Each cell is its own pair of ``t2l fit`` processes writing ``OUT/cells/N_tasks-S_steps/``; a cell
+with a ``cell.json`` is finished and skipped, so an interrupted map resumes where it stopped.
+After every cell the table (``OUT/scaling_map.md`` + ``.json``, wall time and CPU kind per cell)
+and the plot (``OUT/scaling_map.png``) are rewritten from the finished cells.
+
+    python benchmarks/scaling_map.py --tasks 10,30,all --steps 96,288,864 --out docs/scaling_map
+    python benchmarks/scaling_map.py --tasks 10 --steps 8 --eval-instances 2 --out /tmp/map   # one tiny cell
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+UNSEEN, SEEN = "Tasks never seen in training", "Training tasks, held-out instances and descriptions"
+# (label in the table, condition name in report.json)
+CONTRASTS = [("(c)-(d)", "t2l_other_task_description"), ("(c)-(e)", "mt_lora"),
+             ("(c)-(f)", "t2l_random_description"), ("(c)-(g)", "t2l_generic_description")]
+PLOTTED = ["(c)-(d)", "(c)-(f)", "(c)-(e)"]
+
+
+def cpu_kind() -> str:
+    """The CPU model, its core count and whether it has native bf16 (what `dtype: auto` decides by)."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        info = []
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    flags = next((line for line in info if line.startswith("flags")), "")
+    bf16 = "AVX512_BF16" if "avx512_bf16" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+    return f"{model}, {os.cpu_count()} cores, {bf16}"
+
+
+def fit(recipe: str, overrides: list[str], log: Path) -> int:
+    """One ``t2l fit`` in its own process (this worktree's code first on the path); its output goes to ``log``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    with open(log, "w") as f:
+        return subprocess.call([sys.executable, "-m", "t2l_framework.cli", "fit", recipe, *overrides, "--overwrite"],
+                               stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def cell_numbers(report_json: Path) -> dict:
+    """(c) and each contrast in cSE per split, from a T2L run's report.json."""
+    from t2l_framework.eval.sni_report import paired_differences, rescore
+
+    tables, training = rescore(report_json)
+    out = {"training": training}
+    for split, title in (("unseen", UNSEEN), ("seen", SEEN)):
+        if title not in tables:
+            continue
+        res, diffs = tables[title], paired_differences(tables[title])
+        row = {"c_em": res["t2l"]["em"], "c_em_se": res["t2l"]["em_se"], "items": res["t2l"]["n"]}
+        for label, name in CONTRASTS:
+            if name in diffs:
+                d = diffs[name]
+                row[label] = {"em": d["em"], "em_se": d["em_se"],
+                              "cse": d["em"] / d["em_se"] if d["em_se"] and d["em_se"] == d["em_se"] else None}
+        out[split] = row
+    return out
+
+
+def run_cell(n_tasks: int | str, steps: int, args, out: Path) -> dict:
+    from t2l_framework.data.demo_task_sets import training_task_set
+
+    cell = out / "cells" / f"{n_tasks}_tasks-{steps}_steps"
+    done = cell / "cell.json"
+    if done.is_file():
+        print(f"[map] {cell.name}: finished earlier, skipped", flush=True)
+        return json.loads(done.read_text())
+    cell.mkdir(parents=True, exist_ok=True)
+    tasks = training_task_set(n_tasks if n_tasks == "all" else int(n_tasks))
+    common = [f"data.train_tasks=[{','.join(tasks)}]", f"trainer.max_steps={steps}", f"training.seed={args.seed}",
+              f"training.output_dir={cell}", f"trainer.max_time={args.max_time or 'null'}",
+              f"trainer.val_check_interval={max(steps, 1)}",
+              f"training.checkpoint_every_n_steps={max(steps, 1)}"]
+    if args.eval_instances:
+        common.append(f"data.max_eval_instances={args.eval_instances}")
+    if args.seen_per_task:
+        common.append(f"eval.report_seen_per_task={args.seen_per_task}")
+    common += args.set
+    times = {}
+    print(f"[map] {cell.name}: multi-task LoRA ({len(tasks)} tasks, {steps} steps)", flush=True)
+    t0 = time.perf_counter()
+    rc = fit("smollm2_demo_mtlora", common + ["training.run_name=mt_lora"], cell / "mt_lora.log")
+    times["mt_lora_s"] = time.perf_counter() - t0
+    if rc not in (0, 3):
+        raise SystemExit(f"[map] {cell.name}: the multi-task LoRA run failed (exit {rc}); see {cell / 'mt_lora.log'}")
+    print(f"[map] {cell.name}: T2L + the table", flush=True)
+    t0 = time.perf_counter()
+    rc = fit("smollm2_demo", common + ["training.run_name=t2l", f"eval.baseline_adapter={cell / 'mt_lora' / 'adapter'}"],
+             cell / "t2l.log")
+    times["t2l_s"] = time.perf_counter() - t0
+    if rc not in (0, 3):
+        raise SystemExit(f"[map] {cell.name}: the T2L run failed (exit {rc}); see {cell / 't2l.log'}")
+    report = json.loads((cell / "t2l" / "report.json").read_text())
+    result = {"tasks": len(tasks), "task_set": n_tasks, "steps": steps, "seed": args.seed, "cpu": cpu_kind(),
+              "wall_s": round(sum(times.values()), 1), **{k: round(v, 1) for k, v in times.items()},
+              "t2l_time_breakdown_s": report.get("seconds", {}), **cell_numbers(cell / "t2l" / "report.json")}
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _cse(row: dict, label: str) -> str:
+    v = row.get(label) or {}
+    return "n/a" if v.get("cse") is None else f"{v['cse']:+.1f}"
+
+
+def write_table(results: list[dict], out: Path) -> str:
+    lines = ["| tasks | steps | unseen (c) EM | " + " | ".join(f"{l} cSE" for l, _ in CONTRASTS)
+             + " | in-dist (c) EM | in-dist (c)-(e) cSE | wall (T2L + MT-LoRA) | CPU |",
+             "|---:|---:|---:|" + "---:|" * len(CONTRASTS) + "---:|---:|---:|---|"]
+    for r in sorted(results, key=lambda r: (r["tasks"], r["steps"])):
+        u, s = r.get("unseen", {}), r.get("seen", {})
+        cut = any(str(v).startswith("cut short") for v in r.get("training", {}).values())
+        lines.append(f"| {r['tasks']} | {r['steps']}{' (cut short)' if cut else ''} | "
+                     f"{u.get('c_em', float('nan')):.3f} ± {u.get('c_em_se', float('nan')):.3f} | "
+                     + " | ".join(_cse(u, l) for l, _ in CONTRASTS)
+                     + f" | {s.get('c_em', float('nan')):.3f} | {_cse(s, '(c)-(e)')} | "
+                     f"{r['wall_s'] / 60:.1f} min | {r['cpu']} |")
+    md = "\n".join(lines)
+    (out / "scaling_map.md").write_text(md + "\n\nEM = exact match on the unseen set; cSE = the paired difference "
+                                        "in task-clustered standard errors (> 2: a clear win of (c)).\n")
+    (out / "scaling_map.json").write_text(json.dumps(results, indent=1))
+    return md
+
+
+def plot(results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.6), sharey=True)
+    for ax, label in zip(axes, PLOTTED):
+        for n in sorted({r["tasks"] for r in results}):
+            pts = sorted((r["steps"], r["unseen"][label]["cse"]) for r in results
+                         if r["tasks"] == n and r.get("unseen", {}).get(label, {}).get("cse") is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{n} tasks")
+        ax.axhline(2.0, color="grey", ls="--", lw=0.8)
+        ax.axhline(0.0, color="black", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_title(f"unseen: {label}")
+        ax.set_xlabel("training steps (same for T2L and MT-LoRA)")
+    axes[0].set_ylabel("paired difference in cSE (exact match)")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "scaling_map.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="10,30,all", help="training-task counts (data/demo_tasks.yaml rule), e.g. 10,30,all")
+    p.add_argument("--steps", default="96,288,864", help="step budgets, the same for T2L and the multi-task LoRA")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--eval-instances", type=int, default=0,
+                   help="test items per unseen task (data.max_eval_instances; 0 = the recipe's 13, 307 items)")
+    p.add_argument("--seen-per-task", type=int, default=0, help="in-distribution items per task (0 = the recipe's 4)")
+    p.add_argument("--max-time", default="", help="trainer.max_time per run, DD:HH:MM:SS (default: none)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one more override for both runs")
+    p.add_argument("--out", default=str(ROOT / "docs" / "scaling_map"), help="output folder (resumable)")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = [(n if n == "all" else int(n), int(s)) for n in args.tasks.split(",") for s in args.steps.split(",")]
+    results = []
+    for n, steps in grid:
+        results.append(run_cell(n, steps, args, out))
+        print(write_table(results, out), flush=True)
+        plot(results, out)
+    print(f"[map] {len(results)} cells; table {out / 'scaling_map.md'}, plot {out / 'scaling_map.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
