@@ -50,7 +50,7 @@ def fake_run(monkeypatch, world, tmp_path):
     generator = SimpleNamespace(hypernet=SimpleNamespace(target_modules=["q_proj", "v_proj"]), base_config=base_cfg)
     seen = []
 
-    def fake_generator(folder, device, trust_remote_code=False):
+    def fake_generator(folder, device, trust_remote_code=False, *args, **kwargs):
         seen.append(str(folder))
         return generator
 
