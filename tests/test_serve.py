@@ -84,7 +84,15 @@ def test_mixed_batch_rows_match_each_row_alone(runtime):
     together = runtime.chat(prompts, rows, max_new_tokens=budgets)
     alone = [runtime.chat([p], [w], max_new_tokens=m)[0] for p, w, m in zip(prompts, rows, budgets)]
     assert [c.text for c in together] == [c.text for c in alone]
-    assert [c.completion_tokens for c in together] == [5, 3, 6]  # per-row budgets, one generate
+    # Per-row budgets in one generate: each row stops where it stops alone, a row cut by its budget
+    # has exactly its budget, and a row that meets EOS earlier stops there. Whether a row meets EOS
+    # depends on the CPU's float32 kernels (the amplified adapters sit near ties), so the test asks
+    # only that at least two rows with different budgets ran to them.
+    assert [(c.completion_tokens, c.finish_reason) for c in together] == [
+        (c.completion_tokens, c.finish_reason) for c in alone]
+    for c, m in zip(together, budgets):
+        assert c.completion_tokens == m if c.finish_reason == "length" else c.completion_tokens < m
+    assert len({m for c, m in zip(together, budgets) if c.finish_reason == "length"}) >= 2
     base = runtime.chat(prompts, None, max_new_tokens=budgets)
     assert together[1].text == base[1].text  # a row without adapter is the base model
     assert together[0].text != base[0].text or together[2].text != base[2].text  # adapters change answers
