@@ -120,6 +120,25 @@ def test_t2l_generate_takes_a_hub_id_offline(saved, tmp_path):
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
 
 
+def test_t2l_eval_takes_a_hub_id_offline_and_scores_as_the_folder(saved, tmp_path, monkeypatch, capsys):
+    """`t2l eval ORG/NAME --revision SHA` (Hub cache, offline) gives the folder's own numbers, item by item."""
+    cache = _hub_cache(saved, tmp_path / "hf")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    common = ["--dtype", "float32", "--benchmarks", "arc_easy", "--adapters", "base,t2l", "--limit", "2",
+              "--n-descriptions", "1", "--max-new-tokens", "4", "--no-cache"]
+    assert main(["eval", str(saved), *common, "-o", str(tmp_path / "folder")]) == 0
+    assert main(["eval", REPO, "--revision", SHA, *common, "-o", str(tmp_path / "hub")]) == 0
+    folder, hub = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("folder", "hub"))
+    assert hub["scores"] == folder["scores"] and set(hub["scores"]) == {"base", "t2l"}
+    lines = [(tmp_path / d / "predictions.jsonl").read_text().splitlines() for d in ("folder", "hub")]
+    assert lines[0] == lines[1] and len(lines[0]) == 2 * 2
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    capsys.readouterr()
+    assert main(["eval", REPO, *common, "-o", str(tmp_path / "missing")]) != 0  # not cached: one clear line
+    assert "not in the Hub cache" in capsys.readouterr().err
+
+
 def test_what_comes_from_the_hub_goes_through_the_untrusted_checks(saved, tmp_path, monkeypatch):
     doctored = tmp_path / "doctored"
     shutil.copytree(saved, doctored)
