@@ -70,7 +70,7 @@ def time_step(module, batch: dict, weights) -> tuple[float, float]:
     for t in list(weights.A.values()) + list(weights.B.values()):
         t.grad = None
     start, cpu = time.perf_counter(), time.process_time()
-    loss, _ = module.lm_loss(batch, weights, float(module.recipe.training.label_smoothing))
+    loss, _ = module.lm_loss(batch, weights, module.settings.label_smoothing)
     loss.backward()
     return time.perf_counter() - start, time.process_time() - cpu
 

@@ -36,7 +36,9 @@ def cmd_validate(args) -> int:
     cfg = load_recipe(args.recipe, args.overrides, import_code=args.trust_remote_code)
     print(to_yaml(cfg), end="")
     print(f"# OK: {args.recipe} is valid", file=sys.stderr)
-    if cfg.data.task_set and cfg.training.mode != "recon":
+    from t2l_framework.training.modes import mode_for
+
+    if cfg.data.task_set and mode_for(cfg).reads_instances:
         from t2l_framework.data.task_sets import check_task_set
 
         try:  # the recipe is valid; its data may not be downloaded yet, and `t2l fit` will stop on that

@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -243,7 +243,6 @@ CHOICES = {
     "encoder.pooling": ("mean", "cls"),
     "hypernet.chunk_position": ("rotary", "learned"),
     "encoder.normalize_scale": ("sqrt_dim", "unit"),
-    "training.mode": ("sft", "recon", "lora", "library"),
     "training.scheduler": ("cosine", "linear", "constant"),
     "training.loss_reduction": ("per_sample", "per_token"),
     "training.l2_reduction": ("sum", "mean"),
@@ -285,15 +284,18 @@ RANGES: dict[str, tuple] = {
     "eval.n_descriptions": (1, None, True), "eval.val_generation_batches": (0, None, True),
     "eval.report_max_items": (0, None, True),
 }
-# Data paths are checked only when the recipe's mode needs them.
 # (recipe, where it came from, import_code) -> None or T2LError; see ``load_recipe``. For an
 # untrusted recipe it is also given untrusted=True: its errors must not quote the names it found.
 NameCheck = Callable[..., None]
 
-PATH_KEYS = {"sft": ("data.tasks_file", "data.instances_file"), "lora": ("data.tasks_file", "data.instances_file"),
-             "library": ("data.tasks_file", "data.instances_file"), "recon": ("data.tasks_file", "data.lora_library")}
-# Made by another run (a library recipe's run folder): required, but checked when `t2l fit` reads it.
-PRODUCED_KEYS = ("data.lora_library",)
+
+class ModePaths(Protocol):
+    """What ``validate`` asks a ``training.mode`` (``t2l_framework.training.modes``, a higher layer,
+    passes them in): data_paths must be set and exist; produced_paths (made by another run) must
+    be set, and are checked when read."""
+
+    data_paths: tuple[str, ...]
+    produced_paths: tuple[str, ...]
 
 
 def project_root() -> Path:
@@ -508,9 +510,14 @@ def _string_lists(schema: type = Recipe, prefix: str = "") -> list[str]:
 
 def load_recipe(path_or_name: str | Path | None = None, overrides: list[str] | None = None,
                 check_files: bool = True, check_names: NameCheck | None = None,
-                import_code: bool = False, untrusted: bool = False) -> DictConfig:
+                import_code: bool = False, untrusted: bool = False,
+                modes: Mapping[str, ModePaths] | None = None) -> DictConfig:
     """Defaults <- recipe file <- overrides, then every value checked. Returns a read-only config
     with every interpolation resolved.
+
+    modes: the accepted values of ``training.mode`` (``training.modes.registered_modes()``, which
+    ``t2l_framework.assembly.load_recipe`` passes); None leaves the mode and its data paths to
+    whoever builds the mode.
 
     check_names: checks the plugin names the recipe uses (heads, encoders, families,
     benchmarks); ``t2l_framework.assembly.load_recipe`` passes the registry's. import_code: also
@@ -541,7 +548,7 @@ def load_recipe(path_or_name: str | Path | None = None, overrides: list[str] | N
         cfg = _merge(cfg, dot, "command-line override")
     _resolve(cfg, str(recipe_file) if recipe_file else "recipe", untrusted)
     validate(cfg, recipe_file, check_files=check_files, check_names=check_names, import_code=import_code,
-             untrusted=untrusted)
+             untrusted=untrusted, modes=modes)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -566,11 +573,14 @@ def range_problem(value: Any, low: Any, high: Any, low_inclusive: bool = True) -
 
 
 def validate(cfg: DictConfig, recipe_file: Optional[Path] = None, check_files: bool = True,
-             check_names: NameCheck | None = None, import_code: bool = False, untrusted: bool = False) -> None:
+             check_names: NameCheck | None = None, import_code: bool = False, untrusted: bool = False,
+             modes: Mapping[str, ModePaths] | None = None) -> None:
     """Value checks the schema's types cannot express: choices, ranges, lists of names, plugin
-    names, files. untrusted: the messages name key and file, never the value."""
+    names, files. untrusted: the messages name key and file, never the value. modes: see
+    ``load_recipe``."""
     origin = str(recipe_file) if recipe_file else "recipe"
-    for key, choices in CHOICES.items():
+    choices_of = dict(CHOICES) if modes is None else {**CHOICES, "training.mode": tuple(modes)}
+    for key, choices in choices_of.items():
         value = OmegaConf.select(cfg, key)
         if str(value) not in choices:
             found = "this value is not allowed" if untrusted else f"'{value}' is not allowed{did_you_mean(value, choices)}"
@@ -589,12 +599,13 @@ def validate(cfg: DictConfig, recipe_file: Optional[Path] = None, check_files: b
             check_names(cfg, origin, import_code, untrusted=True)
         else:
             check_names(cfg, origin, import_code)
-    if check_files:
-        for key in PATH_KEYS[cfg.training.mode]:
+    if check_files and modes is not None:
+        mode = modes[str(cfg.training.mode)]
+        for key in (*mode.data_paths, *mode.produced_paths):
             value = OmegaConf.select(cfg, key)
             if not value:
                 raise T2LError(f"{origin}: {key}: training.mode={cfg.training.mode} needs a path here")
-            if key not in PRODUCED_KEYS and not resolve_path(value, recipe_file).exists():
+            if key in mode.data_paths and not resolve_path(value, recipe_file).exists():
                 raise T2LError(f"{origin}: {key}: file or folder '{value}' does not exist")
 
 

@@ -74,6 +74,15 @@ class RunFolder:
         return self.checkpoints / "interrupted.ckpt"
 
     @property
+    def logs(self) -> Path:
+        """CSV metrics (``metrics.csv``; a resumed run appends)."""
+        return self.root / "logs"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
+    @property
     def status(self) -> Path:
         return self.root / "training_status.json"
 

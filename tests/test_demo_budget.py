@@ -16,7 +16,9 @@ import yaml
 from t2l_framework.cli import main
 from t2l_framework.config import load_recipe, recipes_dir, resolve_path
 from t2l_framework.data.tasks import expand_task_ids, load_tasks
-from t2l_framework.training.budget import EXIT_CUT_SHORT, STATUS_FILE, TrainingStatus, exit_status
+from t2l_framework.run_folder import RunFolder
+from t2l_framework.training.budget import EXIT_CUT_SHORT, exit_status
+from t2l_framework.training.training_status import TrainingStatus
 from tests.tiny_world import build_world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +96,7 @@ def test_full_runs_report_steps_examples_and_time_and_flag_unequal_work(world, c
     for part in ["load base model", "train (4 steps)", *embed, *tables]:
         assert parts[part] >= 0 and part in breakdown, part
     assert "other (setup, checks, writing files)" in breakdown
-    own = json.loads((runs / "t2l_4" / STATUS_FILE).read_text())
+    own = json.loads(RunFolder(runs / "t2l_4").status.read_text())
     assert (own["steps"], own["max_steps"], own["examples"], own["stopped_by"]) == (4, 4, 32, "")
     assert own["seconds"] > 0
     rows = _rows((runs / "t2l_4" / "report.md").read_text())

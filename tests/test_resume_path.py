@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 
 from t2l_framework.assembly import fit
 from t2l_framework.errors import T2LError
-from t2l_framework.training.budget import TrainingStatus
+from t2l_framework.training.training_status import TrainingStatus
 from t2l_framework.training.checkpoint_io import load_checkpoint_file
 from tests.tiny_world import build_world
 

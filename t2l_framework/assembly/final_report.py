@@ -14,7 +14,8 @@ from t2l_framework.eval.sni_report import T2L_CONDITIONS, evaluate_conditions, w
 from t2l_framework.lora.arrow import load_arrow_library
 from t2l_framework.lora.peft_io import import_peft_adapter
 from t2l_framework.run_folder import RunFolder
-from t2l_framework.training.budget import STATUS_FILE, TrainingStatus
+from t2l_framework.training.modes import Trainable, mode_for
+from t2l_framework.training.training_status import TrainingStatus
 
 
 def _progress(name: str, done: int, total: int) -> None:
@@ -42,13 +43,13 @@ def training_column(cfg, run_dir: Path, baseline_dir: Path | None) -> dict[str, 
     different work than this run is flagged: the comparison is meant to be by equal work.
     """
     own = TrainingStatus.load(run_dir)
-    if cfg.training.mode == "lora":
+    if mode_for(cfg).trains is Trainable.ONE_LORA:  # the run's LoRA is the table's baseline
         return {"mt_lora": own.describe()} if own else {}
     column = {name: own.describe() for name in T2L_CONDITIONS} if own else {}
     if baseline_dir is not None:
         other = TrainingStatus.load(baseline_dir)
         if other is None:
-            column["mt_lora"] = f"unknown (no {STATUS_FILE} in {baseline_dir})"
+            column["mt_lora"] = f"unknown (no {RunFolder(baseline_dir).status.name} in {baseline_dir})"
         else:
             column["mt_lora"] = other.describe()
             if own and (other.steps, other.examples) != (own.steps, own.examples):
@@ -69,7 +70,8 @@ def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None,
     model, device = base.model, next(base.model.parameters()).device
     generator.eval()
     make_weights = text_weights = None
-    if cfg.training.mode == "sft":
+    trains = pieces.mode.trains
+    if trains is Trainable.HYPERNETWORK:
         emb, generator = embeddings.to(device), generator.to(device)
         encoder = pieces.encoder
 
@@ -82,7 +84,7 @@ def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None,
             return generator(encoder.encode(texts).to(device))
 
     baseline, baseline_dir = None, None
-    if cfg.training.mode == "lora":
+    if trains is Trainable.ONE_LORA:
         with torch.no_grad():
             w = generator()
             baseline = w.detach()

@@ -43,9 +43,11 @@ def run_tasks(cfg, recipe_file: Path | None) -> RunTasks:
     """The run's tasks and description split, selected by the same code as training."""
     from t2l_framework.data.datamodule import T2LDataModule
     from t2l_framework.data.tasks import split_descriptions
+    from t2l_framework.training.modes import mode_class
 
-    if cfg.training.mode == "recon":
-        raise T2LError(f"{recipe_file}: a reconstruction run has no task descriptions to inspect against")
+    if not mode_class(str(cfg.training.mode)).reads_instances:
+        raise T2LError(f"{recipe_file}: a training.mode={cfg.training.mode} run has no task descriptions to inspect "
+                       "against")
     dm = T2LDataModule(cfg.data, None, None, int(cfg.training.seed), recipe_file)
     dm._select_tasks()  # task selection only: no tokenizer, no instances encoded
     out = RunTasks()

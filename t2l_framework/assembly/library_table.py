@@ -37,7 +37,7 @@ from t2l_framework.lora.peft_io import import_peft_adapter
 from t2l_framework.lora.weights import LoraWeights
 from t2l_framework.run_folder import HYPERNET_WEIGHTS, RunFolder
 from t2l_framework.runtime.greedy import greedy_generate
-from t2l_framework.training.budget import TrainingStatus
+from t2l_framework.training.training_status import TrainingStatus
 
 ARROW = "Arrow routing"
 

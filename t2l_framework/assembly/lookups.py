@@ -18,6 +18,7 @@ from t2l_framework.eval.benchmarks import PAPER_BENCHMARKS, Benchmark
 from t2l_framework.hypernet.hypernetwork import HeadLookup
 from t2l_framework.llm.families import BUILTIN_FAMILIES, ModelFamily
 from t2l_framework.plugins import registry
+from t2l_framework.training.modes import registered_modes
 
 
 def head_lookup(import_code: bool = False, key: str = "hypernet.head") -> HeadLookup:
@@ -95,10 +96,11 @@ def check_names(cfg: DictConfig, origin: str, import_code: bool = False, untrust
 
 def load_recipe(path_or_name: str | Path | None = None, overrides: list[str] | None = None,
                 check_files: bool = True, import_code: bool = False, untrusted: bool = False) -> DictConfig:
-    """``config.load_recipe`` with the plugin names checked against the registry (untrusted: a run
-    folder's recipe, whose errors never quote its values and whose interpolations are refused)."""
+    """``config.load_recipe`` with the plugin names checked against the registry and
+    ``training.mode`` against the registered modes (untrusted: a run folder's recipe, whose errors
+    never quote its values and whose interpolations are refused)."""
     return recipes.load_recipe(path_or_name, overrides, check_files=check_files, check_names=check_names,
-                               import_code=import_code, untrusted=untrusted)
+                               import_code=import_code, untrusted=untrusted, modes=registered_modes())
 
 
 def registered(kind: str) -> Mapping[str, object]:

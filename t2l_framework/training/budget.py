@@ -3,93 +3,32 @@
 A recipe names its work in steps (``trainer.max_steps``): results then compare runs by the
 work they did, not by how busy the machine was. ``trainer.max_time`` is only a safety net.
 When it stops a run early the results are not the recipe's, so the run says so on stderr,
-records it in ``training_status.json`` in the run folder (which the reports read to mark every
-row that run trained) and ``t2l fit`` exits with ``EXIT_CUT_SHORT`` unless the recipe sets
+records it in the run folder's ``TrainingStatus`` (which the reports read to mark every row
+that run trained) and ``t2l fit`` exits with ``EXIT_CUT_SHORT`` unless the recipe sets
 ``training.allow_cut_short``.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from t2l_framework.atomic import atomic_file
-from t2l_framework.errors import T2LError
+from t2l_framework.run_folder import RunFolder
+from t2l_framework.training.modes import mode_class
+from t2l_framework.training.training_status import TrainingStatus
 
-STATUS_FILE = "training_status.json"
 EXIT_CUT_SHORT = 3  # t2l fit's exit status for a run that max_time stopped before max_steps
-
-
-@dataclass(frozen=True)
-class TrainingStatus:
-    """How far one ``t2l fit`` got.
-
-    steps: optimizer steps done (``trainer.global_step``); max_steps: what the recipe asked.
-    examples: training examples consumed (steps x accumulation x devices x rows per batch).
-    seconds: wall time of training (``Trainer.fit``), summed over the segments of a resumed run
-    that ended normally (a segment killed by SIGTERM writes no status, so its time is not known).
-    stopped_by: "max_time" when the safety net ended the run, "" otherwise.
-    world_size: training processes (each read its own slice of the data stream; a resume must
-    use as many: ``data.stream``).
-    """
-
-    mode: str
-    steps: int
-    max_steps: int
-    examples: int
-    seconds: float
-    max_time: str = ""
-    stopped_by: str = ""
-    allow_cut_short: bool = False
-    world_size: int = 1
-
-    @property
-    def cut_short(self) -> bool:
-        return self.steps < self.max_steps
-
-    def describe(self) -> str:
-        """One phrase for reports: '480 of 480 steps (3,840 examples), 13 min 20 s' or the cut-short line."""
-        took = format_seconds(self.seconds)
-        if self.cut_short:
-            by = f" by max_time {self.max_time}" if self.stopped_by == "max_time" else ""
-            return f"cut short at step {self.steps} of {self.max_steps}{by} ({self.examples:,} examples, {took})"
-        return f"{self.steps} of {self.max_steps} steps ({self.examples:,} examples), {took}"
-
-    def save(self, run_dir: Path) -> Path:
-        path = Path(run_dir) / STATUS_FILE
-        with atomic_file(path) as tmp:  # a reader never sees half a status
-            tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, run_dir: Path) -> "TrainingStatus | None":
-        """The status recorded in ``run_dir``; None when the folder has none (not trained by ``t2l fit``)."""
-        path = Path(run_dir) / STATUS_FILE
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text())
-            return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
-        except (ValueError, TypeError, KeyError) as exc:
-            raise T2LError(f"{path}: not a training status file ({exc})") from None
-
-
-def format_seconds(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
 def rows_per_step(cfg) -> int:
     """Training examples in one optimizer step of ``cfg`` on one device."""
     rows = int(cfg.data.n_tasks_per_batch)
-    if cfg.training.mode != "recon":  # recon batches hold one row per task
+    if mode_class(str(cfg.training.mode)).reads_instances:  # else a batch holds one row per task
         rows *= int(cfg.data.n_samples_per_task)
     return rows * int(cfg.trainer.accumulate_grad_batches)
 
 
-def record(trainer, cfg, run_dir: Path, seconds: float, previous: TrainingStatus | None = None) -> TrainingStatus:
+def record(trainer, cfg, run: RunFolder, seconds: float, previous: TrainingStatus | None = None) -> TrainingStatus:
     """Write ``training_status.json`` after ``Trainer.fit`` returned; warn loudly if cut short.
 
     previous: the status of the run this one resumed (its seconds are added).
@@ -107,7 +46,7 @@ def record(trainer, cfg, run_dir: Path, seconds: float, previous: TrainingStatus
         max_time=str(cfg.trainer.max_time or ""),
         stopped_by="max_time" if timed_out and steps < int(cfg.trainer.max_steps) else "",
         allow_cut_short=bool(cfg.training.allow_cut_short), world_size=int(getattr(trainer, "world_size", 1) or 1))
-    status.save(run_dir)
+    status.save(run)
     if status.cut_short:
         warn_cut_short(status)
     return status
@@ -126,7 +65,7 @@ def warn_cut_short(status: TrainingStatus) -> None:
 
 def exit_status(run_dir: Path) -> int:
     """``t2l fit``'s exit status for a finished run: EXIT_CUT_SHORT if it was cut short and not allowed."""
-    status = TrainingStatus.load(run_dir)
+    status = TrainingStatus.load(RunFolder(run_dir))
     if status is None or not status.cut_short or status.allow_cut_short:
         return 0
     return EXIT_CUT_SHORT

@@ -1,4 +1,5 @@
-"""The LightningModule: the math of one training step for each ``training.mode``.
+"""The LightningModule and the math of a training step; each ``training.mode``'s object
+(``training/modes``) picks the batch's adapters and its loss from these pieces:
 
 - ``sft``: description embedding -> hypernetwork -> per-sample LoRA on the frozen base LLM ->
   cross-entropy on response tokens (label smoothing, NEFTune, LoRA input dropout, L2 on
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -30,6 +32,12 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import ROUGEScore
 
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
+from t2l_framework.training.modes import TrainingMode, mode_for
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from t2l_framework.lora.batched import LoraInjection
 
 
 class LearnedLora(nn.Module):
@@ -159,20 +167,58 @@ def recon_l1(weights: LoraWeights, target_A: dict[str, torch.Tensor], target_B: 
     return torch.stack(losses).mean()
 
 
-class T2LModule(L.LightningModule):
-    """Trains ``generator`` (a HyperNetwork, or a LearnedLora in lora mode).
+@dataclass(frozen=True)
+class StepSettings:
+    """The recipe values ``T2LModule``'s steps and optimizer read, read once (``from_recipe``);
+    what only one mode's loss reads, that mode reads (``training/modes``)."""
 
-    base_model: frozen causal LM whose targeted layers carry ``injection`` (sft / lora modes).
+    seed: int
+    accumulate_grad_batches: int
+    max_steps: int
+    lr: float
+    weight_decay: float
+    lr_head_bias: float
+    warmup_steps: int
+    scheduler: str
+    neftune_alpha: float
+    compile: bool
+    compile_backend: str
+    lora_dropout: float
+    label_smoothing: float
+    loss_reduction: str
+    val_generation_batches: int
+    max_new_tokens: int
+
+    @classmethod
+    def from_recipe(cls, recipe) -> "StepSettings":
+        t, max_steps = recipe.training, int(recipe.trainer.max_steps)
+        return cls(
+            seed=int(t.seed), accumulate_grad_batches=int(recipe.trainer.accumulate_grad_batches),
+            max_steps=max_steps, lr=float(t.lr), weight_decay=float(t.weight_decay),
+            lr_head_bias=float(t.lr_head_bias), warmup_steps=warmup_steps(t, max_steps), scheduler=str(t.scheduler),
+            neftune_alpha=float(t.neftune_alpha), compile=bool(t.compile), compile_backend=str(t.compile_backend),
+            lora_dropout=float(recipe.lora.dropout), label_smoothing=float(t.label_smoothing),
+            loss_reduction=str(t.loss_reduction), val_generation_batches=int(recipe.eval.val_generation_batches),
+            max_new_tokens=int(recipe.eval.max_new_tokens))
+
+
+class T2LModule(L.LightningModule):
+    """Trains ``generator`` (a HyperNetwork, a LearnedLora in lora mode, a TaskLoraBank in library
+    mode); the recipe's ``TrainingMode`` says which adapters a batch gets and what its loss is.
+
+    base_model: frozen causal LM whose targeted layers carry ``injection`` (all modes but recon).
     desc_embeddings: [n_descriptions, enc_dim], rows indexed by a batch's ``desc_idx``.
-    recon_targets: (A, B) dicts of [n_tasks, n_layers, ...] target LoRAs (recon mode).
+    recon_targets: (A, B) dicts of [n_tasks, n_layers, ...] target LoRAs (``TrainingMode.loss_targets``).
+    mode: the run's mode object; by default built from ``recipe``.
     """
 
-    def __init__(self, recipe: Any, generator: nn.Module, base_model: nn.Module | None = None,
-                 injection: Any = None, desc_embeddings: torch.Tensor | None = None,
-                 recon_targets: tuple[dict, dict] | None = None, tokenizer: Any = None):
+    def __init__(self, recipe: DictConfig, generator: nn.Module, base_model: nn.Module | None = None,
+                 injection: LoraInjection | None = None, desc_embeddings: torch.Tensor | None = None,
+                 recon_targets: tuple[dict, dict] | None = None, tokenizer: Any = None,
+                 mode: TrainingMode | None = None):
         super().__init__()
-        self.recipe = recipe
-        self.mode = recipe.training.mode
+        self.settings = StepSettings.from_recipe(recipe)
+        self.mode = mode if mode is not None else mode_for(recipe)
         self.generator = generator
         # Not submodules (see module docstring): stored around nn.Module.__setattr__.
         object.__setattr__(self, "base_model", base_model)
@@ -208,10 +254,10 @@ class T2LModule(L.LightningModule):
         """NEFTune's seed for this (seed, step, micro-batch, rank), None when no noise applies
         (evaluation, or alpha 0): every rank and every accumulated micro-batch draws its own noise,
         and a resumed run draws what an uninterrupted one would."""
-        if not self.training or float(self.recipe.training.neftune_alpha) <= 0:
+        if not self.training or self.settings.neftune_alpha <= 0:
             return None
         # ints only: Python's hash of a tuple of ints is the same in every process and run
-        return hash((int(self.recipe.training.seed), 7919, self.global_step, getattr(self, "_micro_in_step", 0),
+        return hash((self.settings.seed, 7919, self.global_step, getattr(self, "_micro_in_step", 0),
                      self.global_rank)) % 2**63
 
     @contextmanager
@@ -221,7 +267,7 @@ class T2LModule(L.LightningModule):
         if seed is None:
             yield
             return
-        alpha = float(self.recipe.training.neftune_alpha)
+        alpha = self.settings.neftune_alpha
 
         def hook(module, args, output):
             return output + neftune_noise(output, alpha, seq_len, seed)
@@ -242,17 +288,17 @@ class T2LModule(L.LightningModule):
         generator does not break the graph; the LoRA factors are module attributes, which
         dynamo lifts to graph inputs.
         """
-        if not bool(self.recipe.training.compile):
+        if not self.settings.compile:
             with self._neftune(input_ids.shape[1]):
                 return backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         compiled = getattr(self, "_compiled_backbone", None)
         if compiled is None:  # hidden like the base itself: never a submodule, never in a checkpoint
-            compiled = torch.compile(backbone, backend=str(self.recipe.training.compile_backend), dynamic=None)
+            compiled = torch.compile(backbone, backend=self.settings.compile_backend, dynamic=None)
             object.__setattr__(self, "_compiled_backbone", compiled)
         embeds = self.base_model.get_input_embeddings()(input_ids)
         seed = self._neftune_seed()
         if seed is not None:
-            embeds = embeds + neftune_noise(embeds, float(self.recipe.training.neftune_alpha), input_ids.shape[1], seed)
+            embeds = embeds + neftune_noise(embeds, self.settings.neftune_alpha, input_ids.shape[1], seed)
         return compiled(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
 
     def lm_loss(self, batch: dict, weights: LoraWeights, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +310,7 @@ class T2LModule(L.LightningModule):
         model = self.base_model
         backbone = getattr(model, model.base_model_prefix)
         input_ids, labels = batch["input_ids"], batch["labels"]
-        dropout = float(self.recipe.lora.dropout) if self.training else 0.0
+        dropout = self.settings.lora_dropout if self.training else 0.0
         with self.injection.use(weights, dropout=dropout):
             hidden = self._hidden_states(backbone, input_ids, batch["attention_mask"])
         targets = labels[:, 1:]
@@ -275,52 +321,25 @@ class T2LModule(L.LightningModule):
             logits = torch.tanh(logits / cap) * cap
         sample = keep.nonzero()[:, 0]  # batch row of each kept token, in the order of hidden[keep]
         loss = sft_token_loss(logits, targets[keep], sample, keep.shape[0], label_smoothing,
-                              str(self.recipe.training.loss_reduction))
+                              self.settings.loss_reduction)
         acc = (logits.argmax(-1) == targets[keep]).float().mean()
         return loss, acc
 
     def adapters_for(self, batch: dict) -> LoraWeights:
-        """The batch's adapters: generated from its descriptions, the one learned LoRA (lora), or
-        each sample's task LoRA from the bank (library)."""
-        if self.mode == "lora":
-            return self.generator()
-        if self.mode == "library":
-            return self.generator(batch["task_idx"])
-        return self.generate_weights(batch["desc_idx"])
-
-    def recon_loss(self, batch: dict, weights: LoraWeights) -> torch.Tensor:
-        """``recon_l1`` between the generated adapters and the library adapters of the batch's tasks."""
-        A, B = self.recon_targets
-        idx = batch["task_idx"]
-        t = self.recipe.training
-        return recon_l1(weights, {m: a[idx] for m, a in A.items()}, {m: b[idx] for m, b in B.items()},
-                        str(t.recon_loss), float(t.delta_w_scaling))
+        """The batch's adapters, as the mode makes them (``TrainingMode.adapters``)."""
+        return self.mode.adapters(self, batch)
 
     def _step(self, batch: dict, train: bool) -> tuple[torch.Tensor, dict]:
-        weights = self.adapters_for(batch)
-        if self.mode == "recon":
-            loss = self.recon_loss(batch, weights)
-            return loss, {"loss": loss}
-        smoothing = float(self.recipe.training.label_smoothing) if train else 0.0
-        ce, acc = self.lm_loss(batch, weights, smoothing)
-        loss = ce
-        logs = {"ce": ce, "token_acc": acc}
-        l2 = float(self.recipe.training.l2_penalty)
-        if l2 > 0 and self.mode == "sft":
-            reg = generated_l2(weights, str(self.recipe.training.l2_reduction))
-            loss = loss + l2 * reg
-            logs["l2"] = reg
-        logs["loss"] = loss
-        return loss, logs
+        return self.mode.loss(self, batch, self.adapters_for(batch), train)
 
     # --- Lightning hooks ----------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Dropout (hypernetwork trunk, LoRA input) draws from the global RNG: seeding it by
         # (seed, micro-batch, rank) makes a resumed run draw what an uninterrupted one would.
-        accum = int(self.recipe.trainer.accumulate_grad_batches)
+        accum = self.settings.accumulate_grad_batches
         self._micro_in_step = batch_idx % accum  # NEFTune's seed reads it (``_neftune_seed``)
         micro = self.global_step * accum + self._micro_in_step
-        torch.manual_seed(hash((int(self.recipe.training.seed), micro, self.global_rank)) % 2**63)
+        torch.manual_seed(hash((self.settings.seed, micro, self.global_rank)) % 2**63)
         loss, logs = self._step(batch, train=True)
         self.log_dict({f"train/{k}": v.detach() for k, v in logs.items()}, prog_bar=False,
                       batch_size=batch["desc_idx"].shape[0])
@@ -333,7 +352,7 @@ class T2LModule(L.LightningModule):
         self.val_loss.update(logs.get("ce", loss), n)
         if "token_acc" in logs:
             self.val_token_acc.update(logs["token_acc"], n)
-        if self.tokenizer is not None and batch_idx < int(self.recipe.eval.val_generation_batches) and "answers" in batch:
+        if self.tokenizer is not None and batch_idx < self.settings.val_generation_batches and "answers" in batch:
             self._update_rouge(batch)
 
     def _update_rouge(self, batch: dict) -> None:
@@ -342,13 +361,13 @@ class T2LModule(L.LightningModule):
 
         weights = self.adapters_for(batch)
         preds = greedy_generate(self.base_model, self.tokenizer, prompt_ids_from_batch(batch), self.injection,
-                                weights, int(self.recipe.eval.max_new_tokens))
+                                weights, self.settings.max_new_tokens)
         self.val_rouge.update(preds, [list(a) for a in batch["answers"]])
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)
         self.val_loss.reset()
-        if self.mode != "recon":
+        if self.val_token_acc.update_count:  # the modes whose loss is on answer tokens
             self.log("val/token_acc", self.val_token_acc.compute(), prog_bar=True)
             self.val_token_acc.reset()
         if self.val_rouge.update_count:
@@ -356,12 +375,10 @@ class T2LModule(L.LightningModule):
             self.val_rouge.reset()
 
     def configure_optimizers(self):
-        t = self.recipe.training
+        s = self.settings
         build = getattr(self.generator, "build_optimizer", None)  # a module that needs its own (library mode)
-        opt = (build(lr=float(t.lr), weight_decay=float(t.weight_decay)) if build is not None
-               else torch.optim.AdamW(param_groups(self.generator, float(t.lr), float(t.lr_head_bias)),
-                                      lr=float(t.lr), weight_decay=float(t.weight_decay)))
-        total = int(self.recipe.trainer.max_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_steps(t, total), total, t.scheduler))
+        opt = (build(lr=s.lr, weight_decay=s.weight_decay) if build is not None
+               else torch.optim.AdamW(param_groups(self.generator, s.lr, s.lr_head_bias),
+                                      lr=s.lr, weight_decay=s.weight_decay))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.warmup_steps, s.max_steps, s.scheduler))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-

@@ -4,8 +4,8 @@ Writes into the run folder (``RunFolder`` knows its layout): ``recipe.yaml`` (re
 ``logs/`` (CSV metrics; a resumed run appends), ``tb/`` (TensorBoard), ``checkpoints/``
 (safetensors, atomic, also under DeepSpeed ZeRO 1/2; ``last.ckpt`` every
 ``checkpoint_every_n_steps`` and ``interrupted.ckpt`` on Ctrl-C / SIGTERM once a step was
-trained), and the result: ``hypernet/`` (``save_pretrained``) or ``adapter/`` (PEFT, lora mode), and
-``training_status.json`` (steps done of ``max_steps``, examples, wall time, cut short or not).
+trained), and ``training_status.json`` (``TrainingStatus``: steps done of ``max_steps``, examples,
+wall time, cut short or not). The result itself is the mode's to write (``TrainingMode.save``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from t2l_framework.atomic import atomic_file
 from t2l_framework.console import say
 from t2l_framework.errors import T2LError
 from t2l_framework.run_folder import RunFolder
-from t2l_framework.training.checkpoint_io import remove_torn_files
-from t2l_framework.training.budget import TrainingStatus
 from t2l_framework.training.budget import record as record_status
+from t2l_framework.training.checkpoint_io import remove_torn_files
+from t2l_framework.training.training_status import TrainingStatus
 
 
 class TrainingInterrupted(T2LError):
@@ -52,7 +52,7 @@ class _StopReason(Callback):
         self.exception = exception
 
 
-def _interrupted(reason: _StopReason, trainer, ckpt_dir: Path) -> TrainingInterrupted | None:
+def _interrupted(reason: _StopReason, trainer, run: RunFolder) -> TrainingInterrupted | None:
     exc = reason.exception
     if isinstance(exc, KeyboardInterrupt):
         name, code = "Ctrl-C", 130
@@ -60,8 +60,8 @@ def _interrupted(reason: _StopReason, trainer, ckpt_dir: Path) -> TrainingInterr
         name, code = "SIGTERM", 143
     else:
         return None
-    saved = ckpt_dir / "interrupted.ckpt"
-    where = f"checkpoint {saved} written" if saved.is_file() else f"latest checkpoint in {ckpt_dir}"
+    saved = run.interrupted_checkpoint
+    where = f"checkpoint {saved} written" if saved.is_file() else f"latest checkpoint in {run.checkpoints}"
     return TrainingInterrupted(f"stopped by {name} at step {trainer.global_step}; {where}: continue with --resume",
                                code)
 
@@ -144,13 +144,13 @@ def _trainer(cfg, run: RunFolder, extra_callbacks: list):
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", every_n_train_steps=cfg.training.checkpoint_every_n_steps,
                         save_last=True, save_top_k=1, monitor=None, auto_insert_metric_name=False,
                         enable_version_counter=False),
-        _TrainedOnlyExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"),
+        _TrainedOnlyExceptionCheckpoint(dirpath=ckpt_dir, filename=run.interrupted_checkpoint.stem),
         LearningRateMonitor(logging_interval="step"),
         *extra_callbacks,
     ]
-    loggers = [_AppendingCSVLogger(run_dir, name="", version="logs")]
+    loggers = [_AppendingCSVLogger(run_dir, name="", version=run.logs.name)]
     try:
-        loggers.append(TensorBoardLogger(run_dir, name="", version="tb"))
+        loggers.append(TensorBoardLogger(run_dir, name="", version=run.tensorboard.name))
     except ModuleNotFoundError:
         say("tensorboard is not installed; logging to CSV only")
     if t.get("val_check_interval") and t["val_check_interval"] > t["max_steps"] * t["accumulate_grad_batches"]:
@@ -199,39 +199,22 @@ def train(cfg, run: RunFolder, pieces, ckpt: Path | None = None, callbacks: list
     Raises ``TrainingInterrupted`` when SIGTERM / Ctrl-C stopped it after a checkpoint."""
     from t2l_framework.training.module import T2LModule
 
-    base, dm = pieces.base, pieces.datamodule
-    recon_targets = (dm.targets.A, dm.targets.B) if cfg.training.mode == "recon" else None
+    base, dm, mode = pieces.base, pieces.datamodule, pieces.mode
     module = T2LModule(cfg, pieces.trainable, base.model if base else None, pieces.injection, pieces.embeddings,
-                       recon_targets, tokenizer=base.tokenizer if base else None)
+                       mode.loss_targets(dm), tokenizer=base.tokenizer if base else None, mode=mode)
     reason = _StopReason()
     trainer = _trainer(cfg, run, [reason, *(callbacks or [])])
-    previous = TrainingStatus.load(run.root) if ckpt else None
+    previous = TrainingStatus.load(run) if ckpt else None
     t0 = time.time()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     except SystemExit:  # Lightning's SIGTERMException, or its sys.exit(1) after Ctrl-C
-        stop = _interrupted(reason, trainer, run.checkpoints)
+        stop = _interrupted(reason, trainer, run)
         if stop is None:
             raise
         raise stop from None
     run.interrupted_checkpoint.unlink(missing_ok=True)  # superseded by the finished run's last.ckpt
     say(f"trained to step {trainer.global_step} in {time.time() - t0:.0f} s")
     if trainer.is_global_zero:  # one writer per run folder under DDP / fsdp_base
-        record_status(trainer, cfg, run.root, time.time() - t0, previous)
+        record_status(trainer, cfg, run, time.time() - t0, previous)
     return trainer
-
-
-def save_result(cfg, run: RunFolder, trainable, injection) -> Path:
-    """hypernet/ (save_pretrained) for sft/recon, adapter/ (PEFT folder) for lora mode."""
-    if cfg.training.mode == "lora":
-        from t2l_framework.lora.peft_io import export_peft_adapter
-
-        out = run.adapter
-        weights = trainable().to("cpu")
-        weights = weights.detach()
-        export_peft_adapter(weights, out, cfg.base_model.name_or_path, paths=injection.paths)
-    else:
-        out = run.hypernet
-        trainable.save_pretrained(out)
-    say(f"saved {out}")
-    return out

@@ -27,6 +27,7 @@ from torch import nn
 
 from t2l_framework.errors import T2LError
 from t2l_framework.lora.targets import decoder_layers
+from t2l_framework.training.modes import mode_class
 
 STRATEGY = "fsdp_base"
 
@@ -146,9 +147,9 @@ def check_sharded_recipe(cfg) -> None:
     if bool(cfg.training.compile):
         raise T2LError(f"training.compile=true with trainer.strategy={STRATEGY}: compiling a base whose layers FSDP2 "
                        "gathers and frees is not supported here; set training.compile=false")
-    if cfg.training.mode == "recon":
-        raise T2LError(f"trainer.strategy={STRATEGY} shards the base model, but training.mode=recon uses none; "
-                       "use trainer.strategy=ddp")
+    if not mode_class(str(cfg.training.mode)).needs_base_model:
+        raise T2LError(f"trainer.strategy={STRATEGY} shards the base model, but training.mode={cfg.training.mode} "
+                       "uses none; use trainer.strategy=ddp")
     if int(cfg.eval.val_generation_batches) > 0:
         raise T2LError(f"eval.val_generation_batches={cfg.eval.val_generation_batches} with trainer.strategy="
                        f"{STRATEGY}: greedy decoding ends at a different step on each rank, and a sharded base needs "
