@@ -59,3 +59,10 @@ def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Pa
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and path.exists():  # else the old folder is all there is: keep it
             shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """``Path.write_text`` that never leaves a torn file: the older file or the whole new one."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)

@@ -156,7 +156,9 @@ def cmd_generate(args) -> int:
     folders = [out] if len(descriptions) == 1 else [out / f"adapter_{i:03d}" for i in range(len(descriptions))]
     runtime.export(weights, folders)
     if len(descriptions) > 1:
-        (out / "descriptions.json").write_text(json.dumps(
+        from t2l_framework.atomic import write_text_atomic
+
+        write_text_atomic(out / "descriptions.json", json.dumps(
             {"hypernetwork": runtime.name, "base_model": runtime.base_model_name,
              "adapters": [{"folder": f.name, "description": d} for f, d in zip(folders, descriptions)]}, indent=2) + "\n")
     for folder, desc in zip(folders, descriptions):

@@ -204,3 +204,41 @@ def test_reference_import_writes_each_file_whole(tmp_path, monkeypatch):
     monkeypatch.undo()
     after = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
     assert after == before
+
+
+def test_write_text_atomic_fails_half_way_and_keeps_the_older_file(tmp_path, monkeypatch):
+    from t2l_framework.atomic import write_text_atomic
+
+    target = tmp_path / "descriptions.json"
+    write_text_atomic(target, '{"old": true}\n')
+    monkeypatch.setattr(Path, "write_text", _torn_write_text)
+    with pytest.raises(Crash):
+        write_text_atomic(target, '{"new": "' + "x" * 100 + '"}\n')
+    monkeypatch.undo()
+    assert target.read_text() == '{"old": true}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["descriptions.json"]  # no temporary left
+
+
+# Writers that may write a final path directly, because the folder they write into is itself a
+# temporary one renamed into place (or never a run/adapter folder): file -> why.
+DIRECT_WRITERS_ALLOWED = {
+    "serve/adapters.py": "stages a zip inside a TemporaryDirectory",
+    "data/fetch.py": "writes parts into the temporary folder that save_part renames in",
+    "eval/sandbox/runner.py": "writes inside the code sandbox's scratch folder",
+}
+
+
+def test_every_file_writer_in_the_package_goes_through_a_temporary():
+    """A static guard: ``X.write_text(...)`` / ``open(X, "w")`` on anything but a temporary (``tmp``)
+    path is a torn file waiting to happen; use ``atomic_file`` / ``write_text_atomic``."""
+    import re
+
+    package = Path(__file__).resolve().parents[1] / "t2l_framework"
+    direct = re.compile(r"""(?<!tmp)\.write_(text|bytes)\(|\bopen\((?!tmp\b)[^)]*,\s*["'](w|wb|a)["']""")
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if direct.search(line) and rel not in DIRECT_WRITERS_ALLOWED:
+                found.append(f"{rel}:{n}: {line.strip()}")
+    assert not found, "direct writes to final paths:\n" + "\n".join(found)

@@ -23,6 +23,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from t2l_framework.atomic import atomic_file, write_text_atomic
 from t2l_framework.errors import T2LError
 from t2l_framework.run_folder import HYPERNET_CONFIG, RunFolder
 
@@ -127,12 +128,12 @@ class T2LRun(ModelHubMixin, library_name=LIBRARY, tags=TAGS, repo_url=REPO_URL,
             for path in sorted(self.root.glob(pattern)):
                 if path.is_file() and not path.is_symlink():
                     target = save_directory / path.relative_to(self.root)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(path, target)
+                    with atomic_file(target) as tmp:
+                        shutil.copyfile(path, tmp)
         tasks = training_task_ids(self.run)
         if tasks:
-            (save_directory / "training_tasks.txt").write_text("\n".join(tasks) + "\n")
-        (save_directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            write_text_atomic(save_directory / "training_tasks.txt", "\n".join(tasks) + "\n")
+        write_text_atomic(save_directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         model_card(self.run, tasks, self.repo_id).save(save_directory / "README.md")
 
     def generate_model_card(self, *args, **kwargs):

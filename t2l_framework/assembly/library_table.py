@@ -30,6 +30,7 @@ from t2l_framework.assembly import loading
 from t2l_framework.assembly.final_report import per_task
 from t2l_framework.assembly.fit import planned_device
 from t2l_framework.assembly.lookups import load_recipe
+from t2l_framework.atomic import write_text_atomic
 from t2l_framework.eval.sni_report import score
 from t2l_framework.eval.stats import paired_difference
 from t2l_framework.lora.arrow import load_arrow_library
@@ -116,8 +117,8 @@ def build_table(library_run: Path, t2l_runs: dict[str, Path], mtlora: Path | Non
                "sizes": sizes, "training": training}
     out.mkdir(parents=True, exist_ok=True)
     md = render(results, sizes, training)
-    (out / "table.md").write_text(md + "\n")
-    (out / "table.json").write_text(json.dumps(payload, indent=1) + "\n")
+    write_text_atomic(out / "table.md", md + "\n")
+    write_text_atomic(out / "table.json", json.dumps(payload, indent=1) + "\n")
     print(md)
     return payload
 

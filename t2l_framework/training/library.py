@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from t2l_framework.atomic import write_text_atomic
 from t2l_framework.console import say
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
 
@@ -203,6 +204,6 @@ def save_library(cfg, run, pieces, trainer) -> Path:
         "tasks": {tid: {"steps": int(steps[t]) if steps is not None else 0, "examples": int(examples[t]),
                         "train_loss": round(losses[t], 5)} for t, tid in enumerate(bank.task_ids)},
     }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     say(f"saved {bank.n_tasks} task LoRAs to {out} ({summary['parameters'] / 1e6:.2f}M parameters)")
     return out

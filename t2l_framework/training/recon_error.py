@@ -14,6 +14,7 @@ import json
 
 import torch
 
+from t2l_framework.atomic import write_text_atomic
 from t2l_framework.lora.weights import LoraWeights
 
 
@@ -70,7 +71,7 @@ def write_recon_report(run, generator, embeddings: torch.Tensor, datamodule) -> 
     result = reconstruction_error(generator, embeddings, datamodule.targets,
                                   {"train_descriptions": datamodule.train_desc, "heldout_descriptions": datamodule.val_desc})
     result["tasks"] = list(datamodule.task_ids)
-    run.report_json.write_text(json.dumps({"reconstruction": result}, indent=1) + "\n")
+    write_text_atomic(run.report_json, json.dumps({"reconstruction": result}, indent=1) + "\n")
     modules = list(datamodule.targets.modules)
     lines = ["**Reconstruction of the LoRA library** (relative error of delta W, ||dW - dW*||_F / ||dW*||_F, "
              f"mean over {len(datamodule.task_ids)} tasks, their descriptions and layers)", "",
@@ -79,6 +80,6 @@ def write_recon_report(run, generator, embeddings: torch.Tensor, datamodule) -> 
              "mean_adapter": "the library's mean delta W (no task information)"}
     for key, label in names.items():
         lines.append(f"| {label} | " + " | ".join(f"{result[key][m]:.4f}" for m in modules) + " |")
-    run.report_md.write_text("\n".join(lines) + "\n")
+    write_text_atomic(run.report_md, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
