@@ -63,9 +63,10 @@ def owner(example: Example) -> str:
 
 @dataclass
 class AdapterSpec:
-    """name: shown in the table. kind: base | description | t2l | peft | arrow. path: a PEFT folder,
-    a T2L run or (arrow) a library of PEFT folders; None for ``t2l`` means the hypernetwork of the
-    run being evaluated. control: a ``DESCRIPTION_CONTROLS`` name (kind t2l): the text the
+    """name: shown in the table. kind: base | description | t2l | peft | arrow | library. path: a PEFT
+    folder, a T2L run or (arrow, library) a library of PEFT folders, one per task; None for ``t2l``
+    means the hypernetwork of the run being evaluated. library: each item answered with its own
+    task's adapter (the oracle of ``assembly.library_table``). control: a ``DESCRIPTION_CONTROLS`` name (kind t2l): the text the
     hypernetwork gets instead of the description."""
 
     name: str
@@ -212,6 +213,7 @@ class Evaluator:
         self.show_progress = show_progress
         self.generators, self.peft, self.identity = {}, {}, {}
         self.arrow: dict[str, ArrowLibrary] = {}
+        self.task_adapters: dict[str, dict[str, LoraWeights]] = {}  # library name -> task -> its adapter
         for spec in self.adapters:
             if spec.kind == "t2l":
                 gen = runtime.generator
@@ -236,18 +238,26 @@ class Evaluator:
                                for p in (d / "adapter_config.json", d / "adapter_model.safetensors"))
                 self.identity[spec.name] = (f"arrow:k={settings.arrow_top_k}:t={settings.arrow_temperature:g}:"
                                             + _digest(files))
+            elif spec.kind == "library":
+                dirs = sorted(d for d in spec.path.iterdir() if (d / "adapter_config.json").is_file())
+                self.task_adapters[spec.name] = {d.name: import_peft_adapter(d) for d in dirs}
+                self.identity[spec.name] = "library:" + _digest(
+                    [p for d in dirs for p in (d / "adapter_config.json", d / "adapter_model.safetensors")])
             else:
                 self.identity[spec.name] = spec.kind
+        every_peft = list(self.peft.values()) + [w for lib in self.task_adapters.values() for w in lib.values()]
         targets = [m for g in self.generators.values() for m in g.hypernet.target_modules]
-        targets += [m for w in self.peft.values() for m in w.modules]
+        targets += [m for w in every_peft for m in w.modules]
         targets += [m for lib in self.arrow.values() for m in lib.modules]
         if targets:
             runtime.retarget(list(dict.fromkeys(targets)))  # adapters share targets: each module once
-        ranks = [g.hypernet.rank for g in self.generators.values()] + [w.rank for w in self.peft.values()]
+        ranks = [g.hypernet.rank for g in self.generators.values()] + [w.rank for w in every_peft]
         self.rank = max(ranks, default=1)
         shapes = runtime.injection.shapes if runtime.injection is not None else None
         try:
             self.peft = {n: w.conform(shapes, self.rank).to(runtime.device) for n, w in self.peft.items()}
+            self.task_adapters = {n: {t: w.conform(shapes, self.rank).to(runtime.device) for t, w in lib.items()}
+                                  for n, lib in self.task_adapters.items()}
         except T2LError as exc:
             raise T2LError(f"--adapters: a PEFT adapter does not fit {runtime.base_model_name}: {exc}") from None
         for name, lib in self.arrow.items():
@@ -321,9 +331,17 @@ class Evaluator:
             row = {text: i for i, text in enumerate(texts)}
             for u in todo:
                 u.weights = {o: weights.select(row[text]) for o, text in u.key["descriptions"].items()}
+        task_of = {owner(ex): ex.task for ex in examples}
         for u in units:
             if u.adapter.kind == "peft":
                 u.weights = {o: self.peft[u.adapter.name] for o in owners}
+            elif u.adapter.kind == "library":
+                lib = self.task_adapters[u.adapter.name]
+                missing = sorted({t for t in task_of.values() if t not in lib})
+                if missing:
+                    raise T2LError(f"adapter '{u.adapter.name}': {u.adapter.path} has no task adapter for "
+                                   f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+                u.weights = {o: lib[task_of[o]] for o in owners}
             elif u.adapter.kind in ("base", "description", "arrow"):  # arrow: routed in _score
                 u.weights = {o: None for o in owners}
 
