@@ -15,7 +15,8 @@ from tests.tiny_world import build_world
 CONDITIONS = {"base": "base", "base+description": "base+description", "t2l": "t2l",
               "other_description": "t2l_other_task_description", "random_description": "t2l_random_description",
               "generic_description": "t2l_generic_description"}
-SPLITS = {"sni_seen": "Training tasks, held-out instances and descriptions", "sni_unseen": "Tasks never seen in training"}
+SPLITS = {"sni_seen": "Training tasks, held-out instances and descriptions",
+          "sni_unseen": "Tasks never seen in training"}
 
 
 def _recording(monkeypatch) -> list:

@@ -14,6 +14,6 @@ from t2l_framework.assembly.lookups import build_encoder, get_benchmarks, head_l
 
 __all__ = [
     "Evaluation", "evaluate", "RunPieces", "build_pieces", "fit", "check_run_trust", "default_device",
-    "load_adapter_generator", "load_base", "load_runtime", "runtime_for", "build_encoder", "get_benchmarks", "head_lookup", "load_recipe",
-    "model_families",
+    "load_adapter_generator", "load_base", "load_runtime", "runtime_for", "build_encoder", "get_benchmarks",
+    "head_lookup", "load_recipe", "model_families",
 ]

@@ -45,7 +45,8 @@ def training_column(cfg, run_dir: Path, baseline_dir: Path | None) -> dict[str, 
     return column
 
 
-def table_adapters(cfg, run: RunFolder, recipe_file: Path | None, n_tasks: int) -> tuple[list[AdapterSpec], Path | None]:
+def table_adapters(cfg, run: RunFolder, recipe_file: Path | None,
+                   n_tasks: int) -> tuple[list[AdapterSpec], Path | None]:
     """The table's conditions as harness adapters, in its order (a)-(h), and the folder of the
     baseline adapter's run (None without one). (d) needs a split of several tasks."""
     specs = [AdapterSpec("base", "base"), AdapterSpec("base+description", "description")]

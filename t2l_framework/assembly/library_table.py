@@ -82,7 +82,8 @@ def build_table(library_run: Path, t2l_runs: dict[str, Path], mtlora: Path | Non
         evaluator = Evaluator(runtime, conditions, settings, ResultCache(None), show_progress=False,
                               load_generator=loading.load_adapter_generator)
         results[split] = score_predictions(evaluator.run_benchmark(bench), bench.examples())
-        progress(f"  {split:<6} {len(bench.examples())} items x {len(conditions)} conditions in {time.time() - t0:.0f} s")
+        progress(f"  {split:<6} {len(bench.examples())} items x {len(conditions)} conditions "
+                 f"in {time.time() - t0:.0f} s")
     library = {d.name: import_peft_adapter(d) for d in sorted(run.library.iterdir())
                if (d / "adapter_config.json").is_file()}
     first = library[next(iter(library))]

@@ -13,7 +13,7 @@ from t2l_framework.data.tasks import (
 )
 
 __all__ = [
-    "EvalItem", "IGNORE_INDEX", "Instance", "StreamSampler", "T2LDataModule", "T2L_DECONTAM_EXCLUDED", "Task", "TrainBatches",
-    "encode_example", "encode_examples", "encode_prompt", "expand_task_ids", "load_tasks", "pad_batch",
+    "EvalItem", "IGNORE_INDEX", "Instance", "StreamSampler", "T2LDataModule", "T2L_DECONTAM_EXCLUDED", "Task",
+    "TrainBatches", "encode_example", "encode_examples", "encode_prompt", "expand_task_ids", "load_tasks", "pad_batch",
     "split_descriptions",
 ]

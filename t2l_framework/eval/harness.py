@@ -66,8 +66,8 @@ class AdapterSpec:
     """name: shown in the table. kind: base | description | t2l | peft | arrow | library. path: a PEFT
     folder, a T2L run or (arrow, library) a library of PEFT folders, one per task; None for ``t2l``
     means the hypernetwork of the run being evaluated. library: each item answered with its own
-    task's adapter (the oracle of ``assembly.library_table``). control: a ``DESCRIPTION_CONTROLS`` name (kind t2l): the text the
-    hypernetwork gets instead of the description."""
+    task's adapter (the oracle of ``assembly.library_table``). control: a ``DESCRIPTION_CONTROLS``
+    name (kind t2l): the text the hypernetwork gets instead of the description."""
 
     name: str
     kind: str
