@@ -103,15 +103,11 @@ def run_harness(model_dir: Path, task_names: dict[str, str], folder: Path, peft:
 
 def run_ours(recipe: str, benchmarks: list[str], limit: int, folder: Path, peft: str | None,
              batch_size: int) -> dict[str, dict[str, float]]:
-    from t2l_framework.cli import main
+    from t2l_framework import evaluate
 
     adapter = f"peft={Path(peft).resolve()}" if peft else "base"
-    code = main(["eval", recipe, "--protocol", "lm-eval", "--benchmarks", ",".join(benchmarks), "--limit", str(limit),
-                 "--adapters", adapter, "--dtype", "float32", "--device", "cpu", "--no-cache",
-                 "--batch-size", str(batch_size), "-o", str(folder / "ours")])
-    if code != 0:
-        raise SystemExit(f"t2l eval failed with exit status {code}")
-    results = json.loads((folder / "ours" / "results.json").read_text())
+    results = evaluate(recipe, benchmarks, [adapter], protocol="lm-eval", limit=limit, dtype="float32", device="cpu",
+                       use_cache=False, batch_size=batch_size, output=folder / "ours").results
     name = "peft" if peft else "base"
     scores = {}
     for bench in benchmarks:

@@ -13,6 +13,7 @@ _EXPORTS = {
     "T2LError": "t2l_framework.errors",
     "load_recipe": "t2l_framework.assembly",  # the recipe schema plus the registry's name checks
     "load_runtime": "t2l_framework.assembly",
+    "evaluate": "t2l_framework.assembly",  # what `t2l eval` does, as a function
     "hookimpl": "t2l_framework.plugins.hookspecs",
 }
 

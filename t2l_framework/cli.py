@@ -250,86 +250,22 @@ def _split_list(values: list[str] | None) -> list[str]:
 
 
 def cmd_eval(args) -> int:
-    from t2l_framework.assembly import (
-        check_run_trust, default_device, get_benchmarks, load_adapter_generator, load_recipe, runtime_for,
-    )
-    from t2l_framework.config import EvalConfig, find_recipe
-    from t2l_framework.eval.cache import ResultCache, default_cache_dir
-    from t2l_framework.eval.harness import EvalSettings, Evaluator, parse_adapters
-    from t2l_framework.eval.report import markdown_table, write_outputs
-    from t2l_framework.run_folder import RunFolder
+    from t2l_framework.assembly.evaluate import evaluate
+    from t2l_framework.eval.report import markdown_table
 
-    from t2l_framework.assembly.hub import is_hub_id, resolve_run
-
-    target = Path(args.run_or_recipe).expanduser()
-    looks_like_recipe = target.suffix in (".yaml", ".yml")
-    if args.revision or (not target.exists() and not looks_like_recipe and is_hub_id(args.run_or_recipe)):
-        target = resolve_run(args.run_or_recipe, args.revision)
-    run = RunFolder(target)
-    own_adapter: list[str] = []
-    generator = None
-    if target.is_dir() and run.is_lora_run():
-        recipe_file = run.recipe  # a LoRA-baseline run: its base model, and its adapter by default
-        cfg, default_out = load_recipe(recipe_file, check_files=False, untrusted=not args.trust_remote_code), run.eval_dir
-        check_run_trust(cfg, recipe_file, args.trust_remote_code)
-        own_adapter = [f"{run.name}={run.adapter}"]
-    elif target.is_dir():  # a trained T2L run (or hypernet) folder; loaded once the arguments are checked
-        recipe_file = run.recipe if run.has_recipe() else None
-        cfg = load_recipe(recipe_file, check_files=False, untrusted=not args.trust_remote_code) if recipe_file else None
-        default_out = run.eval_dir
-    else:
-        recipe_file = find_recipe(args.run_or_recipe)
-        cfg, default_out = load_recipe(recipe_file), Path("eval_results") / recipe_file.stem
-    is_t2l_run = target.is_dir() and not own_adapter
-    ev = cfg.eval if cfg is not None else EvalConfig()  # the defaults live in EvalConfig only
-    adapters = _split_list(args.adapters) or (["base", "base+description"] + (["t2l"] if is_t2l_run else []) + own_adapter)
-    if not args.adapters and not own_adapter and ev.baseline_adapter:
-        from t2l_framework.config import resolve_path
-
-        baseline = resolve_path(ev.baseline_adapter, recipe_file)
-        if baseline.is_dir():
-            adapters.append(str(baseline))
-        else:
-            say(f"eval.baseline_adapter {ev.baseline_adapter} does not exist; evaluating without it")
-    if ev.arrow_library and (not args.adapters or "arrow" in adapters):
-        from t2l_framework.config import resolve_path
-
-        library = resolve_path(ev.arrow_library, recipe_file)
-        if "arrow" in adapters:  # the recipe's library
-            adapters[adapters.index("arrow")] = f"arrow={library}"
-        elif library.is_dir():
-            adapters.append(f"arrow={library}")
-        else:
-            say(f"eval.arrow_library {ev.arrow_library} does not exist; evaluating without Arrow")
-    specs = parse_adapters(adapters, have_run=is_t2l_run)
-    names = _split_list(args.benchmarks) or list(ev.benchmarks) or ["paper"]
-    benchmarks = get_benchmarks(names, args.data_root)
-    settings = EvalSettings(
-        limit=args.limit if args.limit is not None else ev.limit,
-        n_descriptions=args.n_descriptions or ev.n_descriptions,
-        scoring=args.scoring, mc_answer=args.mc_answer,
-        protocol=args.protocol or ev.protocol,
-        batch_size=args.batch_size or ev.batch_size,
-        max_new_tokens=args.max_new_tokens, code_timeout_s=args.code_timeout, seed=args.seed,
-        arrow_top_k=args.arrow_top_k, arrow_temperature=args.arrow_temperature)
-    device = args.device or default_device()
-    if is_t2l_run:
-        generator = load_adapter_generator(target, device, trust_remote_code=args.trust_remote_code)
-        base_cfg = generator.base_config
-    else:
-        base_cfg = cfg.base_model
-    say(f"loading {base_cfg.name_or_path} ...")
-    runtime = runtime_for(base_cfg, device, _dtype(args), generator)
-    cache = ResultCache(None if args.no_cache else (args.cache_dir or default_cache_dir()))
-    evaluator = Evaluator(runtime, specs, settings, cache, load_generator=load_adapter_generator)
-    say(f"evaluating {', '.join(s.name for s in specs)} on {', '.join(b.name for b in benchmarks)}"
-         f" ({'all' if not settings.limit else settings.limit} items each)")
-    results, predictions = evaluator.run(benchmarks)
-    files = write_outputs(results, predictions, Path(args.output) if args.output else default_out)
+    done = evaluate(args.run_or_recipe, _split_list(args.benchmarks), _split_list(args.adapters),
+                    revision=args.revision, limit=args.limit, n_descriptions=args.n_descriptions,
+                    protocol=args.protocol, scoring=args.scoring, mc_answer=args.mc_answer,
+                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                    code_timeout_s=args.code_timeout, seed=args.seed, arrow_top_k=args.arrow_top_k,
+                    arrow_temperature=args.arrow_temperature, output=args.output, cache_dir=args.cache_dir,
+                    use_cache=not args.no_cache, data_root=args.data_root, device=args.device,
+                    dtype=_dtype(args), trust_remote_code=args.trust_remote_code)
+    results = done.results
     print()
     print(markdown_table(dict(results)), end="")
     print(f"\n{results['seconds']:.0f} s; cache: {results['cache']['hits']} hits, {results['cache']['misses']} misses")
-    for kind, path in files.items():
+    for kind, path in done.files.items():
         print(f"wrote {path}  ({kind})")
     return 0
 

@@ -214,14 +214,17 @@ def test_eval_items(files, tokenizer):
     seen, unseen = dm.eval_items("seen"), dm.eval_items("unseen")
     assert len(seen) == N_TRAIN_TASKS * 3 and len(unseen) == 3
     for item in seen + unseen:
-        assert item["input_ids"] == encode_prompt(tokenizer, item["prompt_text"], 64)
-        assert dm.descriptions[item["desc_idx"]] in dm.heldout_descriptions[item["task"]]
-        assert dm.descriptions[item["other_desc_idx"]] not in dm.heldout_descriptions[item["task"]]
-        desc_ids = _ids(tokenizer, dm.descriptions[item["desc_idx"]])
-        with_desc = item["prompt_with_description_ids"]
-        assert any(with_desc[k:k + len(desc_ids)] == desc_ids for k in range(len(with_desc)))
-    assert unseen[0]["answers"] == ["uans"] and seen[0]["answers"][1] == "alt"
-    assert [i["other_desc_idx"] for i in seen] == [i["other_desc_idx"] for i in dm.eval_items("seen")]
+        assert item.description in dm.heldout_descriptions[item.task]
+        assert item.id.startswith(f"{item.task}-") and item.input
+    # item K of a task takes the task's held-out description K, cycling
+    first = [it for it in seen if it.task == seen[0].task]
+    held = dm.heldout_descriptions[seen[0].task]
+    assert [it.description for it in first] == [held[k % len(held)] for k in range(len(first))]
+    assert unseen[0].answers == ("uans",) and seen[0].answers[1] == "alt"
+    assert seen == dm.eval_items("seen")
+    # the items need no tokenizer: `t2l eval RUN` reads them without the data's batches
+    bare = T2LDataModule(dm.cfg, None, None, dm.seed)
+    assert bare.eval_items("unseen") == unseen and bare.eval_items("seen") == seen
 
 
 # ---- exclusion -----------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def _units(adapters: list[str], n_descriptions: int = 2):
     tasks = list(dict.fromkeys(e.task for e in examples))
     descs = {t: pick_descriptions(bench.descriptions(t), n_descriptions, 0, t) for t in tasks}
     units = ev._units(bench, examples, descs)
-    ev._attach_weights(units, descs)
+    ev._attach_weights(units, examples)
     return units, descs, bench
 
 
@@ -95,37 +95,30 @@ def test_controls_need_a_run_and_other_description_needs_several_tasks():
         ev._units(arc, examples, {"arc_easy": arc.descriptions("arc_easy")[:1]})
 
 
-def test_end_of_training_table_adds_random_and_generic_controls(monkeypatch):
-    """(f) is made from random letters of each item's own description length, (g) from one text for
-    every item; both come from the same hypernetwork (text_weights) and are paired with (c)."""
-    from t2l_framework.eval import sni_report
+def test_items_with_their_own_descriptions_get_one_unit_and_per_item_controls():
+    """A run's held-out items (the end-of-training table, `t2l eval RUN --benchmarks sni_unseen`) are
+    each asked with their own description: one unit per adapter, (c) from the item's description,
+    (f) random letters of its length, (g) one text for all, (d) another task's description."""
+    from t2l_framework.data.datamodule import EvalItem
+    from t2l_framework.eval.benchmarks import RunSplit
 
-    descriptions = ["answer with the capital city", "say the currency", "name the dish of the country"]
-    items = [{"task": f"t{i % 3}", "desc_idx": i % 3, "other_desc_idx": (i + 1) % 3, "input_ids": [1] * (i + 1),
-              "prompt_with_description_ids": [2] * (i + 1), "answers": ["x"]} for i in range(9)]
-    made: dict[str, list[str]] = {}
-
-    def generate(model, tokenizer, prompts, injection, weights, max_new_tokens):
-        return ["x" if weights == ["t2l"] * len(prompts) else "y"] * len(prompts)
-
-    monkeypatch.setattr(sni_report, "greedy_generate", generate)
-
-    def text_weights(texts):
-        made.setdefault("generic" if texts == [GENERIC_DESCRIPTION] else "random", []).extend(texts)
-        return list(texts)
-
-    seconds = {}
-    results = sni_report.evaluate_conditions(None, None, None, items, lambda idx: ["t2l"] * len(idx),
-                                             batch_size=4, text_weights=text_weights,
-                                             descriptions=descriptions, seed=7, seconds=seconds)
-    assert list(results) == ["base", "base+description", "t2l", "t2l_other_task_description",
-                             "t2l_random_description", "t2l_generic_description"]
-    assert set(seconds) == set(results)
-    assert sorted(len(t) for t in made["random"]) == sorted(len(descriptions[it["desc_idx"]]) for it in items)
-    assert not set(made["random"]) & set(descriptions)
-    assert set(made["generic"]) == {GENERIC_DESCRIPTION}
-    diffs = sni_report.paired_differences(results)
-    assert diffs["t2l_random_description"]["em"] == pytest.approx(1.0)
-    table = sni_report.markdown_table("unseen", results)
-    assert "(f) T2L, random letters of the description's length" in table
-    assert "(g) T2L, one generic description ('Answer the question.')" in table
+    items = [EvalItem(f"t{i % 3}-{i // 3}", f"t{i % 3}", f"question {i}", ("x",), f"description {i} of t{i % 3}")
+             for i in range(9)]
+    bench = RunSplit("sni_unseen", items, max_new_tokens=4, max_prompt_tokens=0)
+    runtime = SimpleNamespace(generator=_RecordingGenerator(), injection=None, device="cpu", base_model_name="m",
+                              dtype="float32", chat_template=None, context=0, retarget=lambda targets: None)
+    ev = Evaluator(runtime, parse_adapters(["t2l"] + CONTROLS, have_run=True), EvalSettings(n_descriptions=3, seed=7),
+                   show_progress=False)
+    examples = bench.examples(0, "chat")
+    descs = {t: pick_descriptions(bench.descriptions(t), 3, 7, t) for t in dict.fromkeys(e.task for e in examples)}
+    units = ev._units(bench, examples, descs)
+    ev._attach_weights(units, examples)
+    by = {u.adapter.name: u for u in units}
+    assert len(units) == 4 == len(by)  # one description slot: the items' own
+    assert [by["t2l"].weights[ex.id] for ex in examples] == [it.description for it in items]
+    random_texts = [by["random_description"].weights[ex.id] for ex in examples]
+    assert random_texts == [random_description(it.description, 7) for it in items]
+    assert set(by["generic_description"].weights.values()) == {GENERIC_DESCRIPTION}
+    for ex in examples:
+        other = by["other_description"].weights[ex.id]
+        assert other not in bench.descriptions(ex.task) and any(other in d for d in descs.values())

@@ -47,7 +47,9 @@ def test_eval_writes_json_table_plot_and_reuses_the_cache(world, tmp_path, capsy
         assert set(per_bench) == set(names)
         for bench, value in per_bench.items():
             assert value["n"] == 2 and 0.0 <= value["score"] <= 1.0, (adapter, bench)
-            assert len(value["per_description"]) == (2 if adapter in ("base+description", "t2l") else 1)
+            # a run's sni_unseen: its own held-out items, each asked with its own description (one slot)
+            slots = 2 if adapter in ("base+description", "t2l") and bench != "sni_unseen" else 1
+            assert len(value["per_description"]) == slots, (adapter, bench)
             assert value["cached"] is False
     assert set(results["average"]) == set(results["scores"])
     table = (tmp_path / "a" / "results.md").read_text()
@@ -55,8 +57,9 @@ def test_eval_writes_json_table_plot_and_reuses_the_cache(world, tmp_path, capsy
     assert all(f"| {a} |" in table for a in results["scores"]) and table.splitlines()[0] in printed
     assert (tmp_path / "a" / "results.png").read_bytes()[:8] == PNG_MAGIC
     predictions = [json.loads(line) for line in (tmp_path / "a" / "predictions.jsonl").read_text().splitlines()]
-    # 11 benchmarks x 2 items x (1 + 2 + 2 + 1) units
-    assert len(predictions) == 11 * 2 * 6
+    # 10 benchmarks x 2 items x (1 + 2 + 2 + 1) units, and the run's sni_unseen: 2 items x 4 units
+    assert len(predictions) == 10 * 2 * 6 + 2 * 4
+    assert {p["id"].rsplit("-", 1)[0] for p in predictions if p["benchmark"] == "sni_unseen"} <= {"toy_4", "toy_5"}
 
     # The PEFT copy of the first T2L adapter, scored in the same mixed batches, matches T2L's unit.
     def rows(adapter, slot=0):
@@ -72,7 +75,7 @@ def test_eval_writes_json_table_plot_and_reuses_the_cache(world, tmp_path, capsy
     # Same arguments again: every unit comes from the cache, and the numbers are the same.
     assert _eval(world, tmp_path / "b", "--benchmarks", "all", "--adapters", adapters, "--protocol", "chat") == 0
     again = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert again["cache"]["misses"] == 0 and again["cache"]["hits"] == 11 * 6
+    assert again["cache"]["misses"] == 0 and again["cache"]["hits"] == 10 * 6 + 4
     assert all(v["cached"] for per in again["scores"].values() for v in per.values())
     assert {a: {b: v["score"] for b, v in per.items()} for a, per in again["scores"].items()} == \
         {a: {b: v["score"] for b, v in per.items()} for a, per in results["scores"].items()}
@@ -180,9 +183,10 @@ def test_sni_differences_are_clustered_by_task_and_avg_uses_shared_benchmarks(wo
     preds = _predictions(out)
     ids = [p["id"] for p in preds if p["adapter"] == "base"]
     base = [p["score"] for p in preds if p["adapter"] == "base"]
-    t2l = [sum(p["score"] for p in preds if p["adapter"] == "t2l" and p["id"] == i) / 2 for i in ids]
+    # a run's sni_unseen: its own never-trained tasks, each item asked with its own description
+    t2l = [p["score"] for i in ids for p in preds if p["adapter"] == "t2l" and p["id"] == i]
     tasks = [i.rsplit("-", 1)[0] for i in ids]
-    assert len(set(tasks)) == 4
+    assert set(tasks) == {"toy_4", "toy_5"} and len(t2l) == len(ids) == 8
     diff, se = paired_difference(t2l, base, clusters=tasks)
     assert results["scores"]["t2l"]["sni_unseen"]["vs_base"] == pytest.approx({"diff": diff, "se": se})
     # avg: over the benchmarks every adapter has (an adapter missing one is not averaged over it)
@@ -190,6 +194,11 @@ def test_sni_differences_are_clustered_by_task_and_avg_uses_shared_benchmarks(wo
     results["scores"]["base"]["extra"] = {"score": 1.0, "se": 0.0}
     assert averages(results)["base"] == pytest.approx(results["scores"]["base"]["sni_unseen"]["score"])
     assert "avg: over the 1 benchmarks every adapter has" in markdown_table(results)
+    # a recipe (no run) scores the bundle's held-out SNI tasks
+    assert main(["eval", str(world["recipe"]), "--dtype", "float32", "--benchmarks", "sni_unseen", "--adapters",
+                 "base", "--limit", "8", "--max-new-tokens", "2", "--no-cache", "-o", str(tmp_path / "bundle")]) == 0
+    bundle = {p["id"].rsplit("-", 1)[0] for p in _predictions(tmp_path / "bundle")}
+    assert len(bundle) == 4 and not bundle & {"toy_4", "toy_5"}
 
 
 def test_recipe_protocol_key_and_bad_values(world, tmp_path, capsys):
@@ -214,6 +223,8 @@ def test_description_controls_are_adapter_conditions_of_any_run(world, tmp_path)
     results = json.loads((out / "results.json").read_text())
     scores = {name: per_bench["sni_unseen"] for name, per_bench in results["scores"].items()}
     assert list(scores) == adapters.split(",")
-    assert [len(scores[n]["per_description"]) for n in scores] == [1, 2, 2, 2, 1]
+    # the run's sni_unseen: each item has its own description, so one slot each (several slots:
+    # tests/test_description_controls.py on the bundle's sni_unseen)
+    assert [len(scores[n]["per_description"]) for n in scores] == [1, 1, 1, 1, 1]
     assert all("vs_base" in scores[n] for n in scores if n != "base")
     assert results["adapters"]["random_description"]["identity"] == results["adapters"]["t2l"]["identity"]

@@ -1,38 +1,26 @@
-"""The table `t2l fit` prints at the end: held-out SNI items under each adaptation condition."""
+"""The table `t2l fit` prints at the end: held-out SNI items under each adaptation condition.
+
+It is the evaluation pipeline of ``t2l eval RUN --benchmarks sni_seen,sni_unseen`` (``assembly.evaluate``:
+the run's own splits, ``eval.harness.Evaluator``, its greedy decoder) run on the trained pieces
+still in memory; ``eval.sni_report`` scores the answers and writes report.md / report.json.
+"""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-import torch
-
+from t2l_framework.assembly.evaluate import RUN_SPLITS, run_split_benchmarks
 from t2l_framework.config import resolve_path
 from t2l_framework.console import say
-from t2l_framework.eval.sni_report import T2L_CONDITIONS, evaluate_conditions, write_report
-from t2l_framework.lora.arrow import load_arrow_library
-from t2l_framework.lora.peft_io import import_peft_adapter
+from t2l_framework.eval.cache import ResultCache
+from t2l_framework.eval.harness import AdapterSpec, EvalSettings, Evaluator
+from t2l_framework.eval.sni_report import T2L_CONDITIONS, score_predictions, write_report
 from t2l_framework.run_folder import RunFolder
+from t2l_framework.runtime.adapters import AdapterGenerator
+from t2l_framework.runtime.loaded import T2LRuntime
 from t2l_framework.training.modes import Trainable, mode_for
 from t2l_framework.training.training_status import TrainingStatus
-
-
-def _progress(name: str, done: int, total: int) -> None:
-    end = "\n" if done >= total else "\r"
-    print(f"  {name:<28} {done:>4}/{total}", end=end, file=sys.stderr, flush=True)
-
-
-def per_task(items: list[dict], n: int) -> list[dict]:
-    """The first ``n`` items of each task, order kept: the in-distribution table can be smaller
-    than the unseen one, whose size is what the zero-shot claim rests on."""
-    seen: dict[str, int] = {}
-    out = []
-    for it in items:
-        seen[it["task"]] = seen.get(it["task"], 0) + 1
-        if seen[it["task"]] <= n:
-            out.append(it)
-    return out
 
 
 def training_column(cfg, run_dir: Path, baseline_dir: Path | None) -> dict[str, str]:
@@ -58,73 +46,77 @@ def training_column(cfg, run_dir: Path, baseline_dir: Path | None) -> dict[str, 
     return column
 
 
-def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None,
-                 seconds: dict[str, float] | None = None) -> str:
-    """Score base / base+description / T2L / the description controls / baseline LoRA with the
-    trained ``pieces`` (``RunPieces``) and write ``report.md`` + ``report.json`` into the run
-    folder; returns the Markdown. seconds (part -> wall seconds, e.g. training) receives one
-    entry per table and goes into report.json with them."""
-    base, injection, dm, embeddings, generator = (pieces.base, pieces.injection, pieces.datamodule,
-                                                  pieces.embeddings, pieces.trainable)
-    run_dir = run.root
-    model, device = base.model, next(base.model.parameters()).device
-    generator.eval()
-    make_weights = text_weights = None
-    trains = pieces.mode.trains
+def table_adapters(cfg, run: RunFolder, recipe_file: Path | None,
+                   n_tasks: int) -> tuple[list[AdapterSpec], Path | None]:
+    """The table's conditions as harness adapters, in its order (a)-(h), and the folder of the
+    baseline adapter's run (None without one). (d) needs a split of several tasks."""
+    specs = [AdapterSpec("base", "base"), AdapterSpec("base+description", "description")]
+    trains = mode_for(cfg).trains
     if trains is Trainable.HYPERNETWORK:
-        emb, generator = embeddings.to(device), generator.to(device)
-        encoder = pieces.encoder
-
-        @torch.inference_mode()
-        def make_weights(desc_idx: list[int]):
-            return generator(emb[torch.as_tensor(desc_idx, device=device)])
-
-        @torch.inference_mode()
-        def text_weights(texts: list[str]):  # the controls' texts are not among the embedded descriptions
-            return generator(encoder.encode(texts).to(device))
-
-    baseline, baseline_dir = None, None
+        specs.append(AdapterSpec("t2l", "t2l"))
+        if n_tasks > 1:
+            specs.append(AdapterSpec("t2l_other_task_description", "t2l", control="other_description"))
+    baseline_dir = None
     if trains is Trainable.ONE_LORA:
-        with torch.no_grad():
-            w = generator()
-            baseline = w.detach()
+        specs.append(AdapterSpec("mt_lora", "peft", run.adapter))  # the adapter this run just saved
     elif cfg.eval.baseline_adapter:
         path = resolve_path(cfg.eval.baseline_adapter, recipe_file)
         if path.exists():
-            baseline, baseline_dir = import_peft_adapter(path), path.parent
+            specs.append(AdapterSpec("mt_lora", "peft", path))
+            baseline_dir = path.parent
         else:
             say(f"eval.baseline_adapter {path} not found; the table leaves out (e). "
                 "Train it with the multi-task LoRA recipe first.")
-    arrow = None
+    if trains is Trainable.HYPERNETWORK:
+        specs += [AdapterSpec("t2l_random_description", "t2l", control="random_description"),
+                  AdapterSpec("t2l_generic_description", "t2l", control="generic_description")]
     if cfg.eval.arrow_library:
         path = resolve_path(cfg.eval.arrow_library, recipe_file)
         if path.is_dir():
-            arrow = load_arrow_library(path)
-            arrow.check_fits(injection.shapes, "the trained model's LoRA targets")
-            arrow = arrow.to(device)
+            specs.append(AdapterSpec("arrow", "arrow", path))
         else:
             say(f"eval.arrow_library {path} not found; the table leaves out (h).")
+    return specs, baseline_dir
+
+
+def pieces_runtime(cfg, run: RunFolder, pieces) -> T2LRuntime:
+    """A ``T2LRuntime`` over the trained ``pieces`` in memory: the base model and injection training
+    used, and (sft) the hypernetwork with its encoder, as ``t2l eval RUN`` would load them."""
+    base = pieces.base
+    generator = None
+    if pieces.mode.trains is Trainable.HYPERNETWORK:
+        device = next(base.model.parameters()).device
+        hypernet = pieces.trainable.to(device).eval()
+        generator = AdapterGenerator(hypernet, pieces.encoder, name=run.name, base_config=cfg.base_model,
+                                     chat_template=bool(cfg.base_model.chat_template))
+    return T2LRuntime(base, pieces.injection, generator, bool(cfg.base_model.chat_template), base.dtype.name)
+
+
+def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None,
+                 seconds: dict[str, float] | None = None) -> str:
+    """Score base / base+description / T2L / the description controls / baseline LoRA / Arrow with
+    the trained ``pieces`` (``RunPieces``) on the run's own splits and write ``report.md`` +
+    ``report.json`` into the run folder; returns the Markdown. seconds (part -> wall seconds, e.g.
+    training) receives one entry per table and goes into report.json with them."""
+    runtime = pieces_runtime(cfg, run, pieces)
     seconds = {} if seconds is None else seconds
-    limit = int(cfg.eval.report_max_items)
-    tables, items = {}, {}
-    for split, title in (("seen", "Training tasks, held-out instances and descriptions"),
-                         ("unseen", "Tasks never seen in training")):
-        its = dm.eval_items(split)
-        if split == "seen" and int(cfg.eval.report_seen_per_task):
-            its = per_task(its, int(cfg.eval.report_seen_per_task))
-        if limit:
-            its = its[:limit]
-        if not its:
+    # the settings `t2l eval RUN` takes from the recipe, so that it reproduces the table's numbers
+    settings = EvalSettings(limit=int(cfg.eval.report_max_items), batch_size=int(cfg.eval.batch_size),
+                            n_descriptions=int(cfg.eval.n_descriptions))
+    tables, items, baseline_dir = {}, {}, None
+    for name, bench in run_split_benchmarks(cfg, pieces.datamodule).items():
+        title = RUN_SPLITS[name][1]
+        examples = bench.examples(settings.limit)
+        if not examples:
             continue
-        say(f"evaluating {len(its)} items: {title}")
-        items[title] = its
+        specs, baseline_dir = table_adapters(cfg, run, recipe_file, len({ex.task for ex in examples}))
+        say(f"evaluating {len(examples)} items: {title}")
         start = time.perf_counter()
-        tables[title] = evaluate_conditions(model, base.tokenizer, injection, its, make_weights, baseline,
-                                            batch_size=int(cfg.eval.batch_size),
-                                            max_new_tokens=int(cfg.eval.max_new_tokens), progress=_progress,
-                                            text_weights=text_weights, descriptions=dm.descriptions,
-                                            seed=int(cfg.training.seed), arrow=arrow)
-        seconds[f"table: {title} ({len(its)} items x {len(tables[title])} conditions)"] = time.perf_counter() - start
-    md = write_report(run_dir, tables, items, training_column(cfg, run_dir, baseline_dir), seconds)
+        evaluator = Evaluator(runtime, specs, settings, ResultCache(None))
+        tables[title] = score_predictions(evaluator.run_benchmark(bench), examples)
+        items[title] = [{"task": ex.task, "answers": list(ex.gold)} for ex in examples]
+        seconds[f"table: {title} ({len(examples)} items x {len(tables[title])} conditions)"] = \
+            time.perf_counter() - start
+    md = write_report(run.root, tables, items, training_column(cfg, run.root, baseline_dir), seconds)
     print(md)
     return md

@@ -19,28 +19,27 @@ import argparse
 import json
 import sys
 import time
-from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from t2l_framework.assembly import loading
-from t2l_framework.assembly.final_report import per_task
+from t2l_framework.assembly.evaluate import run_split_benchmarks
 from t2l_framework.assembly.fit import planned_device
 from t2l_framework.assembly.lookups import load_recipe
 from t2l_framework.atomic import write_text_atomic
-from t2l_framework.eval.sni_report import score
+from t2l_framework.eval.cache import ResultCache
+from t2l_framework.eval.harness import AdapterSpec, EvalSettings, Evaluator
+from t2l_framework.eval.sni_report import score_predictions
 from t2l_framework.eval.stats import paired_difference
-from t2l_framework.lora.arrow import load_arrow_library
 from t2l_framework.lora.peft_io import import_peft_adapter
-from t2l_framework.lora.weights import LoraWeights
 from t2l_framework.run_folder import HYPERNET_WEIGHTS, RunFolder
-from t2l_framework.runtime.greedy import greedy_generate
+from t2l_framework.runtime.loaded import T2LRuntime
 from t2l_framework.training.training_status import TrainingStatus
 
 ARROW = "Arrow routing"
+ORACLE = "oracle (task LoRAs)"
 
 
 def _params(folder: Path) -> int:
@@ -49,69 +48,51 @@ def _params(folder: Path) -> int:
         return sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
 
 
-def _evaluate(model, tokenizer, injection, items, weights_for, batch_size: int, max_new_tokens: int,
-              arrow=None) -> dict:
-    """Greedy answers for ``items`` (per-sample adapters from ``weights_for``, or Arrow routing over
-    the ``arrow`` library), scored."""
-    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
-    preds = [""] * len(items)
-    with injection.use_arrow(arrow) if arrow is not None else nullcontext():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            chunk = [items[i] for i in idx]
-            outs = greedy_generate(model, tokenizer, [it["input_ids"] for it in chunk], injection,
-                                   weights_for(chunk) if weights_for else None, max_new_tokens)
-            for i, out in zip(idx, outs):
-                preds[i] = out
-    return score(preds, items)
-
-
 def build_table(library_run: Path, t2l_runs: dict[str, Path], mtlora: Path | None, out: Path,
                 progress=print) -> dict:
-    """Evaluate every condition on both splits, write ``out/table.md`` + ``out/table.json``; returns the payload."""
+    """Evaluate every condition on both splits, write ``out/table.md`` + ``out/table.json``; returns the payload.
+
+    The answers come from the evaluation harness on the library run's own splits
+    (``assembly.evaluate.run_split_benchmarks``), the pipeline of ``t2l eval`` and the end-of-training table.
+    """
+    from t2l_framework.data.datamodule import T2LDataModule
+
     run = RunFolder(library_run)
     cfg = load_recipe(run.recipe, check_files=False)
     base, injection = loading.load_base(cfg.base_model, list(cfg.lora.target_modules),
                                         runs_on=planned_device(cfg.trainer.accelerator))
-    from t2l_framework.data.datamodule import T2LDataModule
-
-    fmt = partial(base.family.format_prompt, base.tokenizer, chat_template=bool(cfg.base_model.chat_template))
-    dm = T2LDataModule(cfg.data, base.tokenizer, lambda user, system="": fmt(user, system), int(cfg.training.seed),
-                       None, 1)
-    dm.setup()
-    device = next(base.model.parameters()).device
-    library = {tid: import_peft_adapter(run.library / tid) for tid in dm.train_task_ids}
-    conditions: dict[str, tuple] = {"base": (None, None)}
-    conditions["oracle (task LoRAs)"] = (lambda c: LoraWeights.cat([library[it["task"]] for it in c]).to(device),
-                                         run.root)
+    runtime = T2LRuntime(base, injection, None, bool(cfg.base_model.chat_template), base.dtype.name)
+    dm = T2LDataModule(cfg.data, None, None, int(cfg.training.seed), run.recipe)
+    specs = [AdapterSpec("base", "base"), AdapterSpec(ORACLE, "library", run.library)]
+    folders: dict[str, Path | None] = {"base": None, ORACLE: run.root}
     for name, folder in t2l_runs.items():
-        gen = loading.load_adapter_generator(folder, device)
-        conditions[name] = ((lambda g: lambda c: g.adapters([dm.descriptions[it["desc_idx"]] for it in c]))(gen),
-                            Path(folder))
+        specs.append(AdapterSpec(name, "t2l", Path(folder)))
+        folders[name] = Path(folder)
     if mtlora is not None:
-        w = import_peft_adapter(mtlora).to(device)
-        conditions["multi-task LoRA"] = ((lambda c: w), Path(mtlora).parent)
-    arrow = load_arrow_library(run.library).to(device)
-    conditions[ARROW] = (None, None)
-    splits = {"seen": per_task(dm.eval_items("seen"), int(cfg.eval.report_seen_per_task) or 10**9),
-              "unseen": dm.eval_items("unseen")}
+        specs.append(AdapterSpec("multi-task LoRA", "peft", Path(mtlora)))
+        folders["multi-task LoRA"] = Path(mtlora).parent
+    specs.append(AdapterSpec(ARROW, "arrow", run.library))
+    folders[ARROW] = None
+    settings = EvalSettings(batch_size=int(cfg.eval.batch_size), n_descriptions=int(cfg.eval.n_descriptions))
     results: dict[str, dict] = {}
-    for split, items in splits.items():
-        results[split] = {}
-        for name, (weights_for, _) in conditions.items():
-            if name.startswith("oracle") and split == "unseen":
-                continue  # no task LoRA exists for a task never trained
-            t0 = time.time()
-            results[split][name] = _evaluate(base.model, base.tokenizer, injection, items, weights_for,
-                                             int(cfg.eval.batch_size), int(cfg.eval.max_new_tokens),
-                                             arrow if name == ARROW else None)
-            progress(f"  {split:<6} {name:<22} {len(items)} items in {time.time() - t0:.0f} s")
-    per_task_params = sum(a[0].numel() + library[next(iter(library))].B[m][0].numel()
-                          for m, a in library[next(iter(library))].A.items())
+    for name, bench in run_split_benchmarks(cfg, dm).items():
+        split = "seen" if name == "sni_seen" else "unseen"
+        # no task LoRA exists for a task never trained
+        conditions = [s for s in specs if split == "seen" or s.kind != "library"]
+        t0 = time.time()
+        evaluator = Evaluator(runtime, conditions, settings, ResultCache(None), show_progress=False,
+                              load_generator=loading.load_adapter_generator)
+        results[split] = score_predictions(evaluator.run_benchmark(bench), bench.examples())
+        progress(f"  {split:<6} {len(bench.examples())} items x {len(conditions)} conditions "
+                 f"in {time.time() - t0:.0f} s")
+    library = {d.name: import_peft_adapter(d) for d in sorted(run.library.iterdir())
+               if (d / "adapter_config.json").is_file()}
+    first = library[next(iter(library))]
+    per_task_params = sum(a[0].numel() + first.B[m][0].numel() for m, a in first.A.items())
     sizes = {"library": per_task_params * len(library), "tasks": len(library), "per_task": per_task_params,
              "hypernetworks": {name: _params(RunFolder(folder).hypernet) for name, folder in t2l_runs.items()}}
     training = {name: (TrainingStatus.load(folder).describe() if folder and TrainingStatus.load(folder) else "-")
-                for name, (_, folder) in conditions.items()}
+                for name, folder in folders.items()}
     payload = {"results": {s: {n: {k: r[k] for k in ("n", "n_tasks", "em", "em_se", "rouge_l", "rouge_l_se")}
                                for n, r in res.items()} for s, res in results.items()},
                "sizes": sizes, "training": training}
@@ -133,7 +114,7 @@ def render(results: dict, sizes: dict, training: dict) -> str:
     lines = []
     titles = {"seen": "Training tasks, held-out instances and descriptions", "unseen": "Tasks never seen in training"}
     for split, res in results.items():
-        ref = "oracle (task LoRAs)" if split == "seen" else "base"
+        ref = ORACLE if split == "seen" else "base"
         n_tasks = max((r["n_tasks"] for r in res.values()), default=0)
         lines += [f"**{titles[split]}** ({n_tasks} tasks)", "",
                   f"| condition | items | exact match | ROUGE-L | ROUGE-L minus {ref} (cSE) | training |",

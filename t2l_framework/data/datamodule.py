@@ -8,16 +8,18 @@ With ``data.length_grouping`` the rows of a window of batches are regrouped by l
 (``length_groups``): the same examples, less padding per step.
 
 Every batch carries ``desc_idx`` into ``T2LDataModule.descriptions`` and ``task_idx`` into
-``T2LDataModule.task_ids``. ``descriptions`` holds exactly the texts a run reads (deduplicated),
+``T2LDataModule.task_ids``. ``descriptions`` holds exactly the texts training reads (deduplicated),
 so the encoder embeds nothing in vain: every training description of the training tasks, and of
-the held-out / evaluation descriptions only those that validation and the end-of-training table
-pick (an unseen SNI task has ~200 evaluation descriptions; the table uses one per item).
+the held-out descriptions only those that validation picks. The end-of-training items
+(``eval_items``: ``EvalItem``) carry their description as text: the evaluation harness makes
+their adapters through the encoder, as ``t2l eval`` does.
 """
 
 from __future__ import annotations
 
 import bisect
 import random
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,15 +29,30 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from t2l_framework.config import DataConfig
-from t2l_framework.data.description_controls import other_task_description
-from t2l_framework.data.encoding import FormatPrompt, encode_examples, encode_prompt, pad_batch, pad_id
+from t2l_framework.data.encoding import FormatPrompt, encode_examples, pad_batch, pad_id
 from t2l_framework.data.length_groups import group_by_length
 from t2l_framework.data.stream import ResumableStream, trainer_share
 from t2l_framework.data.task_sets import check_task_set, task_set_ids, task_sources
-from t2l_framework.data.tasks import Instance, Task, expand_task_ids, load_tasks, split_descriptions
+from t2l_framework.data.tasks import Task, expand_task_ids, load_tasks, split_descriptions
 from t2l_framework.errors import T2LError, did_you_mean
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One held-out item of a run's own split, as text (the harness formats and tokenizes it).
+
+    id: ``TASK-K``, the task's K-th held-out instance. input: the user turn (the instance input).
+    answers: the reference outputs. description: the held-out description it is asked with (item
+    K of a task takes the task's held-out description K, cycling).
+    """
+
+    id: str
+    task: str
+    input: str
+    answers: tuple[str, ...]
+    description: str
 
 
 class TrainBatches(Dataset):
@@ -131,7 +148,7 @@ class T2LDataModule(ResumableStream, L.LightningDataModule):
     ``format_prompt(user, system) -> str`` applies the base model's chat format; the user turn
     is the instance input alone (the task is described to the hypernetwork, not in the prompt).
     total_batches: training micro-batches per rank; the stream holds that many times the world
-    size (``data.stream``).
+    size (``data.stream``). ``eval_items`` needs neither tokenizer nor format_prompt.
     """
 
     def __init__(self, cfg: DataConfig, tokenizer, format_prompt: FormatPrompt, seed: int,
@@ -145,7 +162,7 @@ class T2LDataModule(ResumableStream, L.LightningDataModule):
         self.eval_task_ids: list[str] = []
         self.descriptions: list[str] = []
         self.train_desc_idx: dict[str, list[int]] = {}
-        # Texts, not indices: only the ones validation and the report pick are embedded.
+        # Texts, not indices: only the ones validation picks are embedded.
         self.heldout_descriptions: dict[str, list[str]] = {}
         self._ready = False
 
@@ -153,6 +170,26 @@ class T2LDataModule(ResumableStream, L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         """Load and select tasks, split descriptions, pre-tokenise (once; later calls do nothing)."""
         if self._ready:
+            return
+        cfg = self.cfg
+        self._split()
+        self.pad_token_id = pad_id(self.tokenizer)
+        self._train_examples = []
+        for tid in self.train_task_ids:
+            instances = self.tasks[tid].train
+            if cfg.max_train_instances > 0:
+                instances = instances[: cfg.max_train_instances]
+            self._train_examples.append(self._encode([i.input for i in instances], [i.outputs[0] for i in instances]))
+        self._val_items = [
+            {"example": ex, "desc_idx": d, "task_idx": t, "answers": list(it.answers)}
+            for (t, it, d), ex in zip(self._val_pairs, self._encode([it.input for _, it, _ in self._val_pairs],
+                                                                    [it.answers[0] for _, it, _ in self._val_pairs]))
+        ]
+        self._ready = True
+
+    def _split(self) -> None:
+        """Select tasks, split their descriptions and pick the held-out items (no tokenizer needed)."""
+        if self.task_ids:
             return
         cfg = self.cfg
         self._select_tasks()
@@ -171,23 +208,13 @@ class T2LDataModule(ResumableStream, L.LightningDataModule):
             task = self.tasks[tid]
             self.heldout_descriptions[tid] = list(task.eval_descriptions or task.descriptions)
         self.task_ids = self.train_task_ids + self.eval_task_ids
-        self._seen = self._eval_pairs(self.train_task_ids, index)
-        self._unseen = self._eval_pairs(self.eval_task_ids, index)
-        self._controls = {"seen": self._control_picks("seen", index), "unseen": self._control_picks("unseen", index)}
+        seen = self._held_out(self.train_task_ids)
+        # validation: the seen items, their descriptions embedded with the training ones
+        self._val_pairs = _round_robin([[(self.task_ids.index(it.task), it, d)
+                                         for it, d in zip(items, index([it.description for it in items]))]
+                                        for items in seen])
+        self._items = {"seen": _round_robin(seen), "unseen": _round_robin(self._held_out(self.eval_task_ids))}
         self.descriptions = list(desc_index)
-
-        self.pad_token_id = pad_id(self.tokenizer)
-        self._train_examples = []
-        for tid in self.train_task_ids:
-            instances = self.tasks[tid].train
-            if cfg.max_train_instances > 0:
-                instances = instances[: cfg.max_train_instances]
-            self._train_examples.append(self._encode(instances))
-        self._val_items = [
-            {"example": ex, "desc_idx": d, "task_idx": t, "answers": inst.outputs}
-            for (t, inst, d), ex in zip(self._seen, self._encode([inst for _, inst, _ in self._seen]))
-        ]
-        self._ready = True
 
     def _select_tasks(self) -> None:
         cfg = self.cfg
@@ -224,36 +251,22 @@ class T2LDataModule(ResumableStream, L.LightningDataModule):
                            f"{len(train_ids)} training tasks (each batch draws distinct tasks)")
         self.tasks, self.train_task_ids, self.eval_task_ids = tasks, train_ids, eval_ids
 
-    def _encode(self, instances: Sequence[Instance]) -> list[Example]:
-        prompts = [self.format_prompt(inst.input, self.cfg.system_prompt) for inst in instances]
-        answers = [inst.outputs[0] for inst in instances]
+    def _encode(self, inputs: Sequence[str], answers: Sequence[str]) -> list[Example]:
+        prompts = [self.format_prompt(text, self.cfg.system_prompt) for text in inputs]
         return encode_examples(self.tokenizer, prompts, answers, self.cfg.max_prompt_tokens, self.cfg.max_answer_tokens,
                                int(self.cfg.max_total_tokens))
 
-    def _eval_pairs(self, task_ids: list[str], index) -> list[tuple[int, Instance, int]]:
-        """(task_idx, held-out instance, held-out desc_idx), tasks interleaved, fixed order.
-
-        Item k of a task takes the task's held-out description k (cycling); ``index`` adds the
-        picked texts to ``descriptions``.
-        """
+    def _held_out(self, task_ids: list[str]) -> list[list[EvalItem]]:
+        """Per task of ``task_ids``: its held-out items in a fixed order; item K takes the task's
+        held-out description K (cycling)."""
         limit = self.cfg.max_eval_instances
         per_task = []
         for tid in task_ids:
-            t, descs = self.task_ids.index(tid), self.heldout_descriptions[tid]
+            descs = self.heldout_descriptions[tid]
             test = self.tasks[tid].test[:limit] if limit > 0 else self.tasks[tid].test
-            picks = index([descs[k % len(descs)] for k in range(len(test))])
-            per_task.append([(t, inst, d) for inst, d in zip(test, picks)])
-        return _round_robin(per_task)
-
-    def _control_picks(self, split: str, index) -> list[int]:
-        """desc_idx of the wrong-description control for each eval item of ``split``: a held-out
-        description of another task of the same group, the same for the same seed."""
-        pairs = self._seen if split == "seen" else self._unseen
-        group = self.train_task_ids if split == "seen" else self.eval_task_ids
-        others = group if len(group) > 1 else self.task_ids
-        picks = [other_task_description(f"{self.seed}-control-{split}-{k}", self.task_ids[t], others,
-                                        self.heldout_descriptions) for k, (t, _, _) in enumerate(pairs)]
-        return index(picks)
+            per_task.append([EvalItem(f"{tid}-{k}", tid, inst.input, tuple(inst.outputs), descs[k % len(descs)])
+                             for k, inst in enumerate(test)])
+        return per_task
 
     # ---- loaders -------------------------------------------------------------------------
     def train_dataset(self) -> TrainBatches:
@@ -283,34 +296,11 @@ class T2LDataModule(ResumableStream, L.LightningDataModule):
                           num_workers=self.cfg.num_workers)
 
     # ---- end-of-training evaluation ------------------------------------------------------
-    def eval_items(self, split: str) -> list[dict]:
-        """Prompts and answers for the evaluation table.
-
-        split "seen": held-out instances of training tasks with held-out descriptions;
-        "unseen": test instances of ``eval_tasks`` with their eval descriptions. Each item has
-        task, desc_idx, prompt_text, input_ids (prompt only), answers, other_desc_idx (a
-        description of a different task, for the wrong-description control) and
-        prompt_with_description_ids (description + blank line + input as the user turn).
-        """
-        self.setup()
+    def eval_items(self, split: str) -> list[EvalItem]:
+        """The run's own held-out items: split "seen": held-out instances of the training tasks with
+        held-out descriptions; "unseen": test instances of ``eval_tasks`` with their evaluation
+        descriptions. Needs no tokenizer: ``t2l eval RUN`` reads them without loading the data's batches."""
         if split not in ("seen", "unseen"):
             raise T2LError(f"eval split '{split}' must be 'seen' or 'unseen'")
-        pairs = self._seen if split == "seen" else self._unseen
-        cfg, items = self.cfg, []
-        for (t, inst, d), other_desc in zip(pairs, self._controls[split]):
-            tid = self.task_ids[t]
-            prompt_text = self.format_prompt(inst.input, cfg.system_prompt)
-            description = self.descriptions[d]
-            # The description must survive left-truncation, so it gets its own token budget.
-            extra = len(self.tokenizer(description, add_special_tokens=False)["input_ids"]) + 8
-            with_desc = self.format_prompt(f"{description}\n\n{inst.input}", cfg.system_prompt)
-            items.append({
-                "task": tid,
-                "desc_idx": d,
-                "prompt_text": prompt_text,
-                "input_ids": encode_prompt(self.tokenizer, prompt_text, cfg.max_prompt_tokens),
-                "answers": list(inst.outputs),
-                "other_desc_idx": other_desc,
-                "prompt_with_description_ids": encode_prompt(self.tokenizer, with_desc, cfg.max_prompt_tokens + extra),
-            })
-        return items
+        self._split()
+        return list(self._items[split])

@@ -6,8 +6,8 @@ own description, to show how much of its effect comes from what the description 
     so it has the same length and word lengths and says nothing;
 (g) ``GENERIC_DESCRIPTION``: one sentence for every task, so every task gets the same adapter.
 
-The end-of-training table (``data.datamodule`` + ``eval.sni_report``) and ``t2l eval``
-(``eval.harness``) both use these functions, so the controls mean the same thing in both.
+The end-of-training table and ``t2l eval`` both make them in ``eval.harness``
+(``DESCRIPTION_CONTROLS``), so the controls mean the same thing in both.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def other_task_description(key: Hashable, task: str, group: Sequence[str],
     """A description of a task of ``group`` other than ``task``, the same for the same ``key``.
 
     ``descriptions[t]``: the descriptions a control may draw for task t. A group of one task
-    has no other task: the caller widens the group (the data module uses every task).
+    has no other task: the caller refuses it (the harness) or leaves the control out (the table).
     """
     rng = random.Random(str(key))
     other = rng.choice([t for t in group if t != task] or [task])

@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import yaml
 
@@ -67,6 +67,8 @@ class Example:
         context differs per option for WinoGrande's partial scoring.
     norm_lengths: ``lm-eval``: acc_norm's denominator per option (characters of the choice), or
         None where the harness defines acc only.
+    description: the description this item is asked with (a run's held-out items each carry
+        one); None: the benchmark's descriptions of its task, ``n_descriptions`` of them averaged.
     """
 
     id: str
@@ -81,6 +83,7 @@ class Example:
     prefill: str | None = None
     cloze: list[tuple[str, str]] = field(default_factory=list)
     norm_lengths: list[int] | None = None
+    description: str | None = None
 
 
 class Benchmark(ABC):
@@ -102,6 +105,8 @@ class Benchmark(ABC):
     protocols: ClassVar[tuple[str, ...]] = (CHAT,)  # protocols this benchmark defines (others: scored as chat)
     paper_match: ClassVar[str] = "choice"  # multiple choice under paper: "choice" (first letter) or "bool"
     runs_programs: ClassVar[bool] = False  # grading runs code in the sandbox (its time limit is in the cache key)
+    system_prompt: ClassVar[str] = ""  # chat: the system turn of every prompt (a run's data.system_prompt)
+    max_prompt_tokens: ClassVar[int] = 0  # prompt tokens kept, cut from the left (0: the model's context)
 
     def __init__(self, data_root: str | Path | None = None):
         self.data_root = Path(data_root) if data_root else project_root() / "data"
@@ -600,6 +605,46 @@ class SNIUnseen(Benchmark):
         for i in range(max((len(p) for p in per_task), default=0)):
             out += [p[i] for p in per_task if i < len(p)]
         return out
+
+
+class RunSplit(Benchmark):
+    """A run's own held-out SNI items (``T2LDataModule.eval_items``), scored by ROUGE-L.
+
+    ``t2l eval RUN --benchmarks sni_unseen`` (the run's never-trained tasks) and ``sni_seen`` (held-out
+    instances of its training tasks) are these, and so is the end-of-training table: each item is
+    asked with its own held-out description, its prompt formatted and cut as in training
+    (``data.system_prompt``, ``data.max_prompt_tokens``), its answer up to ``eval.max_new_tokens``.
+    """
+
+    kind, metric = "rouge", "rouge_l"
+
+    def __init__(self, name: str, items: Sequence, max_new_tokens: int, max_prompt_tokens: int,
+                 system_prompt: str = ""):
+        """items: ``EvalItem``s (id, task, input, answers, description)."""
+        super().__init__()
+        self.name, self.max_new_tokens = name, int(max_new_tokens)
+        self.max_prompt_tokens, self.system_prompt = int(max_prompt_tokens), system_prompt
+        self._examples = [Example(it.id, it.input, it.task, list(it.answers), description=it.description)
+                          for it in items]
+        self._descriptions: dict[str, list[str]] = {}
+        for ex in self._examples:
+            self._descriptions.setdefault(ex.task, [])
+            if ex.description not in self._descriptions[ex.task]:
+                self._descriptions[ex.task].append(ex.description)
+
+    def load_examples(self) -> list[Example]:
+        return list(self._examples)
+
+    def descriptions(self, task: str) -> list[str]:
+        """The held-out descriptions the task's items are asked with (the controls draw from them)."""
+        return list(self._descriptions[task])
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"{type(self).__qualname__}:{self.name}:{self.version}:{self.max_prompt_tokens}:"
+                           f"{self.system_prompt}".encode())
+        for ex in self._examples:
+            h.update(json.dumps([ex.id, ex.prompt, ex.gold, ex.description]).encode())
+        return h.hexdigest()[:16]
 
 
 BUILTIN_BENCHMARKS: list[type[Benchmark]] = [ARCChallenge, ARCEasy, BoolQ, GSM8K, HellaSwag, OpenBookQA, PIQA,

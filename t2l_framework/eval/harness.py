@@ -7,6 +7,9 @@ control (the same hypernetwork given another text: ``DESCRIPTION_CONTROLS``), a 
 LoRAs, ``lora/arrow.py``; no description). Adapters that use descriptions are scored once per description
 (``n_descriptions`` of each benchmark's, drawn with a fixed seed) and averaged, as in the paper.
 
+A benchmark's items may carry their own description (``Example.description``: a run's held-out
+items, ``benchmarks.RunSplit``); then each item is scored once, with its own.
+
 For each benchmark every (adapter, description) pair becomes a *unit*; the rows of all units
 that are not in the result cache are pooled, sorted by length and batched, each row carrying
 its own LoRA (zeros for the base model), so one batch mixes adapters. An Arrow unit routes
@@ -32,7 +35,7 @@ from t2l_framework.data.description_controls import GENERIC_DESCRIPTION, other_t
 from t2l_framework.errors import T2LError
 from t2l_framework.eval.benchmarks import Benchmark, Example, GradeContext, Graded
 from t2l_framework.eval.cache import ResultCache
-from t2l_framework.eval.protocols import PROTOCOLS, adds_special_tokens, paper_chat_text
+from t2l_framework.eval.protocols import PROTOCOLS, adds_special_tokens, paper_chat_text, with_description
 from t2l_framework.eval.stats import clustered_mean_se, mean_se, paired_difference
 from t2l_framework.lora.arrow import ARROW_TEMPERATURE, ARROW_TOP_K, ArrowLibrary, load_arrow_library
 from t2l_framework.lora.weights import LoraWeights
@@ -42,22 +45,29 @@ HARNESS_VERSION = "2"
 BUILTIN_ADAPTERS = ("base", "base+description", "t2l")
 
 # Controls: the evaluated run's hypernetwork given another text than the task's description.
-# name -> text(task, slot, descs, seed); descs[t]: the descriptions picked for task t of the benchmark.
-DescriptionControl = Callable[[str, int, dict[str, list[str]], int], str]
+# name -> text(description, task, slot, descs, seed); description: the one the item is asked with;
+# descs[t]: the descriptions picked for task t of the benchmark.
+DescriptionControl = Callable[[str, str, int, dict[str, list[str]], int], str]
 DESCRIPTION_CONTROLS: dict[str, DescriptionControl] = {
-    "other_description": lambda task, slot, descs, seed: other_task_description(
+    "other_description": lambda text, task, slot, descs, seed: other_task_description(
         f"{seed}-control-{task}-{slot}", task, list(descs), descs),
-    "random_description": lambda task, slot, descs, seed: random_description(descs[task][slot], seed),
-    "generic_description": lambda task, slot, descs, seed: GENERIC_DESCRIPTION,
+    "random_description": lambda text, task, slot, descs, seed: random_description(text, seed),
+    "generic_description": lambda text, task, slot, descs, seed: GENERIC_DESCRIPTION,
 }
+
+
+def owner(example: Example) -> str:
+    """Whose adapter an item's rows use: its task's, or its own when it carries its description."""
+    return example.task if example.description is None else example.id
 
 
 @dataclass
 class AdapterSpec:
-    """name: shown in the table. kind: base | description | t2l | peft | arrow. path: a PEFT folder,
-    a T2L run or (arrow) a library of PEFT folders; None for ``t2l`` means the hypernetwork of the
-    run being evaluated. control: a ``DESCRIPTION_CONTROLS`` name (kind t2l): the text the
-    hypernetwork gets instead of the description."""
+    """name: shown in the table. kind: base | description | t2l | peft | arrow | library. path: a PEFT
+    folder, a T2L run or (arrow, library) a library of PEFT folders, one per task; None for ``t2l``
+    means the hypernetwork of the run being evaluated. library: each item answered with its own
+    task's adapter (the oracle of ``assembly.library_table``). control: a ``DESCRIPTION_CONTROLS``
+    name (kind t2l): the text the hypernetwork gets instead of the description."""
 
     name: str
     kind: str
@@ -170,7 +180,7 @@ class _Unit:
     adapter: AdapterSpec
     slot: int
     key: dict
-    weights: dict[str, LoraWeights | None] = field(default_factory=dict)  # task -> adapter of this unit
+    weights: dict[str, LoraWeights | None] = field(default_factory=dict)  # owner(example) -> adapter of this unit
 
 
 def pick_descriptions(descriptions: Sequence[str], n: int, seed: int, task: str) -> list[str]:
@@ -203,6 +213,7 @@ class Evaluator:
         self.show_progress = show_progress
         self.generators, self.peft, self.identity = {}, {}, {}
         self.arrow: dict[str, ArrowLibrary] = {}
+        self.task_adapters: dict[str, dict[str, LoraWeights]] = {}  # library name -> task -> its adapter
         for spec in self.adapters:
             if spec.kind == "t2l":
                 gen = runtime.generator
@@ -227,18 +238,26 @@ class Evaluator:
                                for p in (d / "adapter_config.json", d / "adapter_model.safetensors"))
                 self.identity[spec.name] = (f"arrow:k={settings.arrow_top_k}:t={settings.arrow_temperature:g}:"
                                             + _digest(files))
+            elif spec.kind == "library":
+                dirs = sorted(d for d in spec.path.iterdir() if (d / "adapter_config.json").is_file())
+                self.task_adapters[spec.name] = {d.name: import_peft_adapter(d) for d in dirs}
+                self.identity[spec.name] = "library:" + _digest(
+                    [p for d in dirs for p in (d / "adapter_config.json", d / "adapter_model.safetensors")])
             else:
                 self.identity[spec.name] = spec.kind
+        every_peft = list(self.peft.values()) + [w for lib in self.task_adapters.values() for w in lib.values()]
         targets = [m for g in self.generators.values() for m in g.hypernet.target_modules]
-        targets += [m for w in self.peft.values() for m in w.modules]
+        targets += [m for w in every_peft for m in w.modules]
         targets += [m for lib in self.arrow.values() for m in lib.modules]
         if targets:
             runtime.retarget(list(dict.fromkeys(targets)))  # adapters share targets: each module once
-        ranks = [g.hypernet.rank for g in self.generators.values()] + [w.rank for w in self.peft.values()]
+        ranks = [g.hypernet.rank for g in self.generators.values()] + [w.rank for w in every_peft]
         self.rank = max(ranks, default=1)
         shapes = runtime.injection.shapes if runtime.injection is not None else None
         try:
             self.peft = {n: w.conform(shapes, self.rank).to(runtime.device) for n, w in self.peft.items()}
+            self.task_adapters = {n: {t: w.conform(shapes, self.rank).to(runtime.device) for t, w in lib.items()}
+                                  for n, lib in self.task_adapters.items()}
         except T2LError as exc:
             raise T2LError(f"--adapters: a PEFT adapter does not fit {runtime.base_model_name}: {exc}") from None
         for name, lib in self.arrow.items():
@@ -256,7 +275,8 @@ class Evaluator:
 
     def _units(self, bench: Benchmark, examples: list[Example], descs: dict[str, list[str]]) -> list[_Unit]:
         s, protocol, mode = self.settings, self._protocol(bench), self._mode(bench)
-        n_slots = max(1, min(len(d) for d in descs.values()))
+        own = all(ex.description is not None for ex in examples)  # each item asked with its own description
+        n_slots = 1 if own else max(1, min(len(d) for d in descs.values()))
         fingerprint = bench.fingerprint()
         if any(a.control == "other_description" for a in self.adapters) and len(descs) < 2:
             raise T2LError(f"--adapters other_description needs a benchmark of several tasks (e.g. sni_unseen); "
@@ -265,7 +285,7 @@ class Evaluator:
         for spec in self.adapters:
             seen_texts = []
             for slot in range(n_slots if spec.uses_descriptions else 1):
-                texts = self._texts(spec, descs, slot) if spec.uses_descriptions else None
+                texts = self._texts(spec, examples, descs, slot) if spec.uses_descriptions else None
                 if texts is not None and texts in seen_texts:
                     continue  # e.g. the generic description: the same adapter in every slot, scored once
                 seen_texts.append(texts)
@@ -280,12 +300,16 @@ class Evaluator:
                 units.append(_Unit(spec, slot, key))
         return units
 
-    def _texts(self, spec: AdapterSpec, descs: dict[str, list[str]], slot: int) -> dict[str, str]:
-        """task -> the text a unit's adapter is made from: the description, or its control's text."""
-        if spec.control is None:
-            return {t: d[slot] for t, d in descs.items()}
-        control = DESCRIPTION_CONTROLS[spec.control]
-        return {t: control(t, slot, descs, self.settings.seed) for t in descs}
+    def _texts(self, spec: AdapterSpec, examples: list[Example], descs: dict[str, list[str]],
+               slot: int) -> dict[str, str]:
+        """owner -> the text a unit's adapter is made from: the description, or its control's text."""
+        control = DESCRIPTION_CONTROLS[spec.control] if spec.control else None
+        out = {}
+        for ex in examples:
+            if owner(ex) not in out:
+                text = ex.description if ex.description is not None else descs[ex.task][slot]
+                out[owner(ex)] = control(text, ex.task, slot, descs, self.settings.seed) if control else text
+        return out
 
     def _max_new(self, bench: Benchmark) -> int:
         if self._mode(bench) != "generate":
@@ -293,31 +317,45 @@ class Evaluator:
         own, cap = bench.answer_length(self._protocol(bench)), self.settings.max_new_tokens
         return min(own, cap) if cap else own
 
-    def _attach_weights(self, units: list[_Unit], descs: dict[str, list[str]]) -> None:
-        """Every unit's adapter per task; T2L adapters of a benchmark come from one forward each."""
+    def _attach_weights(self, units: list[_Unit], examples: list[Example]) -> None:
+        """Every unit's adapter per owner (task, or item); the T2L adapters of a benchmark come
+        from one forward per hypernetwork, each distinct text once."""
         shapes = self.runtime.injection.shapes if self.runtime.injection is not None else None
+        owners = list(dict.fromkeys(owner(ex) for ex in examples))
         for name, gen in self.generators.items():
             todo = [u for u in units if u.adapter.name == name]
             if not todo:
                 continue
-            texts = [u.key["descriptions"][t] for u in todo for t in descs]
+            texts = list(dict.fromkeys(text for u in todo for text in u.key["descriptions"].values()))
             weights = gen.adapters(texts).conform(shapes, self.rank).to(self.runtime.device)
-            for i, u in enumerate(todo):
-                u.weights = {t: weights.select(i * len(descs) + j) for j, t in enumerate(descs)}
+            row = {text: i for i, text in enumerate(texts)}
+            for u in todo:
+                u.weights = {o: weights.select(row[text]) for o, text in u.key["descriptions"].items()}
+        task_of = {owner(ex): ex.task for ex in examples}
         for u in units:
             if u.adapter.kind == "peft":
-                u.weights = {t: self.peft[u.adapter.name] for t in descs}
+                u.weights = {o: self.peft[u.adapter.name] for o in owners}
+            elif u.adapter.kind == "library":
+                lib = self.task_adapters[u.adapter.name]
+                missing = sorted({t for t in task_of.values() if t not in lib})
+                if missing:
+                    raise T2LError(f"adapter '{u.adapter.name}': {u.adapter.path} has no task adapter for "
+                                   f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+                u.weights = {o: lib[task_of[o]] for o in owners}
             elif u.adapter.kind in ("base", "description", "arrow"):  # arrow: routed in _score
-                u.weights = {t: None for t in descs}
+                u.weights = {o: None for o in owners}
 
     def _prompt(self, bench: Benchmark, unit: _Unit, example: Example) -> str:
         """The chat text up to where the answer starts; base+description puts the description
         first in the user turn, as the reference does."""
         user = example.prompt
         if unit.adapter.kind == "description":
-            user = f"{unit.key['descriptions'][example.task]}\n\n{user}"
+            user = with_description(unit.key["descriptions"][owner(example)], user)
         if example.system is not None:
             text = paper_chat_text(self.runtime, user, example.system)
+        elif bench.system_prompt:
+            text = self.runtime.format([{"role": "system", "content": bench.system_prompt},
+                                        {"role": "user", "content": user}])
         else:
             text = self.runtime.format(user)
         return text + (example.prefill if example.prefill is not None else bench.prefill)
@@ -325,15 +363,35 @@ class Evaluator:
     def _cloze_context(self, unit: _Unit, example: Example, context: str) -> str:
         """lm-eval contexts are raw text; base+description puts the description before them."""
         if unit.adapter.kind == "description":
-            return f"{unit.key['descriptions'][example.task]}\n\n{context}"
+            return with_description(unit.key["descriptions"][owner(example)], context)
         return context
 
-    def _fit(self, ids: list[int], reserve: int) -> tuple[list[int], bool]:
-        """Cut a prompt from the left so that it and ``reserve`` more tokens fit the context."""
+    def _fit(self, ids: list[int], reserve: int, cap: int = 0) -> tuple[list[int], bool]:
+        """Cut a prompt from the left so that it and ``reserve`` more tokens fit the context, and to
+        at most ``cap`` tokens (0: no cap)."""
         limit = self.runtime.context - reserve if self.runtime.context else 0
+        limit = min(limit, cap) if limit > 0 and cap > 0 else limit or cap
         if limit > 0 and len(ids) > limit:
             return ids[-limit:], True
         return ids, False
+
+    def _prompt_caps(self, bench: Benchmark, units: list[_Unit], examples: list[Example]) -> list[int]:
+        """Per (unit, example) row: the benchmark's ``max_prompt_tokens`` (0: none); a description in the
+        prompt gets its own budget on top (its tokens + 8), so it survives the cut from the left."""
+        if not bench.max_prompt_tokens:
+            return [0] * (len(units) * len(examples))
+        lengths: dict[str, int] = {}
+        caps = []
+        for u in units:
+            for ex in examples:
+                extra = 0
+                if u.adapter.kind == "description":
+                    text = u.key["descriptions"][owner(ex)]
+                    if text not in lengths:
+                        lengths[text] = len(self.runtime.tokenizer(text, add_special_tokens=False)["input_ids"])
+                    extra = lengths[text] + 8
+                caps.append(bench.max_prompt_tokens + extra)
+        return caps
 
     def run_benchmark(self, bench: Benchmark) -> dict[str, dict]:
         """{adapter: {"score", "se", "n", "per_description", "cached", "truncated"}} + predictions."""
@@ -351,7 +409,7 @@ class Evaluator:
                 done[i] = dict(hit, cached=True)
         todo = [i for i in range(len(units)) if i not in done]
         if todo:
-            self._attach_weights([units[i] for i in todo], descs)
+            self._attach_weights([units[i] for i in todo], examples)
             for i, value in zip(todo, self._score([units[i] for i in todo], bench, examples)):
                 self.cache.put(units[i].key, value)
                 done[i] = dict(value, cached=False)
@@ -462,7 +520,7 @@ class Evaluator:
                     truncated[k] += cut
                     for n, i in enumerate(idx):
                         spots[i] = (len(rows), n)
-                    rows.append(OptionsRow(ctx_ids, [p[1] for p in pairs], u.weights[ex.task]))
+                    rows.append(OptionsRow(ctx_ids, [p[1] for p in pairs], u.weights[owner(ex)]))
                 places.append(spots)
             where.append(places)
         with self._bar(sequence_count(rows), f"{bench.name}: log-likelihood") as bar:
@@ -502,7 +560,7 @@ class Evaluator:
                 context, options = encoded[ex.id, prompt]
                 context, cut = self._fit(context, max(len(o) for o in options))
                 truncated[k] += cut
-                rows.append(OptionsRow(context, options, u.weights[ex.task]))
+                rows.append(OptionsRow(context, options, u.weights[owner(ex)]))
         with self._bar(sequence_count(rows), f"{bench.name}: log-likelihood") as bar:
             logprobs = option_logprobs(self.runtime.model, self.runtime.injection, rows, self.settings.batch_size,
                                        self.runtime.pad_id, progress=bar.update)
@@ -525,13 +583,14 @@ class Evaluator:
         prompts, weights, truncated = [], [], [0] * len(units)
         texts = [self._prompt(bench, u, ex) for u in units for ex in examples]
         encoded = self.runtime.tokenizer(texts, add_special_tokens=adds_special_tokens(protocol))["input_ids"]
+        caps = self._prompt_caps(bench, units, examples)
         for n, ids in enumerate(encoded):
             k, j = divmod(n, len(examples))
             ex = examples[j]
-            ids, cut = self._fit(list(ids), max_new)
+            ids, cut = self._fit(list(ids), max_new, caps[n])
             truncated[k] += cut
             prompts.append(ids)
-            weights.append(units[k].weights[ex.task])
+            weights.append(units[k].weights[owner(ex)])
         answers = [""] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         with self._bar(len(prompts), f"{bench.name}: generating") as bar:

@@ -35,6 +35,13 @@ PROTOCOL_HELP = (
     "cloze scoring shows"
 )
 
+def with_description(description: str, text: str) -> str:
+    """The base+description condition's user turn (or lm-eval context): the description first, a
+    blank line, then the prompt, as the reference does. Every protocol and the end-of-training
+    table build it here."""
+    return f"{description}\n\n{text}"
+
+
 # The reference evaluates with its own chat templates for the three paper models
 # (chat_templates/<model>/chat_template.jinja, vendored verbatim next to this module).
 _REFERENCE_TEMPLATES = {

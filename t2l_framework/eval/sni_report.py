@@ -1,5 +1,9 @@
 """The end-of-training table on held-out SNI items, comparing how the model is adapted.
 
+The answers come from the evaluation harness (``eval.harness`` on a run's ``RunSplit``, the
+pipeline of ``t2l eval RUN --benchmarks sni_unseen``); this module scores them per condition
+and writes the table.
+
 Conditions: (a) the base model; (b) the base model with the description in the prompt;
 (c) T2L, adapter generated from the held-out description; (d) control: T2L adapter from a
 *different* task's description; (e) a trained LoRA baseline (multi-task LoRA), if given;
@@ -18,18 +22,13 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from t2l_framework.atomic import atomic_file
-from t2l_framework.data.description_controls import GENERIC_DESCRIPTION, random_description
+from t2l_framework.data.description_controls import GENERIC_DESCRIPTION
 from t2l_framework.eval.stats import clustered_mean_se, paired_difference
-from t2l_framework.runtime.greedy import greedy_generate
 from t2l_framework.eval.text_metrics import exact_match, rouge_l
-from t2l_framework.lora.arrow import ArrowLibrary
-from t2l_framework.lora.weights import LoraWeights
 
 CONDITIONS = {
     "base": "(a) base model",
@@ -65,56 +64,15 @@ def score(predictions: list[str], items: list[dict]) -> dict:
     return out
 
 
-def evaluate_conditions(model, tokenizer, injection, items: list[dict],
-                        make_weights: Callable[[list[int]], LoraWeights] | None,
-                        baseline: LoraWeights | None = None, batch_size: int = 16,
-                        max_new_tokens: int = 16, progress: Callable | None = None,
-                        text_weights: Callable[[list[str]], LoraWeights] | None = None,
-                        descriptions: Sequence[str] = (), seed: int = 0,
-                        seconds: dict[str, float] | None = None, arrow: ArrowLibrary | None = None) -> dict:
-    """Score every condition on ``items`` (from ``T2LDataModule.eval_items``).
-
-    make_weights(desc_indices) -> LoraWeights with one adapter per index (the hypernetwork).
-    text_weights(texts) -> LoraWeights with one adapter per text (encoder + hypernetwork): with
-    ``descriptions`` (desc_idx -> text) it adds the controls (f) and (g). seconds, when given,
-    receives each condition's wall time. arrow: a library routed per token for condition (h),
-    fitted to ``injection``. Returns {condition: ``score(...)``}.
-    """
-    plans: dict[str, tuple[str, Callable | None]] = {"base": ("input_ids", None),
-                                                     "base+description": ("prompt_with_description_ids", None)}
-    if make_weights is not None:
-        plans["t2l"] = ("input_ids", lambda chunk: make_weights([it["desc_idx"] for it in chunk]))
-        plans["t2l_other_task_description"] = (
-            "input_ids", lambda chunk: make_weights([it["other_desc_idx"] for it in chunk]))
-    if baseline is not None:
-        plans["mt_lora"] = ("input_ids", lambda chunk: baseline)
-    if text_weights is not None and descriptions:
-        plans["t2l_random_description"] = ("input_ids", lambda chunk: text_weights(
-            [random_description(descriptions[it["desc_idx"]], seed) for it in chunk]))
-        plans["t2l_generic_description"] = ("input_ids", lambda chunk: text_weights([GENERIC_DESCRIPTION]))
-    if arrow is not None:
-        plans["arrow"] = ("input_ids", None)
-    results = {}
-    for name, (field, weights_for) in plans.items():
-        t0 = time.perf_counter()
-        # Similar lengths share a batch, so little compute goes to padding.
-        order = sorted(range(len(items)), key=lambda i: len(items[i][field]))
-        preds: list[str] = [""] * len(items)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            chunk = [items[i] for i in idx]
-            weights = weights_for(chunk) if weights_for else None
-            with injection.use_arrow(arrow) if name == "arrow" else nullcontext():
-                outs = greedy_generate(model, tokenizer, [it[field] for it in chunk], injection, weights,
-                                       max_new_tokens)
-            for i, out in zip(idx, outs):
-                preds[i] = out
-            if progress:
-                progress(name, min(start + batch_size, len(order)), len(order))
-        results[name] = score(preds, items)
-        if seconds is not None:
-            seconds[name] = time.perf_counter() - t0
-    return results
+def score_predictions(part: dict, examples: Sequence) -> dict:
+    """{condition: ``score(...)``} from the harness's run of a ``RunSplit`` (``Evaluator.run_benchmark``):
+    each adapter's answers, in the order of ``examples`` (one per item: each item has its own
+    description), scored by exact match and ROUGE-L."""
+    items = [{"task": ex.task, "answers": list(ex.gold)} for ex in examples]
+    answers: dict[str, dict[str, str]] = {}
+    for row in part["predictions"]:
+        answers.setdefault(row["adapter"], {})[row["id"]] = row["prediction"]
+    return {name: score([answers[name][ex.id] for ex in examples], items) for name in part["scores"]}
 
 
 def paired_differences(results: dict, reference: str = "t2l") -> dict[str, dict]:
