@@ -186,11 +186,13 @@ def test_relative_errors_from_factors_equal_the_full_matrices():
 
 def test_recon_from_the_library_reproduces_its_adapters(world, library_run):
     run = fit(str(world["recipe"]), ["training.mode=recon", f"data.lora_library={library_run / 'library'}",
-                                     "trainer.max_steps=200", "training.lr=3e-3", "trainer.gradient_clip_val=null",
+                                     "trainer.max_steps=400", "training.lr=3e-3", "trainer.gradient_clip_val=null",
                                      "trainer.val_check_interval=1000",
                                      "hypernet.dropout=0", "training.run_name=recon_from_library", F32])
     rec = json.loads((run / "report.json").read_text())["reconstruction"]
     assert rec["tasks"] == ["toy_0", "toy_1", "toy_2", "toy_3"]
+    # 400 steps: at 200 the error still depends on the CPU's thread count (q_proj 0.28 with one
+    # thread, 0.01 with two); at 400 it is ~0.01 either way, far inside the bounds below.
     for m in ("q_proj", "v_proj"):
         # far closer to each task's own LoRA than the best task-blind adapter (the library mean)
         assert rec["train_descriptions"][m] < 0.3 * rec["mean_adapter"][m], rec
