@@ -111,7 +111,7 @@ def test_a_hub_id_loads_from_the_hub_cache_offline_with_revision(saved, tmp_path
 def test_t2l_generate_takes_a_hub_id_offline(saved, tmp_path):
     cache = _hub_cache(saved, tmp_path / "hf")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(ROOT),
-           "T2L_CACHE_DIR": str(tmp_path / "t2l")}
+           "T2L_CACHE": str(tmp_path / "t2l")}
     out = tmp_path / "adapter"
     proc = subprocess.run([sys.executable, "-m", "t2l_framework.cli", "generate", REPO, DESC, "-o", str(out),
                            "--revision", SHA, "--dtype", "float32", "--no-familiarity"],

@@ -110,7 +110,7 @@ def test_smollm2_gguf_converts_once_then_loads_from_cache(tmp_path, monkeypatch)
     start = time.perf_counter()
     first = load_base_model(BaseModelConfig())
     convert_s = time.perf_counter() - start
-    cached = list(tmp_path.iterdir())
+    cached = list((tmp_path / "models").iterdir())
     assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file() and (cached[0] / "tokenizer.json").is_file()
     start = time.perf_counter()
     second = load_base_model(BaseModelConfig())
