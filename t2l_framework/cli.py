@@ -611,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before the first retry, doubled after each (default 2)")
     p.add_argument("--max-train", type=_count(1), default=10000,
                    help="train rows per task (default 10000: the reference's train[:10000])")
-    p.add_argument("--max-test", type=_count(1), default=100, help="test rows per task (default 100)")
+    p.add_argument("--max-test", type=_count(0), default=100, help="test rows per task (default 100)")
     p.add_argument("--only", action="append", metavar="LIST", help="comma-separated task ids to fetch now")
     p.add_argument("--give-up-after", type=_count(1), default=3, metavar="N",
                    help="stop after N tasks in a row failed every retry (default 3)")

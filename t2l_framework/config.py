@@ -104,8 +104,10 @@ class HypernetConfig(_Section):
     """The hypernetwork: trunk MLP and output head."""
 
     head: str = _help("per_layer (L) | shared (M) | chunked (S) | plugin name | 'pkg.module:Class'", "per_layer")
-    task_dim: int = _help("Width of the projected task embedding (reference: hypernet_latent_size // 2)", 64, range=_WIDTH)
-    layer_emb_dim: int = _help("Width of the learned layer-depth embedding (reference: hypernet_latent_size // 4)", 32, range=_WIDTH)
+    task_dim: int = _help("Width of the projected task embedding (reference: hypernet_latent_size // 2)", 64,
+                          range=_WIDTH)
+    layer_emb_dim: int = _help("Width of the learned layer-depth embedding (reference: hypernet_latent_size // 4)",
+                               32, range=_WIDTH)
     module_emb_dim: int = _help("Width of the learned module-type embedding (reference: hypernet_latent_size // 4); "
                                 "trunk width = task_dim + layer_emb_dim + module_emb_dim", 32, range=_WIDTH)
     latent_size: int = _help("Width of the trunk output = head input (reference: head_in_size)", 512, range=_WIDTH)
@@ -113,7 +115,8 @@ class HypernetConfig(_Section):
                                    "(reference: 2, mlp1 and mlp2)", 2, range=(1, 256))
     dropout: float = _help("Dropout inside the trunk (reference: 0.05)", 0.05, range=_PROBABILITY)
     chunk_position: str = _help("chunked (S) head: how the rank index enters the trunk: rotary (paper's S, "
-                                "no parameters) | learned (Embedding + LayerNorm)", "rotary", choices=("rotary", "learned"))
+                                "no parameters) | learned (Embedding + LayerNorm)", "rotary",
+                                choices=("rotary", "learned"))
     output_offset: bool = _help("The generated A and B are added to a fixed per-layer LoRA held with the weights "
                                 "(set by training.mtlora_offset; recorded so a checkpoint rebuilds it)", False)
 
@@ -123,7 +126,8 @@ class LoraConfig(_Section):
     """The LoRA adapters the hypernetwork generates (PEFT's convention)."""
 
     rank: int = _help("LoRA rank r", 8, range=(1, 4096))
-    alpha: float = _help("LoRA alpha; scaling = alpha / sqrt(r) with use_rslora (the paper), else alpha / r", 16.0, range=_ABOVE_ZERO)
+    alpha: float = _help("LoRA alpha; scaling = alpha / sqrt(r) with use_rslora (the paper), else alpha / r", 16.0,
+                         range=_ABOVE_ZERO)
     use_rslora: bool = _help("rsLoRA scaling alpha / sqrt(r), as the T2L reference trains and saves", True)
     dropout: float = _help("Dropout on the LoRA input (the reference: 0.05)", 0.05, range=_PROBABILITY)
     target_modules: list[str] = _help("Linear layers that get a LoRA", factory=lambda: ["q_proj", "v_proj"])
@@ -164,7 +168,8 @@ class DataConfig(_Section):
                                   "multiset over each full window), deterministic by seed and exact on resume; a step "
                                   "may then hold one task more than once", False)
     length_grouping_window: int = _help("Batches regrouped together by length_grouping (windows start at batch 0; "
-                                        "make max_steps x accumulate_grad_batches a multiple of it)", 16, range=_POSITIVE)
+                                        "make max_steps x accumulate_grad_batches a multiple of it)", 16,
+                                        range=_POSITIVE)
     tokens_per_step: int = _help("Throughput mode (0 = off, the paper's fixed batch of n_tasks_per_batch x "
                                  "n_samples_per_task rows): the rows of length_grouping_window such draws are "
                                  "sorted by length and packed into steps of at most this many padded tokens "
@@ -176,7 +181,8 @@ class DataConfig(_Section):
 class TrainingConfig(_Section):
     """What is optimised and how (the math; hardware lives in `trainer`)."""
 
-    mode: str = _help("sft | recon | lora | library (one LoRA per training task, all in one run)", "sft", choices=("sft", "recon", "lora", "library"))
+    mode: str = _help("sft | recon | lora | library (one LoRA per training task, all in one run)", "sft",
+                      choices=("sft", "recon", "lora", "library"))
     lr: float = _help("Peak learning rate", 2.5e-5, range=(0.0, 10.0, False))
     weight_decay: float = _help("AdamW weight decay", 0.01, range=_NON_NEGATIVE)
     mtlora_offset: str = _help("sft mode: a PEFT LoRA folder (e.g. a multi-task LoRA run's adapter/) the "
@@ -185,7 +191,8 @@ class TrainingConfig(_Section):
     lr_head_bias: float = _help("Learning rate of the hypernetwork head's biases (the part every generated adapter "
                                 "shares) as a multiple of lr; the trunk and head weights (the task-specific part) "
                                 "keep lr", 1.0, range=_NON_NEGATIVE)
-    warmup_steps: int = _help("Linear warm-up steps (lr rises from 0, as in transformers' schedules)", 100, range=_COUNT)
+    warmup_steps: int = _help("Linear warm-up steps (lr rises from 0, as in transformers' schedules)", 100,
+                              range=_COUNT)
     warmup_ratio: float = _help("Warm-up as a fraction of trainer.max_steps; > 0 replaces warmup_steps "
                                 "(the reference: warmup_frac=0.2)", 0.0, range=_PROBABILITY)
     scheduler: str = _help("cosine | linear | constant", "cosine", choices=("cosine", "linear", "constant"))
@@ -195,10 +202,13 @@ class TrainingConfig(_Section):
                                 "per_sample", choices=("per_sample", "per_token"))
     l2_penalty: float = _help("L2 penalty on generated LoRA weights", 1e-3, range=_NON_NEGATIVE)
     l2_reduction: str = _help("sum: sum over module types of mean(A^2) + mean(B^2), each mean over samples and "
-                              "layers (the reference) | mean: the mean of those 2 x modules terms", "sum", choices=("sum", "mean"))
+                              "layers (the reference) | mean: the mean of those 2 x modules terms", "sum",
+                              choices=("sum", "mean"))
     recon_loss: str = _help("recon mode: delta_w (the reference's L1 on B @ A x delta_w_scaling) | factors "
-                            "(L1 on A and on B, halved; the reference's factorized=True, pred_z_score=False)", "delta_w", choices=("delta_w", "factors"))
-    delta_w_scaling: float = _help("recon_loss=delta_w: factor on both sides of the L1 (the reference: 1e4)", 1e4, range=_ABOVE_ZERO)
+                            "(L1 on A and on B, halved; the reference's factorized=True, pred_z_score=False)",
+                            "delta_w", choices=("delta_w", "factors"))
+    delta_w_scaling: float = _help("recon_loss=delta_w: factor on both sides of the L1 (the reference: 1e4)", 1e4,
+                                   range=_ABOVE_ZERO)
     neftune_alpha: float = _help("NEFTune noise on input embeddings (0 = off)", 5.0, range=_NON_NEGATIVE)
     compile: bool = _help("torch.compile the base model's decoder stack for training steps (the per-sample LoRA "
                           "factors are graph inputs; NEFTune noise is added outside the graph); not with "
@@ -221,15 +231,18 @@ class TrainerConfig(_Section):
     accelerator: str = _help("cpu | gpu | auto", "auto")
     devices: Any = _help("Device count or list, or 'auto'", "auto")
     num_nodes: int = _help("Nodes", 1, range=_POSITIVE)
-    precision: str = _help("32-true | bf16-mixed | 16-mixed | bf16-true", "32-true", choices=("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true"))
-    strategy: str = _help("auto | ddp | deepspeed_stage_1 | deepspeed_stage_2 | deepspeed_stage_2_offload | deepspeed_stage_3 | deepspeed_stage_3_offload | "
-                          "fsdp_base (the frozen base sharded across ranks with FSDP2, the hypernetwork under DDP; docs/scaling.md)", "auto", choices=("auto", "ddp", *DEEPSPEED_STRATEGIES, SHARDED_BASE_STRATEGY))
+    precision: str = _help("Lightning's precision", "32-true",
+                           choices=("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true"))
+    strategy: str = _help("Lightning's strategy names, DeepSpeed ZeRO stages, or fsdp_base (the frozen base sharded "
+                          "across ranks with FSDP2, the hypernetwork under DDP; docs/scaling.md)", "auto",
+                          choices=("auto", "ddp", *DEEPSPEED_STRATEGIES, SHARDED_BASE_STRATEGY))
     max_steps: int = _help("Optimizer steps", 1000, range=_POSITIVE)
     max_time: Optional[str] = _help("Wall-clock safety net 'DD:HH:MM:SS': a run it stops before max_steps is "
                                     "reported as cut short and t2l fit exits 3", None)
     accumulate_grad_batches: int = _help("Gradient accumulation", 1, range=_POSITIVE)
     gradient_clip_val: Optional[float] = _help("Gradient norm clip", 1.0, range=_NON_NEGATIVE)
-    val_check_interval: Optional[int] = _help("Validate every N training batches (None = each epoch)", 200, range=_POSITIVE)
+    val_check_interval: Optional[int] = _help("Validate every N training batches (None = each epoch)", 200,
+                                              range=_POSITIVE)
     limit_val_batches: Optional[float] = _help("Validation batches per check", 8, range=_NON_NEGATIVE)
     log_every_n_steps: int = _help("Logging interval", 10, range=_POSITIVE)
     enable_progress_bar: bool = _help("Show a progress bar", True)
@@ -244,7 +257,8 @@ class EvalConfig(_Section):
     limit: int = _help("Examples per benchmark (0 = all)", 0, range=_COUNT)
     batch_size: int = _help("Examples per forward", 8, range=_POSITIVE)
     max_new_tokens: int = _help("Most tokens of a generated answer: the end-of-training tables' length, and "
-                                "`t2l eval`'s cap on each benchmark's own (unless --max-new-tokens is given)", 32, range=_POSITIVE)
+                                "`t2l eval`'s cap on each benchmark's own (unless --max-new-tokens is given)", 32,
+                                range=_POSITIVE)
     n_descriptions: int = _help("Descriptions averaged per benchmark", 3, range=_POSITIVE)
     val_generation_batches: int = _help("Validation batches also scored by ROUGE-L of greedy answers", 1, range=_COUNT)
     final_report: bool = _help("After `t2l fit`, print the held-out SNI table (base / +description / T2L / control)", False)
@@ -579,7 +593,8 @@ def value_problem(key: str, value: Any, untrusted: bool = False) -> str | None:
     ``untrusted``: said without the value."""
     if key in CHOICES and str(value) not in CHOICES[key]:
         choices = CHOICES[key]
-        found = "this value is not allowed" if untrusted else f"'{value}' is not allowed{did_you_mean(str(value), choices)}"
+        found = ("this value is not allowed" if untrusted
+                 else f"'{value}' is not allowed{did_you_mean(str(value), choices)}")
         return f"{found}; expected one of: {', '.join(choices)}"
     problem = range_problem(value, *RANGES[key]) if key in RANGES else None
     return problem.split(", got ")[0] if problem and untrusted else problem

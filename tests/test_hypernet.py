@@ -348,3 +348,14 @@ def test_a_head_without_forward_cannot_be_built():
 
     with pytest.raises(TypeError, match="abstract method forward"):
         NoForward(8, TINY, 2, 16)
+
+
+def test_one_config_type_goes_in_and_a_recipe_is_converted_at_the_edge():
+    with pytest.raises(TypeError, match="hypernet_cfg must be a HypernetConfig, not dict"):
+        HyperNetwork(TINY, ENC_DIM, {"head": "per_layer"}, LORA)
+    with pytest.raises(TypeError, match="lora_cfg must be a LoraConfig, not dict"):
+        HyperNetwork(TINY, ENC_DIM, tiny_cfg("shared"), {"rank": 4})
+    cfg = load_recipe(overrides=["hypernet.head=shared", "hypernet.latent_size=16", "lora.rank=4",
+                                 "lora.alpha=8.0"], check_files=False)
+    net = HyperNetwork.from_recipe(cfg, TINY, ENC_DIM)
+    assert net.head_name == "shared" and net.rank == 4 and net.hypernet_cfg["latent_size"] == 16

@@ -18,7 +18,8 @@ from t2l_framework.config import TASK_SETS, resolve_path  # the schema's data.ta
 from t2l_framework.data.files import read_text, text_lines
 from t2l_framework.errors import T2LError
 
-__all__ = ["TASK_SETS", "task_set_ids", "fetched_pair", "task_sources", "task_ids_in", "missing_tasks", "check_task_set"]
+__all__ = ["TASK_SETS", "task_set_ids", "fetched_pair", "task_sources", "task_ids_in", "missing_tasks",
+           "check_task_set"]
 FETCHED_TASKS, FETCHED_INSTANCES = "tasks.jsonl", "instances.jsonl"
 
 

@@ -49,8 +49,8 @@ class HyperNetwork(nn.Module):
     """Trunk + head, generating a whole adapter per task embedding.
 
     shapes: which modules get LoRAs and their (in, out) features; enc_dim: task-embedding
-    width. hypernet_cfg / lora_cfg: a ``HypernetConfig`` / ``LoraConfig`` (None: the defaults);
-    ``from_recipe`` converts a loaded recipe's sections, a checkpoint converts its JSON. base_model, encoder: recorded in checkpoints so generation uses the same
+    width. hypernet_cfg / lora_cfg: a ``HypernetConfig`` / ``LoraConfig`` (None: the defaults;
+    ``from_recipe`` converts a loaded recipe's sections, a checkpoint its JSON). base_model, encoder: recorded in checkpoints so generation uses the same
     base model and encoder (encoder: dict with name, model, prefix, normalize, pooling).
     heads: name -> head class (``t2l_framework.assembly.head_lookup`` knows plugins and import
     paths); default: the built-in heads.
