@@ -302,9 +302,24 @@ CHOICES: dict[str, tuple] = {k: f.metadata["choices"] for k, f in _leaf_fields()
 RANGES: dict[str, tuple] = {k: f.metadata["range"] for k, f in _leaf_fields() if "range" in f.metadata}
 _SECTION_NAMES: dict[type, str] = {f.default_factory: f.name for f in fields(Recipe)
                                    if isinstance(f.default_factory, type) and is_dataclass(f.default_factory)}
-# Keys that were removed: a recipe naming one is told why instead of only "unknown key".
-REMOVED_KEYS = {"encoder.trainable": "it never did anything (the encoder is always frozen, as in the paper); "
-                                     "delete the line"}
+# Keys that were removed: key -> (the value it always had in effect, why). A recipe giving that
+# value (every run folder written before the removal holds it) loads as before; another value is
+# refused with the reason, since the recipe's author expected it to do something.
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "encoder.trainable": (False, "it never did anything (the encoder is always frozen, as in the paper, and "
+                                 "descriptions are embedded once before training); delete the line"),
+}
+
+
+def _without_removed_keys(data: dict) -> dict:
+    """``data`` less the removed keys that hold the value they always had in effect."""
+    for key, (inert, _) in REMOVED_KEYS.items():
+        section, _, leaf = key.rpartition(".")
+        node = data.get(section)
+        if isinstance(node, dict) and leaf in node and node[leaf] == inert and type(node[leaf]) is type(inert):
+            data = {**data, section: {k: v for k, v in node.items() if k != leaf}}
+    return data
+
 
 # Data paths are checked only when the recipe's mode needs them.
 # (recipe, where it came from, import_code) -> None or T2LError; see ``load_recipe``. For an
@@ -445,7 +460,7 @@ def _explain(exc: OmegaConfBaseException, cfg: DictConfig, origin: str, untruste
     parent, _, leaf = key.rpartition(".")
     if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc) or "Key '" in str(exc) and "not in" in str(exc):
         if key in REMOVED_KEYS:
-            return T2LError(f"{origin}: '{key}' was removed: {REMOVED_KEYS[key]}")
+            return T2LError(f"{origin}: '{key}' was removed: {REMOVED_KEYS[key][1]}")
         valid = _valid_keys(cfg, parent)
         section = f"section '{parent}'" if parent else "the recipe's top level"
         return T2LError(
@@ -545,7 +560,7 @@ def load_recipe(path_or_name: str | Path | None = None, overrides: list[str] | N
     recipe_file = None
     if path_or_name is not None:
         recipe_file = find_recipe(str(path_or_name))
-        data = read_yaml(recipe_file)
+        data = _without_removed_keys(read_yaml(recipe_file))
         if untrusted:
             found = _interpolations(data)
             if found:

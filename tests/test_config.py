@@ -117,9 +117,13 @@ def test_one_source_for_task_sets_strategies_and_dtypes():
 
 def test_a_removed_key_says_why(tmp_path):
     recipe = tmp_path / "old.yaml"
-    recipe.write_text("encoder:\n  trainable: false\n")
-    with pytest.raises(T2LError, match=r"'encoder.trainable' was removed: it never did anything"):
+    recipe.write_text("encoder:\n  trainable: true\n")
+    with pytest.raises(T2LError, match=rf"^{recipe}: 'encoder.trainable' was removed: it never did anything"):
         load_recipe(recipe, check_files=False)
+    recipe.write_text("encoder:\n  trainable: false\n  pooling: cls\n")  # what every older run folder's recipe holds
+    assert load_recipe(recipe, check_files=False).encoder.pooling == "cls"
+    with pytest.raises(T2LError, match="'encoder.trainable' was removed"):
+        load_recipe(overrides=["encoder.trainable=true"], check_files=False)
     shipped_text = "\n".join(p.read_text() for p in SHIPPED)
     assert "trainable" not in shipped_text
 
