@@ -414,13 +414,13 @@ def cmd_data_fetch(args) -> int:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 2: argparse's own
 EXIT_CODES = textwrap.dedent(f"""\
     exit status:
-      0    success
-      1    failure: bad input (one line; --debug adds its traceback) or a bug (its traceback and
+      {EXIT_OK}    success
+      {EXIT_FAILED}    failure: bad input (one line; --debug adds its traceback) or a bug (its traceback and
            a request to report it); `t2l data fetch` also while any task is still missing
-      2    usage error: unknown command or option, a missing or malformed argument
+      {EXIT_USAGE}    usage error: unknown command or option, a missing or malformed argument
       {EXIT_CUT_SHORT}    `t2l fit`: trainer.max_time stopped the run before trainer.max_steps (its checkpoint and
            reports are written; training.allow_cut_short=true makes that 0)
-      130  interrupted by Ctrl-C (SIGINT); `t2l fit` after writing its checkpoint
+      {EXIT_INTERRUPTED}  interrupted by Ctrl-C (SIGINT); `t2l fit` after writing its checkpoint
       143  `t2l fit` stopped by SIGTERM after writing its checkpoint (other commands end by the
            signal itself, which a shell also reports as 143)
     """)
