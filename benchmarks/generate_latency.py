@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from t2l_framework.config import HypernetConfig
+from t2l_framework.config import HypernetConfig, LoraConfig
 from t2l_framework.hypernet import HyperNetwork
 from t2l_framework.llm.dtype import pick_dtype
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
@@ -93,7 +93,7 @@ def main() -> None:
         encoder = SentenceTransformersEncoder("all-MiniLM-L6-v2")
     torch.manual_seed(0)
     net = HyperNetwork(shapes, 384, HypernetConfig(head=args.head),
-                       {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]}).eval().to(dtype)
+                       LoraConfig(rank=8, alpha=16.0, target_modules=["q_proj", "v_proj"])).eval().to(dtype)
     dims = ", ".join(f"{m} {i}->{o}" for m, (i, o) in shapes.shapes.items())
     print(f"{args.model} shapes ({shapes.n_layers} layers, {dims}), r=8, head={args.head}, "
           f"{net.num_trainable_parameters() / 1e6:.2f}M params, {args.dtype}, "

@@ -14,7 +14,7 @@
 
     python benchmarks/inspect_familiarity.py [RUN] [--unseen-per-task 10] [--png docs/inspect_example.png]
 
-The run folder is only read; the index is cached under $T2L_CACHE_DIR/inspect (~/.cache/t2l-framework).
+The run folder is only read; the index is cached under $T2L_CACHE/inspect (~/.cache/t2l/inspect).
 """
 
 from __future__ import annotations

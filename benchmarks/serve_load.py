@@ -68,8 +68,8 @@ def serve_standin(args) -> None:
     cfg = load_recipe(str(Path(args.run) / "recipe.yaml"))
     runtime = load_model(args, list(cfg.lora.target_modules))
     encoder = build_encoder(cfg.encoder)
-    net = HyperNetwork(runtime.injection.shapes, encoder.dim, cfg.hypernet, OmegaConf.to_container(cfg.lora),
-                       base_model=args.model).eval().to(runtime.device)
+    net = HyperNetwork(runtime.injection.shapes, encoder.dim, OmegaConf.to_object(cfg.hypernet),
+                       OmegaConf.to_object(cfg.lora), base_model=args.model).eval().to(runtime.device)
     runtime.generator = AdapterGenerator(net, encoder, identity="standin", name="untrained stand-in",
                                          base_config=None)
     runtime.identity, runtime.name = "standin", "untrained stand-in"

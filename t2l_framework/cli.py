@@ -1,8 +1,9 @@
-"""The `t2l` command: validate, recipes, plugins, fit, eval, generate, serve, import-reference, push, inspect.
+"""The `t2l` command: validate, recipes, plugins, fit, eval, generate, serve, import-reference, push, inspect, data.
 
-Each sub-command is a small ``cmd_*`` function; a ``T2LError`` (bad input) is printed as one
-line without a traceback and exits with status 2; any other exception is a bug: its traceback
-and a request to report it, status 1. ``--debug`` shows the traceback of a ``T2LError`` too.
+Each sub-command is a small ``cmd_*`` function; ``main`` turns what it ends with into the exit
+status of ``EXIT_CODES`` (also shown by ``t2l --help``): a ``T2LError`` (bad input) is one line
+without a traceback, any other exception is a bug (its traceback and a request to report it);
+both exit 1. ``--debug`` shows the traceback of a ``T2LError`` too.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from t2l_framework.errors import T2LError, did_you_mean
 from t2l_framework.eval.protocols import DEFAULT_PROTOCOL, PROTOCOL_HELP, PROTOCOLS
 from t2l_framework.lora.arrow import ARROW_TEMPERATURE, ARROW_TOP_K
 from t2l_framework.llm.dtype import DTYPE_CHOICES
+from t2l_framework.training.budget import EXIT_CUT_SHORT
 
 
-def _parser_for(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
+def _parser_for(sub, name: str, help: str, example: str, parents: list | None = None) -> argparse.ArgumentParser:
+    """A sub-command whose ``--help`` ends with an example; ``parents``: shared options (``_options``)."""
     return sub.add_parser(
-        name, help=help, description=help,
+        name, help=help, description=help, parents=parents or [],
         epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
@@ -51,22 +54,25 @@ def cmd_validate(args) -> int:
 # --- recipes ------------------------------------------------------------------------------
 
 def cmd_recipes(args) -> int:
+    """``t2l recipes`` / ``t2l recipes ls``: the shipped recipes, one line each."""
     from t2l_framework.config import recipe_description, recipes_dir
 
     files = sorted(recipes_dir().glob("*.yaml"))
-    if args.action is None:
-        width = max((len(f.stem) for f in files), default=10)
-        for f in files:
-            print(f"{f.stem:<{width}}  {recipe_description(f)}")
-        return 0
-    if args.action != "cp" or len(args.names) != 2:
-        raise T2LError("usage: t2l recipes cp NAME DEST (for example: t2l recipes cp mistral_L my_recipe.yaml)")
-    name, dest = args.names
-    shipped = {f.stem: f for f in files}
-    stem = Path(name).stem
+    width = max((len(f.stem) for f in files), default=10)
+    for f in files:
+        print(f"{f.stem:<{width}}  {recipe_description(f)}")
+    return 0
+
+
+def cmd_recipes_cp(args) -> int:
+    """``t2l recipes cp NAME DEST``: a shipped recipe copied for editing."""
+    from t2l_framework.config import recipes_dir
+
+    shipped = {f.stem: f for f in sorted(recipes_dir().glob("*.yaml"))}
+    stem = Path(args.name).stem
     if stem not in shipped:
-        raise T2LError(f"no shipped recipe '{name}'{did_you_mean(stem, shipped)}; `t2l recipes` lists them")
-    target = Path(dest)
+        raise T2LError(f"no shipped recipe '{args.name}'{did_you_mean(stem, shipped)}; `t2l recipes` lists them")
+    target = Path(args.dest)
     if target.is_dir():
         target = target / shipped[stem].name
     if target.exists() and not args.force:
@@ -224,14 +230,12 @@ def cmd_serve(args) -> int:
                        "pip install 't2l-framework[serve]'") from None
     from t2l_framework.assembly import load_runtime
 
-    if args.max_batch < 1 or args.cache_size < 1 or args.batch_window_ms < 0:
-        raise T2LError("--max-batch and --cache-size must be at least 1, --batch-window-ms at least 0")
+    if args.batch_window_ms < 0:
+        raise T2LError("--batch-window-ms must be at least 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.host not in LOOPBACK:
         say(f"binding to {args.host}: the API has no authentication; anyone who can reach this port can use it")
     say(f"loading {args.run} ...")
-    if args.max_body_kb < 1:
-        raise T2LError("--max-body-kb must be at least 1")
     runtime = load_runtime(args.run, dtype=_dtype(args), trust_remote_code=args.trust_remote_code,
                            revision=args.revision)
     app = create_app(runtime,
@@ -243,6 +247,7 @@ def cmd_serve(args) -> int:
 
 
 # --- eval ---------------------------------------------------------------------------------
+
 
 
 def _split_list(values: list[str] | None) -> list[str]:
@@ -342,6 +347,81 @@ def cmd_data_fetch(args) -> int:
 
 # --- main ---------------------------------------------------------------------------------
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 2: argparse's own
+EXIT_CODES = textwrap.dedent(f"""\
+    exit status:
+      {EXIT_OK}    success
+      {EXIT_FAILED}    failure: bad input (one line; --debug adds its traceback) or a bug (its traceback and
+           a request to report it); `t2l data fetch` also while any task is still missing
+      {EXIT_USAGE}    usage error: unknown command or option, a missing or malformed argument
+      {EXIT_CUT_SHORT}    `t2l fit`: trainer.max_time stopped the run before trainer.max_steps (its checkpoint and
+           reports are written; training.allow_cut_short=true makes that 0)
+      {EXIT_INTERRUPTED}  interrupted by Ctrl-C (SIGINT); `t2l fit` after writing its checkpoint
+      143  `t2l fit` stopped by SIGTERM after writing its checkpoint (other commands end by the
+           signal itself, which a shell also reports as 143)
+    """)
+
+
+def _version() -> str:
+    """The installed distribution's version; the package's own when it is run from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("t2l-framework")
+    except PackageNotFoundError:
+        from t2l_framework import __version__
+
+        return f"{__version__} (not installed)"
+
+
+def _count(low: int):
+    """An argparse type: an integer >= ``low``; anything else is a usage error naming the bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+def _options(*adders) -> argparse.ArgumentParser:
+    """A parent parser holding options that several commands share (``parents=[...]``)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    for add in adders:
+        add(parent)
+    return parent
+
+
+def _recipe_args(p):
+    p.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, key=value")
+
+
+def _hub_revision(p):
+    p.add_argument("--revision", help="hub ids only: branch, tag or commit of the Hub repo (default main)")
+
+
+def _dtype_option(p):
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES + ("recipe",), help=DTYPE_HELP)
+
+
+def _trust_option(p):
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+
+
+def _device_option(p):
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+RECIPE = _options(_recipe_args)
+LOADS_A_RUN = _options(_hub_revision, _trust_option)  # a run folder or hub id, untrusted input
+RUNS_A_MODEL = _options(_dtype_option)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -353,34 +433,38 @@ def build_parser() -> argparse.ArgumentParser:
               t2l validate recipes/mistral_L.yaml      print the resolved recipe
               t2l fit smollm2_demo                     train the CPU demo
               t2l eval runs/smollm2_demo --limit 50    score it on the paper's ten benchmarks
-            """),
+
+            """) + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = _parser_for(sub, "validate", "Check a recipe and print it fully resolved.",
-                    "t2l validate recipes/mistral_L.yaml hypernet.head=chunked trainer.max_steps=10")
-    p.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides, key=value")
+                    "t2l validate recipes/mistral_L.yaml hypernet.head=chunked trainer.max_steps=10", [RECIPE])
     p.add_argument("--trust-remote-code", action="store_true",
                    help="also import a head named by import path (runs that module); by default it is only looked up")
     p.set_defaults(func=cmd_validate)
 
-    p = _parser_for(sub, "recipes", "List shipped recipes, or copy one for editing (`cp NAME DEST`).",
-                    "t2l recipes cp mistral_L my_recipe.yaml")
-    p.add_argument("action", nargs="?", choices=["cp"], help="cp: copy a shipped recipe")
-    p.add_argument("names", nargs="*", help="NAME DEST for cp")
-    p.add_argument("--force", action="store_true", help="overwrite DEST")
+    recipes = _parser_for(sub, "recipes", "List shipped recipes (`ls`, the default), or copy one for editing (`cp`).",
+                          "t2l recipes cp mistral_L my_recipe.yaml")
+    recipes.set_defaults(func=cmd_recipes)
+    recipes_sub = recipes.add_subparsers(dest="recipes_command", metavar="ACTION")
+    p = _parser_for(recipes_sub, "ls", "List the shipped recipes with their one-line descriptions.", "t2l recipes ls")
     p.set_defaults(func=cmd_recipes)
+    p = _parser_for(recipes_sub, "cp", "Copy a shipped recipe to edit it.", "t2l recipes cp mistral_L my_recipe.yaml")
+    p.add_argument("name", help="a shipped recipe (`t2l recipes ls`)")
+    p.add_argument("dest", help="file to write, or a folder to write NAME.yaml into")
+    p.add_argument("--force", action="store_true", help="overwrite DEST")
+    p.set_defaults(func=cmd_recipes_cp)
 
     p = _parser_for(sub, "plugins", "List loaded plugins, their versions and what each registered.",
                     "T2L_PLUGINS=e5 t2l plugins")
     p.set_defaults(func=cmd_plugins)
 
     p = _parser_for(sub, "fit", "Train a hypernetwork (or a LoRA baseline) from a recipe.",
-                    "t2l fit smollm2_demo trainer.max_steps=50   # or: t2l fit recipes/mistral_L.yaml --resume")
-    p.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides, key=value")
+                    "t2l fit smollm2_demo trainer.max_steps=50   # or: t2l fit recipes/mistral_L.yaml --resume",
+                    [RECIPE])
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder of the same name first")
     p.set_defaults(func=cmd_fit)
@@ -388,10 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser_for(sub, "eval", "Score base / base+description / T2L / PEFT adapters on benchmarks; "
                     "writes results.json, results.md and results.png.",
                     "t2l eval runs/smollm2_demo --limit 50   # or: t2l eval recipes/mistral_L.yaml "
-                    "--adapters base,oracle=lora/arc --benchmarks arc_easy,gsm8k")
+                    "--adapters base,oracle=lora/arc --benchmarks arc_easy,gsm8k",
+                    [LOADS_A_RUN, RUNS_A_MODEL, _options(_device_option)])
     p.add_argument("run_or_recipe", help="trained run folder (runs/NAME), hypernet folder, hub id (ORG/NAME), or a "
                    "recipe (base model only)")
-    p.add_argument("--revision", help="hub ids only: branch, tag or commit of the Hub repo (default main)")
     p.add_argument("--benchmarks", action="append", metavar="LIST",
                    help="comma-separated benchmark names, 'paper' (the ten of the T2L paper, the default), or 'all' "
                         "(adds sni_unseen and plugin benchmarks); `t2l plugins` lists them")
@@ -402,8 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "arrow=LIBRARY_DIR (Arrow routing over a folder of PEFT task adapters; plain 'arrow': the "
                         "recipe's eval.arrow_library), NAME=PATH (a PEFT folder or another T2L run); default: base, "
                         "base+description, t2l and the recipe's eval.baseline_adapter and eval.arrow_library")
-    p.add_argument("--limit", type=int, default=None, help="items per benchmark (default: the recipe's eval.limit; 0 = all)")
-    p.add_argument("--n-descriptions", type=int, default=0, help="descriptions averaged per benchmark (default 3)")
+    p.add_argument("--limit", type=_count(0), default=None,
+                   help="items per benchmark, 0 = all (default: the recipe's eval.limit)")
+    p.add_argument("--n-descriptions", type=_count(1), default=None,
+                   help="descriptions averaged per benchmark (default: the recipe's eval.n_descriptions)")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default=None,
                    help=f"{PROTOCOL_HELP} (default: the recipe's eval.protocol, else {DEFAULT_PROTOCOL})")
     p.add_argument("--scoring", default="loglik", choices=["loglik", "generate"],
@@ -412,8 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mc-answer", default="label", choices=["label", "text"],
                    help="--protocol chat only: log-likelihood of the option label the prompt asks for (default) or "
                         "of the option text, normalised by its length in bytes")
-    p.add_argument("--batch-size", type=int, default=0, help="rows per forward (default: the recipe's eval.batch_size)")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="cap on generated tokens (default: per benchmark)")
+    p.add_argument("--batch-size", type=_count(1), default=None,
+                   help="rows per forward (default: the recipe's eval.batch_size)")
+    p.add_argument("--max-new-tokens", type=_count(1), default=None,
+                   help="cap on generated tokens (default: each benchmark's own length; a run's own "
+                        "sni_seen / sni_unseen answer in its recipe's eval.max_new_tokens)")
     p.add_argument("--arrow-top-k", type=int, default=ARROW_TOP_K,
                    help=f"Arrow: experts mixed per token (<= 0: all; default {ARROW_TOP_K}, as mttl's arrow_router)")
     p.add_argument("--arrow-temperature", type=float, default=ARROW_TEMPERATURE,
@@ -421,34 +510,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per HumanEval/MBPP program in the sandbox")
     p.add_argument("--seed", type=int, default=0, help="which descriptions are drawn")
     p.add_argument("-o", "--output", metavar="DIR", help="output folder (default: RUN/eval or eval_results/RECIPE)")
-    p.add_argument("--cache-dir", metavar="DIR", help="result cache (default: $T2L_CACHE_DIR or ~/.cache/t2l-framework)")
+    p.add_argument("--cache-dir", metavar="DIR", help="result cache (default: $T2L_CACHE/eval, ~/.cache/t2l/eval)")
     p.add_argument("--no-cache", action="store_true", help="recompute everything and store nothing")
     p.add_argument("--data-root", metavar="DIR", help="folder with eval/, t2l/ and sni/ (default: the vendored data/)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES + ("recipe",), help=DTYPE_HELP)
-    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = _parser_for(sub, "generate", "Write PEFT adapters for task descriptions with a trained hypernetwork.",
                     't2l generate runs/smollm2_demo "Classify the sentiment of a review" -o sentiment '
-                    '--chat "Great film!"')
+                    '--chat "Great film!"', [LOADS_A_RUN, RUNS_A_MODEL])
     p.add_argument("run", help="run folder (runs/NAME), its hypernet/ folder, or a hub id (ORG/NAME)")
     p.add_argument("descriptions", nargs="*", help="task descriptions; several give DIR/adapter_000, ...")
-    p.add_argument("--revision", help="hub ids only: branch, tag or commit of the Hub repo (default main)")
     p.add_argument("--no-familiarity", action="store_true",
                    help="skip the familiarity line (it embeds the run's training descriptions once, then is cached)")
     p.add_argument("-o", "--output", metavar="DIR", help="adapter folder (default: adapter/, or adapters/ for several)")
     p.add_argument("--from-file", metavar="FILE", help="more descriptions, one per line")
     p.add_argument("--chat", metavar="PROMPT", help="also answer PROMPT with each adapter and with the base model")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length for --chat (default 64)")
+    p.add_argument("--max-new-tokens", type=_count(1), default=64, help="answer length for --chat (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for --chat (0 = greedy)")
     p.add_argument("--force", action="store_true", help="write into an existing output folder")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES + ("recipe",), help=DTYPE_HELP)
-    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_generate)
 
-    data = sub.add_parser("data", help="Training data: `t2l data fetch` downloads the paper's SNI tasks.",
-                          description="Training data commands.")
+    data = _parser_for(sub, "data", "Training data: `t2l data fetch` downloads the paper's SNI tasks.",
+                       "t2l data fetch --set paper479")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = _parser_for(data_sub, "fetch", "Download the tasks of a task set (default: the paper's 479 SNI training "
                     "tasks) that the bundle lacks, from the Hugging Face hub (Lots-of-LoRAs/<task>), into the "
@@ -459,14 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write tasks.jsonl, instances.jsonl and parts/ (default data/sni_hub, "
                         "what the paper recipes read as data.fetched_dir)")
     p.add_argument("--tasks-file", default="data/sni/tasks.jsonl.gz", help="bundled tasks, not downloaded again")
-    p.add_argument("--retries", type=int, default=5, help="retries per task after a failure (default 5)")
+    p.add_argument("--retries", type=_count(0), default=5, help="retries per task after a failure (default 5)")
     p.add_argument("--backoff", type=float, default=2.0,
                    help="seconds before the first retry, doubled after each (default 2)")
-    p.add_argument("--max-train", type=int, default=10000,
+    p.add_argument("--max-train", type=_count(1), default=10000,
                    help="train rows per task (default 10000: the reference's train[:10000])")
-    p.add_argument("--max-test", type=int, default=100, help="test rows per task (default 100)")
+    p.add_argument("--max-test", type=_count(0), default=100, help="test rows per task (default 100)")
     p.add_argument("--only", action="append", metavar="LIST", help="comma-separated task ids to fetch now")
-    p.add_argument("--give-up-after", type=int, default=3, metavar="N",
+    p.add_argument("--give-up-after", type=_count(1), default=3, metavar="N",
                    help="stop after N tasks in a row failed every retry (default 3)")
     p.add_argument("--hub", default="Lots-of-LoRAs",
                    help="hub organisation, or a local folder holding one dataset folder per SNI task")
@@ -476,30 +559,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_fetch)
 
     p = _parser_for(sub, "serve", "Serve a trained hypernetwork: adapter API, OpenAI-compatible chat, web page.",
-                    "t2l serve runs/smollm2_demo --port 8000   # then open http://127.0.0.1:8000/")
+                    "t2l serve runs/smollm2_demo --port 8000   # then open http://127.0.0.1:8000/",
+                    [LOADS_A_RUN, RUNS_A_MODEL])
     p.add_argument("run", help="run folder (runs/NAME), its hypernet/ folder, or a hub id (ORG/NAME)")
-    p.add_argument("--revision", help="hub ids only: branch, tag or commit of the Hub repo (default main)")
     p.add_argument("--no-familiarity", action="store_true",
                    help="answers without familiarity / nearest tasks, and no /v1/inspect")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (1 = one at a time)")
+    p.add_argument("--max-batch", type=_count(1), default=16, help="requests decoded together (1 = one at a time)")
     p.add_argument("--batch-window-ms", type=float, default=30.0, help="a batch waits this long after its latest request for more (at most 4x after its first)")
-    p.add_argument("--cache-size", type=int, default=128, help="generated adapters kept in memory (LRU)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES + ("recipe",), help=DTYPE_HELP)
-    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
-    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB (default 1024); "
+    p.add_argument("--cache-size", type=_count(1), default=128, help="generated adapters kept in memory (LRU)")
+    p.add_argument("--max-body-kb", type=_count(1), default=1024, help="largest request body in KiB (default 1024); "
                    "bigger requests get 413")
     p.set_defaults(func=cmd_serve)
 
     p = _parser_for(sub, "import-reference",
                     "Convert a released T2L reference checkpoint folder (hypermod.pt, args.yaml, adapter_config.json "
                     "of SakanaAI/text-to-lora) into a run folder that generate, serve and eval load.",
-                    "t2l import-reference trained_t2l/mistral_7b_t2l -o runs/mistral_t2l_ref --module-order q_proj,v_proj")
+                    "t2l import-reference trained_t2l/mistral_7b_t2l -o runs/mistral_t2l_ref --module-order q_proj,v_proj",
+                    [_options(_hub_revision)])
     p.add_argument("folder", help="reference checkpoint folder (hypermod.pt is read with weights_only=True), or a "
                    "hub id (ORG/NAME) with --subfolder")
     p.add_argument("--subfolder", help="hub ids: the checkpoint folder inside the repo, e.g. trained_t2l/mistral_7b_t2l")
-    p.add_argument("--revision", help="hub ids only: branch, tag or commit of the Hub repo (default main)")
     p.add_argument("-o", "--output", metavar="RUN", required=True, help="run folder to write")
     p.add_argument("--module-order", metavar="LIST",
                    help="comma-separated target modules in the order of the reference's module-type embedding rows "
@@ -519,15 +600,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser_for(sub, "inspect", "Why a description gives its adapter: nearest training descriptions and tasks, "
                     "familiarity, adapter norms per layer and module, closest training adapters; JSON and PNG.",
-                    't2l inspect runs/smollm2_demo "Classify the sentiment of a review" --png inspect.png')
+                    't2l inspect runs/smollm2_demo "Classify the sentiment of a review" --png inspect.png',
+                    [LOADS_A_RUN, _options(_device_option)])
     p.add_argument("run", help="run folder (runs/NAME) or a hub id (ORG/NAME)")
     p.add_argument("descriptions", nargs="+", help="task descriptions")
     p.add_argument("--json", metavar="FILE", help="write the full result as JSON")
     p.add_argument("--png", metavar="FILE", help="write the heat map and nearest-task bars as PNG")
-    p.add_argument("--top", type=int, default=5, help="neighbours listed (default 5)")
-    p.add_argument("--revision", help="hub ids only: branch, tag or commit of the Hub repo (default main)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.add_argument("--top", type=_count(1), default=5, help="neighbours listed (default 5)")
     p.set_defaults(func=cmd_inspect)
     return parser
 
@@ -548,8 +627,7 @@ def _add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 ok, 2 bad input (``T2LError``, one line; its traceback with ``--debug``),
-    1 a bug (any other exception: its traceback and a request to report it), 130 Ctrl-C."""
+    """Run one command; its exit status is one of ``EXIT_CODES`` (argparse exits 2 itself)."""
     import traceback
 
     parser = build_parser()
@@ -557,21 +635,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 0
+        return EXIT_OK
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args) or EXIT_OK)
     except T2LError as exc:
         if args.debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception:  # noqa: BLE001 - every other exception escaping a command is a bug
         traceback.print_exc()
         print(BUG_HINT, file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

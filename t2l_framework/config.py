@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol
 
@@ -25,76 +25,116 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from t2l_framework.errors import T2LError, did_you_mean
 
 
-def _help(text: str, default: Any = None, factory: Any = None) -> Any:
+def _help(text: str, default: Any = None, factory: Any = None, *, choices: tuple | None = None,
+          range: tuple | None = None) -> Any:
+    """A schema field with its help text and, where it has them, its allowed values (``choices``)
+    or bounds (``range``: ``(low, high[, low inclusive])``, None = unbounded on that side; see
+    ``range_problem``). ``CHOICES`` and ``RANGES`` are read from these; ``validate`` checks them."""
+    metadata: dict[str, Any] = {"help": text}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if range is not None:
+        metadata["range"] = (*range, True) if len(range) == 2 else tuple(range)
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# Bounds shared by many fields. Upper bounds are sanity limits that keep a typo (latent_size:
+# 10000000) from allocating gigabytes. A float high is exclusive (dropout 1.0 zeroes everything).
+_WIDTH = (1, 65536)
+_PROBABILITY = (0.0, 1.0)
+_POSITIVE = (1, None)  # counts that must be at least 1
+_COUNT = (0, None)  # counts where 0 is allowed (its meaning is in the help text)
+_NON_NEGATIVE = (0.0, None)
+_ABOVE_ZERO = (0.0, None, False)
+
+# Named task sets a recipe can require (data.task_set): name -> task list file; data/task_sets.py reads them.
+TASK_SETS = {"paper479": "data/sni/paper_train_tasks.txt"}
+# trainer.strategy values beyond Lightning's own names (training/strategies.py builds them).
+DEEPSPEED_STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
+                        "deepspeed_stage_3", "deepspeed_stage_3_offload")
+SHARDED_BASE_STRATEGY = "fsdp_base"
+
+
+class _Section:
+    """A recipe section built in Python (``HypernetConfig(dropout=1.5)``) is checked like a recipe file."""
+
+    def __post_init__(self) -> None:
+        section = _SECTION_NAMES[type(self)]
+        for f in fields(self):
+            problem = value_problem(f"{section}.{f.name}", getattr(self, f.name))
+            if problem:
+                raise T2LError(f"{type(self).__name__}: {section}.{f.name}: {problem}")
 
 
 @dataclass
-class BaseModelConfig:
+class BaseModelConfig(_Section):
     """The frozen LLM the generated LoRAs adapt."""
 
     name_or_path: str = _help("Hub id, local folder, GGUF file, or 'smollm2-135m-instruct' (offline)", "smollm2-135m-instruct")
     gguf_file: Optional[str] = _help("GGUF file name inside name_or_path (transformers' gguf_file=)", None)
     family: str = _help("Model family plugin name, or 'auto' to pick it from the model config", "auto")
     dtype: str = _help("Weights dtype: auto (bfloat16 on GPUs and CPUs with native bf16, else float32) | "
-                       "float32 | bfloat16 | float16", "auto")
+                       "float32 | bfloat16 | float16", "auto", choices=("auto", "float32", "bfloat16", "float16"))
     trust_remote_code: bool = _help("Allow custom modelling code from the hub", False)
     chat_template: bool = _help("Format prompts with the model's chat template", True)
 
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(_Section):
     """The text encoder that embeds task descriptions."""
 
     name: str = _help("Encoder plugin name (transformers | sentence_transformers | ...)", "sentence_transformers")
     model: str = _help("Hub id or local folder; 'all-MiniLM-L6-v2' uses the offline pip package", "all-MiniLM-L6-v2")
-    pooling: str = _help("mean | cls (transformers encoder)", "mean")
+    pooling: str = _help("mean | cls (transformers encoder)", "mean", choices=("mean", "cls"))
     prefix: str = _help("Instruction prefix prepended to every description", "")
     normalize: bool = _help("L2-normalise embeddings", True)
     normalize_scale: str = _help("Norm after L2 normalisation: sqrt_dim (the reference: sqrt(d), 32 for a 1024-d "
-                                 "encoder) | unit (1)", "sqrt_dim")
+                                 "encoder) | unit (1)", "sqrt_dim", choices=("sqrt_dim", "unit"))
     full_stop: bool = _help("Strip each description and end it with '.' when it ends in a letter (the reference's "
                             "add_full_stop)", True)
-    max_length: int = _help("Tokens per description", 512)
-    batch_size: int = _help("Descriptions per encoder forward", 64)
+    max_length: int = _help("Tokens per description", 512, range=_POSITIVE)
+    batch_size: int = _help("Descriptions per encoder forward", 64, range=_POSITIVE)
     trust_remote_code: bool = _help("Allow custom modelling code (gte-large-en-v1.5 needs it)", False)
-    trainable: bool = _help("Fine-tune the encoder with the hypernetwork (paper: frozen)", False)
 
 
 @dataclass
-class HypernetConfig:
+class HypernetConfig(_Section):
     """The hypernetwork: trunk MLP and output head."""
 
     head: str = _help("per_layer (L) | shared (M) | chunked (S) | plugin name | 'pkg.module:Class'", "per_layer")
-    task_dim: int = _help("Width of the projected task embedding (reference: hypernet_latent_size // 2)", 64)
-    layer_emb_dim: int = _help("Width of the learned layer-depth embedding (reference: hypernet_latent_size // 4)", 32)
+    task_dim: int = _help("Width of the projected task embedding (reference: hypernet_latent_size // 2)", 64,
+                          range=_WIDTH)
+    layer_emb_dim: int = _help("Width of the learned layer-depth embedding (reference: hypernet_latent_size // 4)",
+                               32, range=_WIDTH)
     module_emb_dim: int = _help("Width of the learned module-type embedding (reference: hypernet_latent_size // 4); "
-                                "trunk width = task_dim + layer_emb_dim + module_emb_dim", 32)
-    latent_size: int = _help("Width of the trunk output = head input (reference: head_in_size)", 512)
+                                "trunk width = task_dim + layer_emb_dim + module_emb_dim", 32, range=_WIDTH)
+    latent_size: int = _help("Width of the trunk output = head input (reference: head_in_size)", 512, range=_WIDTH)
     n_residual_blocks: int = _help("Residual MLP blocks in the trunk; the heads condition the last one "
-                                   "(reference: 2, mlp1 and mlp2)", 2)
-    dropout: float = _help("Dropout inside the trunk (reference: 0.05)", 0.05)
+                                   "(reference: 2, mlp1 and mlp2)", 2, range=(1, 256))
+    dropout: float = _help("Dropout inside the trunk (reference: 0.05)", 0.05, range=_PROBABILITY)
     chunk_position: str = _help("chunked (S) head: how the rank index enters the trunk: rotary (paper's S, "
-                                "no parameters) | learned (Embedding + LayerNorm)", "rotary")
+                                "no parameters) | learned (Embedding + LayerNorm)", "rotary",
+                                choices=("rotary", "learned"))
     output_offset: bool = _help("The generated A and B are added to a fixed per-layer LoRA held with the weights "
                                 "(set by training.mtlora_offset; recorded so a checkpoint rebuilds it)", False)
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(_Section):
     """The LoRA adapters the hypernetwork generates (PEFT's convention)."""
 
-    rank: int = _help("LoRA rank r", 8)
-    alpha: float = _help("LoRA alpha; scaling = alpha / sqrt(r) with use_rslora (the paper), else alpha / r", 16.0)
+    rank: int = _help("LoRA rank r", 8, range=(1, 4096))
+    alpha: float = _help("LoRA alpha; scaling = alpha / sqrt(r) with use_rslora (the paper), else alpha / r", 16.0,
+                         range=_ABOVE_ZERO)
     use_rslora: bool = _help("rsLoRA scaling alpha / sqrt(r), as the T2L reference trains and saves", True)
-    dropout: float = _help("Dropout on the LoRA input (the reference: 0.05)", 0.05)
+    dropout: float = _help("Dropout on the LoRA input (the reference: 0.05)", 0.05, range=_PROBABILITY)
     target_modules: list[str] = _help("Linear layers that get a LoRA", factory=lambda: ["q_proj", "v_proj"])
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where tasks, descriptions and instances come from."""
 
     tasks_file: str = _help("JSONL of task records (task, descriptions, eval_descriptions, ...)", "data/sni/tasks.jsonl.gz")
@@ -102,68 +142,74 @@ class DataConfig:
     train_tasks: list[str] = _help("Task ids to train on; empty = every task whose role includes 'train'", factory=list)
     eval_tasks: list[str] = _help("Never-trained task ids to evaluate on", factory=list)
     exclude_tasks: list[str] = _help("Task ids never used (decontamination)", factory=list)
-    n_tasks_per_batch: int = _help("Distinct tasks per training step", 8)
-    n_samples_per_task: int = _help("Instances per task per step", 1)
-    holdout_descriptions: int = _help("Descriptions per training task held back for validation", 3)
-    max_prompt_tokens: int = _help("Prompt tokens kept (truncated from the left)", 200)
-    max_answer_tokens: int = _help("Answer tokens kept", 32)
+    n_tasks_per_batch: int = _help("Distinct tasks per training step", 8, range=_POSITIVE)
+    n_samples_per_task: int = _help("Instances per task per step", 1, range=_POSITIVE)
+    holdout_descriptions: int = _help("Descriptions per training task held back for validation", 3, range=_COUNT)
+    max_prompt_tokens: int = _help("Prompt tokens kept (truncated from the left)", 200, range=_POSITIVE)
+    max_answer_tokens: int = _help("Answer tokens kept", 32, range=_POSITIVE)
     max_total_tokens: int = _help("Prompt + answer tokens kept (0 = no joint limit). Like the reference's inp_max_len "
                                   "(tokenizer truncation 'longest_first'): tokens come off the longer of the two until "
-                                  "the pair fits; the prompt loses its start, the answer its end", 0)
+                                  "the pair fits; the prompt loses its start, the answer its end", 0, range=_COUNT)
     max_descriptions_per_task: int = _help("Use only the first N descriptions of each task (0 = all; the reference: "
-                                           "n_descs_per_ds=128)", 0)
+                                           "n_descs_per_ds=128)", 0, range=_COUNT)
     task_set: str = _help("Tasks the recipe requires: '' (none) | paper479 (the paper's 479 SNI training tasks, "
                           "data/sni/paper_train_tasks.txt; the default train_tasks). `t2l fit` stops when any is "
-                          "missing; `t2l data fetch` downloads them", "")
+                          "missing; `t2l data fetch` downloads them", "", choices=("", *TASK_SETS))
     fetched_dir: str = _help("Folder `t2l data fetch` wrote (tasks.jsonl + instances.jsonl), e.g. data/sni_hub; "
                              "when it holds them, its tasks join those of tasks_file (a task in both is read from "
                              "tasks_file). Empty = none", "")
-    max_train_instances: int = _help("Training instances used per task (0 = all)", 0)
-    max_eval_instances: int = _help("Held-out instances per task for evaluation (0 = all)", 16)
+    max_train_instances: int = _help("Training instances used per task (0 = all)", 0, range=_COUNT)
+    max_eval_instances: int = _help("Held-out instances per task for evaluation (0 = all)", 16, range=_COUNT)
     system_prompt: str = _help("System message added to every chat prompt", "")
-    num_workers: int = _help("DataLoader workers", 0)
+    num_workers: int = _help("DataLoader workers", 0, range=_COUNT)
     lora_library: str = _help("Folder of PEFT adapters, one sub-folder per task (recon mode)", "")
     length_grouping: bool = _help("Regroup the rows of every length_grouping_window consecutive training batches by "
                                   "token length, so each step pads little: the run sees the same examples (the same "
                                   "multiset over each full window), deterministic by seed and exact on resume; a step "
                                   "may then hold one task more than once", False)
     length_grouping_window: int = _help("Batches regrouped together by length_grouping (windows start at batch 0; "
-                                        "make max_steps x accumulate_grad_batches a multiple of it)", 16)
+                                        "make max_steps x accumulate_grad_batches a multiple of it)", 16,
+                                        range=_POSITIVE)
     tokens_per_step: int = _help("Throughput mode (0 = off, the paper's fixed batch of n_tasks_per_batch x "
                                  "n_samples_per_task rows): the rows of length_grouping_window such draws are "
                                  "sorted by length and packed into steps of at most this many padded tokens "
                                  "(rows x longest row), so a step holds many samples and little padding. "
-                                 "A step then sees more examples than the paper's batch", 0)
+                                 "A step then sees more examples than the paper's batch", 0, range=_COUNT)
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(_Section):
     """What is optimised and how (the math; hardware lives in `trainer`)."""
 
+    # Its accepted values are the registered modes (training/modes), checked by assembly.load_recipe.
     mode: str = _help("sft | recon | lora | library (one LoRA per training task, all in one run)", "sft")
-    lr: float = _help("Peak learning rate", 2.5e-5)
-    weight_decay: float = _help("AdamW weight decay", 0.01)
+    lr: float = _help("Peak learning rate", 2.5e-5, range=(0.0, 10.0, False))
+    weight_decay: float = _help("AdamW weight decay", 0.01, range=_NON_NEGATIVE)
     mtlora_offset: str = _help("sft mode: a PEFT LoRA folder (e.g. a multi-task LoRA run's adapter/) the "
                                "hypernetwork's output starts from: a fixed offset added to every generated "
                                "adapter (the reference's mt-LoRA init); empty = none", "")
     lr_head_bias: float = _help("Learning rate of the hypernetwork head's biases (the part every generated adapter "
                                 "shares) as a multiple of lr; the trunk and head weights (the task-specific part) "
-                                "keep lr", 1.0)
-    warmup_steps: int = _help("Linear warm-up steps (lr rises from 0, as in transformers' schedules)", 100)
+                                "keep lr", 1.0, range=_NON_NEGATIVE)
+    warmup_steps: int = _help("Linear warm-up steps (lr rises from 0, as in transformers' schedules)", 100,
+                              range=_COUNT)
     warmup_ratio: float = _help("Warm-up as a fraction of trainer.max_steps; > 0 replaces warmup_steps "
-                                "(the reference: warmup_frac=0.2)", 0.0)
-    scheduler: str = _help("cosine | linear | constant", "cosine")
-    label_smoothing: float = _help("Cross-entropy label smoothing", 0.1)
+                                "(the reference: warmup_frac=0.2)", 0.0, range=_PROBABILITY)
+    scheduler: str = _help("cosine | linear | constant", "cosine", choices=("cosine", "linear", "constant"))
+    label_smoothing: float = _help("Cross-entropy label smoothing", 0.1, range=_PROBABILITY)
     loss_reduction: str = _help("per_sample: mean over each sample's answer tokens, then over samples (the reference) "
                                 "| per_token: mean over all answer tokens of the batch (long answers weigh more)",
-                                "per_sample")
-    l2_penalty: float = _help("L2 penalty on generated LoRA weights", 1e-3)
+                                "per_sample", choices=("per_sample", "per_token"))
+    l2_penalty: float = _help("L2 penalty on generated LoRA weights", 1e-3, range=_NON_NEGATIVE)
     l2_reduction: str = _help("sum: sum over module types of mean(A^2) + mean(B^2), each mean over samples and "
-                              "layers (the reference) | mean: the mean of those 2 x modules terms", "sum")
+                              "layers (the reference) | mean: the mean of those 2 x modules terms", "sum",
+                              choices=("sum", "mean"))
     recon_loss: str = _help("recon mode: delta_w (the reference's L1 on B @ A x delta_w_scaling) | factors "
-                            "(L1 on A and on B, halved; the reference's factorized=True, pred_z_score=False)", "delta_w")
-    delta_w_scaling: float = _help("recon_loss=delta_w: factor on both sides of the L1 (the reference: 1e4)", 1e4)
-    neftune_alpha: float = _help("NEFTune noise on input embeddings (0 = off)", 5.0)
+                            "(L1 on A and on B, halved; the reference's factorized=True, pred_z_score=False)",
+                            "delta_w", choices=("delta_w", "factors"))
+    delta_w_scaling: float = _help("recon_loss=delta_w: factor on both sides of the L1 (the reference: 1e4)", 1e4,
+                                   range=_ABOVE_ZERO)
+    neftune_alpha: float = _help("NEFTune noise on input embeddings (0 = off)", 5.0, range=_NON_NEGATIVE)
     compile: bool = _help("torch.compile the base model's decoder stack for training steps (the per-sample LoRA "
                           "factors are graph inputs; NEFTune noise is added outside the graph); not with "
                           "trainer.strategy=fsdp_base", False)
@@ -172,46 +218,51 @@ class TrainingConfig:
     seed: int = _help("Random seed", 42)
     output_dir: str = _help("Runs are written to output_dir/run_name", "runs")
     run_name: str = _help("Run folder name; empty = recipe name + timestamp", "")
-    checkpoint_every_n_steps: int = _help("Checkpoint interval (optimizer steps)", 100)
+    checkpoint_every_n_steps: int = _help("Checkpoint interval (optimizer steps)", 100, range=_POSITIVE)
     lora_tasks: list[str] = _help("lora mode: tasks to train one LoRA on (empty = all training tasks)", factory=list)
     allow_cut_short: bool = _help("Accept a run that trainer.max_time stopped before trainer.max_steps "
                                   "(t2l fit then exits 0; the reports still mark it cut short)", False)
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(_Section):
     """Passed to ``lightning.Trainer``."""
 
     accelerator: str = _help("cpu | gpu | auto", "auto")
     devices: Any = _help("Device count or list, or 'auto'", "auto")
-    num_nodes: int = _help("Nodes", 1)
-    precision: str = _help("32-true | bf16-mixed | 16-mixed | bf16-true", "32-true")
-    strategy: str = _help("auto | ddp | deepspeed_stage_1 | deepspeed_stage_2 | deepspeed_stage_2_offload | deepspeed_stage_3 | deepspeed_stage_3_offload | "
-                          "fsdp_base (the frozen base sharded across ranks with FSDP2, the hypernetwork under DDP; docs/scaling.md)", "auto")
-    max_steps: int = _help("Optimizer steps", 1000)
+    num_nodes: int = _help("Nodes", 1, range=_POSITIVE)
+    precision: str = _help("Lightning's precision", "32-true",
+                           choices=("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true"))
+    strategy: str = _help("Lightning's strategy names, DeepSpeed ZeRO stages, or fsdp_base (the frozen base sharded "
+                          "across ranks with FSDP2, the hypernetwork under DDP; docs/scaling.md)", "auto",
+                          choices=("auto", "ddp", *DEEPSPEED_STRATEGIES, SHARDED_BASE_STRATEGY))
+    max_steps: int = _help("Optimizer steps", 1000, range=_POSITIVE)
     max_time: Optional[str] = _help("Wall-clock safety net 'DD:HH:MM:SS': a run it stops before max_steps is "
                                     "reported as cut short and t2l fit exits 3", None)
-    accumulate_grad_batches: int = _help("Gradient accumulation", 1)
-    gradient_clip_val: Optional[float] = _help("Gradient norm clip", 1.0)
-    val_check_interval: Optional[int] = _help("Validate every N training batches (None = each epoch)", 200)
-    limit_val_batches: Optional[float] = _help("Validation batches per check", 8)
-    log_every_n_steps: int = _help("Logging interval", 10)
+    accumulate_grad_batches: int = _help("Gradient accumulation", 1, range=_POSITIVE)
+    gradient_clip_val: Optional[float] = _help("Gradient norm clip", 1.0, range=_NON_NEGATIVE)
+    val_check_interval: Optional[int] = _help("Validate every N training batches (None = each epoch)", 200,
+                                              range=_POSITIVE)
+    limit_val_batches: Optional[float] = _help("Validation batches per check", 8, range=_NON_NEGATIVE)
+    log_every_n_steps: int = _help("Logging interval", 10, range=_POSITIVE)
     enable_progress_bar: bool = _help("Show a progress bar", True)
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_Section):
     """Evaluation settings (`t2l eval`, end-of-training tables)."""
 
     benchmarks: list[str] = _help("`t2l eval` benchmarks: names, 'paper' (the ten of the T2L paper) or 'all'; "
                                   "empty = paper", factory=list)
-    limit: int = _help("Examples per benchmark (0 = all)", 0)
-    batch_size: int = _help("Examples per forward", 8)
-    max_new_tokens: int = _help("Greedy decoding length for generated answers", 32)
-    n_descriptions: int = _help("Descriptions averaged per benchmark", 3)
-    val_generation_batches: int = _help("Validation batches also scored by ROUGE-L of greedy answers", 1)
+    limit: int = _help("Examples per benchmark (0 = all)", 0, range=_COUNT)
+    batch_size: int = _help("Examples per forward", 8, range=_POSITIVE)
+    max_new_tokens: int = _help("Most tokens of a generated answer: the end-of-training tables' length, and "
+                                "`t2l eval`'s cap on each benchmark's own (unless --max-new-tokens is given)", 32,
+                                range=_POSITIVE)
+    n_descriptions: int = _help("Descriptions averaged per benchmark", 3, range=_POSITIVE)
+    val_generation_batches: int = _help("Validation batches also scored by ROUGE-L of greedy answers", 1, range=_COUNT)
     final_report: bool = _help("After `t2l fit`, print the held-out SNI table (base / +description / T2L / control)", False)
-    report_max_items: int = _help("Items per split in that table (0 = all)", 0)
+    report_max_items: int = _help("Items per split in that table (0 = all)", 0, range=_COUNT)
     report_seen_per_task: int = _help("Held-out items per training task in that table (0 = data.max_eval_instances); "
                                       "the never-seen tasks keep data.max_eval_instances each", 0)
     baseline_adapter: str = _help("PEFT adapter folder (e.g. a multi-task LoRA run's adapter/) added to the table", "")
@@ -219,7 +270,7 @@ class EvalConfig:
                                "of the end-of-training table and of `t2l eval` (--adapters arrow); empty = none", "")
     protocol: str = _help("`t2l eval` protocol: paper (the T2L reference's prompts and matching rules), lm-eval "
                           "(lm-evaluation-harness's cloze formats, acc and acc_norm) or chat; see docs/evaluation.md",
-                          "paper")
+                          "paper", choices=("paper", "lm-eval", "chat"))
 
 
 @dataclass
@@ -237,53 +288,40 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-CHOICES = {
-    "base_model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "eval.protocol": ("paper", "lm-eval", "chat"),
-    "encoder.pooling": ("mean", "cls"),
-    "hypernet.chunk_position": ("rotary", "learned"),
-    "encoder.normalize_scale": ("sqrt_dim", "unit"),
-    "training.scheduler": ("cosine", "linear", "constant"),
-    "training.loss_reduction": ("per_sample", "per_token"),
-    "training.l2_reduction": ("sum", "mean"),
-    "training.recon_loss": ("delta_w", "factors"),
-    "data.task_set": ("", "paper479"),
-    "trainer.strategy": (
-        "auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
-        "deepspeed_stage_3", "deepspeed_stage_3_offload", "fsdp_base",
-    ),
-    "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true"),
+def _leaf_fields(schema: type | None = None, prefix: str = "") -> list[tuple[str, Any]]:
+    """(key path, dataclass field) of every value of the schema, section by section."""
+    found = []
+    for f in fields(schema or Recipe):
+        nested = f.default_factory if isinstance(f.default_factory, type) and is_dataclass(f.default_factory) else None
+        found += _leaf_fields(nested, f"{prefix}{f.name}.") if nested else [(f"{prefix}{f.name}", f)]
+    return found
+
+
+# Allowed values and bounds per key, read from the fields' metadata (``_help``).
+CHOICES: dict[str, tuple] = {k: f.metadata["choices"] for k, f in _leaf_fields() if "choices" in f.metadata}
+RANGES: dict[str, tuple] = {k: f.metadata["range"] for k, f in _leaf_fields() if "range" in f.metadata}
+_SECTION_NAMES: dict[type, str] = {f.default_factory: f.name for f in fields(Recipe)
+                                   if isinstance(f.default_factory, type) and is_dataclass(f.default_factory)}
+# Keys that were removed: key -> (the value it always had in effect, why). A recipe giving that
+# value (every run folder written before the removal holds it) loads as before; another value is
+# refused with the reason, since the recipe's author expected it to do something.
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "encoder.trainable": (False, "it never did anything (the encoder is always frozen, as in the paper, and "
+                                 "descriptions are embedded once before training); delete the line"),
 }
-# Value ranges: key -> (low, high, low inclusive); None = unbounded on that side. NaN never passes.
-# Upper bounds are sanity limits that keep a typo (latent_size: 10000000) from allocating gigabytes.
-_WIDTH = (1, 65536, True)
-_PROBABILITY = (0.0, 1.0, True)  # high is exclusive: dropout 1.0 zeroes everything
-RANGES: dict[str, tuple] = {
-    "lora.rank": (1, 4096, True), "lora.alpha": (0.0, None, False), "lora.dropout": _PROBABILITY,
-    "hypernet.latent_size": _WIDTH, "hypernet.task_dim": _WIDTH, "hypernet.layer_emb_dim": _WIDTH,
-    "hypernet.module_emb_dim": _WIDTH, "hypernet.n_residual_blocks": (1, 256, True),
-    "hypernet.dropout": _PROBABILITY,
-    "encoder.batch_size": (1, None, True), "encoder.max_length": (1, None, True),
-    "data.n_tasks_per_batch": (1, None, True), "data.n_samples_per_task": (1, None, True),
-    "data.holdout_descriptions": (0, None, True), "data.max_prompt_tokens": (1, None, True),
-    "data.max_answer_tokens": (1, None, True), "data.max_train_instances": (0, None, True),
-    "data.max_eval_instances": (0, None, True), "data.num_workers": (0, None, True),
-    "data.max_total_tokens": (0, None, True), "data.max_descriptions_per_task": (0, None, True),
-    "data.length_grouping_window": (1, None, True), "data.tokens_per_step": (0, None, True),
-    "training.lr": (0.0, 10.0, False), "training.weight_decay": (0.0, None, True),
-    "training.warmup_steps": (0, None, True), "training.warmup_ratio": _PROBABILITY,
-    "training.label_smoothing": _PROBABILITY, "training.delta_w_scaling": (0.0, None, False),
-    "training.l2_penalty": (0.0, None, True), "training.neftune_alpha": (0.0, None, True),
-    "training.checkpoint_every_n_steps": (1, None, True),
-    "training.lr_head_bias": (0.0, None, True),
-    "trainer.num_nodes": (1, None, True), "trainer.max_steps": (1, None, True),
-    "trainer.accumulate_grad_batches": (1, None, True), "trainer.gradient_clip_val": (0.0, None, True),
-    "trainer.val_check_interval": (1, None, True), "trainer.limit_val_batches": (0.0, None, True),
-    "trainer.log_every_n_steps": (1, None, True),
-    "eval.limit": (0, None, True), "eval.batch_size": (1, None, True), "eval.max_new_tokens": (1, None, True),
-    "eval.n_descriptions": (1, None, True), "eval.val_generation_batches": (0, None, True),
-    "eval.report_max_items": (0, None, True),
-}
+
+
+def _without_removed_keys(data: dict) -> dict:
+    """``data`` less the removed keys that hold the value they always had in effect."""
+    for key, (inert, _) in REMOVED_KEYS.items():
+        section, _, leaf = key.rpartition(".")
+        node = data.get(section)
+        if isinstance(node, dict) and leaf in node and node[leaf] == inert and type(node[leaf]) is type(inert):
+            data = {**data, section: {k: v for k, v in node.items() if k != leaf}}
+    return data
+
+
+# Data paths are checked only when the recipe's mode needs them.
 # (recipe, where it came from, import_code) -> None or T2LError; see ``load_recipe``. For an
 # untrusted recipe it is also given untrusted=True: its errors must not quote the names it found.
 NameCheck = Callable[..., None]
@@ -425,6 +463,8 @@ def _explain(exc: OmegaConfBaseException, cfg: DictConfig, origin: str, untruste
     key = getattr(exc, "full_key", None) or ""
     parent, _, leaf = key.rpartition(".")
     if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc) or "Key '" in str(exc) and "not in" in str(exc):
+        if key in REMOVED_KEYS:
+            return T2LError(f"{origin}: '{key}' was removed: {REMOVED_KEYS[key][1]}")
         valid = _valid_keys(cfg, parent)
         section = f"section '{parent}'" if parent else "the recipe's top level"
         return T2LError(
@@ -529,7 +569,7 @@ def load_recipe(path_or_name: str | Path | None = None, overrides: list[str] | N
     recipe_file = None
     if path_or_name is not None:
         recipe_file = find_recipe(str(path_or_name))
-        data = read_yaml(recipe_file)
+        data = _without_removed_keys(read_yaml(recipe_file))
         if untrusted:
             found = _interpolations(data)
             if found:
@@ -572,6 +612,19 @@ def range_problem(value: Any, low: Any, high: Any, low_inclusive: bool = True) -
     return f"expected {expected}, got {value!r}" if bad else None
 
 
+def value_problem(key: str, value: Any, untrusted: bool = False, choices: tuple | None = None) -> str | None:
+    """What is wrong with ``value`` for ``key`` by its field's choices or range (None = fine);
+    ``untrusted``: said without the value; ``choices``: allowed values known only above this
+    layer (``training.mode``: the registered modes)."""
+    choices = choices if choices is not None else CHOICES.get(key)
+    if choices is not None and str(value) not in choices:
+        found = ("this value is not allowed" if untrusted
+                 else f"'{value}' is not allowed{did_you_mean(str(value), choices)}")
+        return f"{found}; expected one of: {', '.join(choices)}"
+    problem = range_problem(value, *RANGES[key]) if key in RANGES else None
+    return problem.split(", got ")[0] if problem and untrusted else problem
+
+
 def validate(cfg: DictConfig, recipe_file: Optional[Path] = None, check_files: bool = True,
              check_names: NameCheck | None = None, import_code: bool = False, untrusted: bool = False,
              modes: Mapping[str, ModePaths] | None = None) -> None:
@@ -579,16 +632,11 @@ def validate(cfg: DictConfig, recipe_file: Optional[Path] = None, check_files: b
     names, files. untrusted: the messages name key and file, never the value. modes: see
     ``load_recipe``."""
     origin = str(recipe_file) if recipe_file else "recipe"
-    choices_of = dict(CHOICES) if modes is None else {**CHOICES, "training.mode": tuple(modes)}
-    for key, choices in choices_of.items():
-        value = OmegaConf.select(cfg, key)
-        if str(value) not in choices:
-            found = "this value is not allowed" if untrusted else f"'{value}' is not allowed{did_you_mean(value, choices)}"
-            raise T2LError(f"{origin}: {key}: {found}; expected one of: {', '.join(choices)}")
-    for key, bounds in RANGES.items():
-        problem = range_problem(OmegaConf.select(cfg, key, default=None), *bounds)
+    extra = {} if modes is None else {"training.mode": tuple(modes)}  # the registered modes
+    for key in (*CHOICES, *RANGES, *extra):
+        problem = value_problem(key, OmegaConf.select(cfg, key, default=None), untrusted, extra.get(key))
         if problem:
-            raise T2LError(f"{origin}: {key}: {problem.split(', got ')[0] if untrusted else problem}")
+            raise T2LError(f"{origin}: {key}: {problem}")
     for key in _string_lists():
         if any(not isinstance(item, (str, int, float)) for item in OmegaConf.to_container(OmegaConf.select(cfg, key))):
             raise T2LError(f"{origin}: {key}: expected a list of names (strings), not of lists or mappings")

@@ -59,27 +59,27 @@ def fake_run(monkeypatch, world, tmp_path):
 
 
 def test_fit_builds_through_load_base(spy, world, capsys):
-    assert main(["fit", str(world["recipe"]), "training.run_name=spied"]) == 2
+    assert main(["fit", str(world["recipe"]), "training.run_name=spied"]) == 1
     assert spy == [(str(world["llm"]), ["q_proj", "v_proj"])]
     assert "load_base reached" in capsys.readouterr().err
     assert RunFolder(world["root"] / "runs" / "spied").recipe.is_file()  # prepared before the model loads
 
 
 def test_eval_builds_through_load_base(spy, world):
-    assert main(["eval", str(world["recipe"]), "--benchmarks", "arc_easy", "--limit", "1", "--no-cache"]) == 2
+    assert main(["eval", str(world["recipe"]), "--benchmarks", "arc_easy", "--limit", "1", "--no-cache"]) == 1
     assert spy == [(str(world["llm"]), [])]  # base model only: adapters inject their own targets later
 
 
 def test_generate_builds_through_load_base(spy, fake_run, world, tmp_path):
     run, seen = fake_run
-    assert main(["generate", str(run), "a task", "-o", str(tmp_path / "out")]) == 2
+    assert main(["generate", str(run), "a task", "-o", str(tmp_path / "out")]) == 1
     assert seen == [str(run)] and spy == [(str(world["llm"]), ["q_proj", "v_proj"])]
 
 
 def test_serve_builds_through_load_base(spy, fake_run, world):
     pytest.importorskip("uvicorn")
     run, seen = fake_run
-    assert main(["serve", str(run), "--port", "0"]) == 2
+    assert main(["serve", str(run), "--port", "0"]) == 1
     assert seen == [str(run)] and spy == [(str(world["llm"]), ["q_proj", "v_proj"])]
 
 

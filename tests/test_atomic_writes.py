@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from t2l_framework.config import HypernetConfig
+from t2l_framework.config import HypernetConfig, LoraConfig
 from t2l_framework.eval import report, sni_report
 from t2l_framework.hypernet import HyperNetwork, checkpoint
 from t2l_framework.lora import peft_io
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
 
 SHAPES = ModuleShapes(2, {"q_proj": (16, 16), "v_proj": (16, 8)})
-LORA = {"rank": 2, "alpha": 4.0, "target_modules": ["q_proj", "v_proj"]}
+LORA = LoraConfig(rank=2, alpha=4.0, target_modules=["q_proj", "v_proj"])
 PATHS = {m: [f"model.layers.{i}.self_attn.{m}" for i in range(2)] for m in ("q_proj", "v_proj")}
 
 

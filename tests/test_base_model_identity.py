@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from t2l_framework.config import HypernetConfig
+from t2l_framework.config import HypernetConfig, LoraConfig
 from t2l_framework.errors import T2LError
 from t2l_framework.hypernet import HyperNetwork
 from t2l_framework.llm.identity import base_model_identity
@@ -19,7 +19,7 @@ from t2l_framework.lora.weights import ModuleShapes
 from t2l_framework.run_folder import HYPERNET_CONFIG
 
 SHAPES = ModuleShapes(2, {"q_proj": (16, 16), "v_proj": (16, 8)})
-LORA = {"rank": 2, "alpha": 4.0, "target_modules": ["q_proj", "v_proj"]}
+LORA = LoraConfig(rank=2, alpha=4.0, target_modules=["q_proj", "v_proj"])
 
 
 def _model_folder(folder: Path, hidden: int = 16, transformers_version: str = "4.57.0") -> Path:

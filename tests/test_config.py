@@ -80,3 +80,66 @@ def test_loaded_recipe_is_read_only():
     cfg = load_recipe("mistral_L")
     with pytest.raises(Exception):
         cfg.lora.rank = 4
+
+
+def test_choices_and_ranges_sit_beside_their_fields_and_are_what_validation_checks(tmp_path):
+    from dataclasses import fields
+
+    from t2l_framework.config import CHOICES, RANGES, HypernetConfig, TrainerConfig
+
+    meta = {f.name: f.metadata for f in fields(HypernetConfig)}
+    assert meta["dropout"]["range"] == RANGES["hypernet.dropout"] == (0.0, 1.0, True) and meta["dropout"]["help"]
+    assert meta["chunk_position"]["choices"] == CHOICES["hypernet.chunk_position"] == ("rotary", "learned")
+    strategy = next(f for f in fields(TrainerConfig) if f.name == "strategy")
+    assert strategy.metadata["choices"] == CHOICES["trainer.strategy"] and "fsdp_base" in CHOICES["trainer.strategy"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hypernet:\n  chunk_position: rotry\n")
+    with pytest.raises(T2LError, match=rf"{bad}: hypernet.chunk_position: 'rotry' is not allowed \(did you mean "
+                                       r"'rotary'\?\); expected one of: rotary, learned"):
+        load_recipe(bad, check_files=False)
+    with pytest.raises(T2LError, match=r"^recipe: lora.rank: expected a positive integer up to 4096, got 0$"):
+        load_recipe(overrides=["lora.rank=0"], check_files=False)
+
+
+def test_one_source_for_task_sets_strategies_and_dtypes():
+    from t2l_framework import config
+    from t2l_framework.data import task_sets
+    from t2l_framework.llm.dtype import DTYPE_CHOICES
+    from t2l_framework.training import sharding, strategies
+
+    assert task_sets.TASK_SETS is config.TASK_SETS and config.CHOICES["data.task_set"] == ("", *config.TASK_SETS)
+    assert strategies.DEEPSPEED_STRATEGIES == {
+        "deepspeed_stage_1": (1, False), "deepspeed_stage_2": (2, False), "deepspeed_stage_2_offload": (2, True),
+        "deepspeed_stage_3": (3, False), "deepspeed_stage_3_offload": (3, True)}
+    assert sharding.STRATEGY in config.CHOICES["trainer.strategy"]
+    assert DTYPE_CHOICES == config.CHOICES["base_model.dtype"]
+
+
+def test_a_removed_key_says_why(tmp_path):
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("encoder:\n  trainable: true\n")
+    with pytest.raises(T2LError, match=rf"^{recipe}: 'encoder.trainable' was removed: it never did anything"):
+        load_recipe(recipe, check_files=False)
+    recipe.write_text("encoder:\n  trainable: false\n  pooling: cls\n")  # what every older run folder's recipe holds
+    assert load_recipe(recipe, check_files=False).encoder.pooling == "cls"
+    with pytest.raises(T2LError, match="'encoder.trainable' was removed"):
+        load_recipe(overrides=["encoder.trainable=true"], check_files=False)
+    shipped_text = "\n".join(p.read_text() for p in SHIPPED)
+    assert "trainable" not in shipped_text
+
+
+def test_one_cache_root_with_a_folder_per_kind(tmp_path, monkeypatch, capsys):
+    from t2l_framework import caches
+    from t2l_framework.assembly.inspect import cache_root as inspect_cache
+    from t2l_framework.eval.cache import default_cache_dir
+    from t2l_framework.llm.loading import cache_root as model_cache
+
+    monkeypatch.delenv("T2L_CACHE_DIR", raising=False)
+    monkeypatch.setenv("T2L_CACHE", str(tmp_path / "root"))
+    assert (model_cache(), default_cache_dir(), inspect_cache()) == tuple(
+        tmp_path / "root" / kind for kind in ("models", "eval", "inspect"))
+    monkeypatch.delenv("T2L_CACHE")
+    assert caches.cache_root() == Path.home() / ".cache" / "t2l"
+    monkeypatch.setenv("T2L_CACHE_DIR", str(tmp_path / "old"))  # the deprecated name of the same root
+    caches._deprecated_notice.cache_clear()
+    assert default_cache_dir() == tmp_path / "old" / "eval" and "T2L_CACHE_DIR is deprecated" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from t2l_framework import config
 from t2l_framework.cli import main
 from t2l_framework.assembly import load_recipe
 from t2l_framework.config import DataConfig, project_root
@@ -40,6 +41,7 @@ def tiny_set(tmp_path, monkeypatch):
     ids = tmp_path / "tiny_set.txt"
     ids.write_text("# three paper tasks\n" + "\n".join(SET) + "\n")
     monkeypatch.setitem(task_sets.TASK_SETS, "tiny", str(ids))
+    monkeypatch.setitem(config.CHOICES, "data.task_set", (*config.CHOICES["data.task_set"], "tiny"))  # a recipe may name it
     hub, ref = tmp_path / "hub", tmp_path / "reference"
     for task, name in MISSING.items():
         folder = hub / name

@@ -87,10 +87,10 @@ def test_eval_writes_json_table_plot_and_reuses_the_cache(world, tmp_path, capsy
 
 
 def test_eval_errors_are_one_line(world, tmp_path, capsys):
-    assert _eval(world, tmp_path, "--benchmarks", "arc_easyy") == 2
+    assert _eval(world, tmp_path, "--benchmarks", "arc_easyy") == 1
     err = capsys.readouterr().err
     assert "unknown benchmark 'arc_easyy'" in err and "did you mean 'arc_easy'" in err and "Traceback" not in err
-    assert main(["eval", str(world["recipe"]), "--dtype", "float32", "--adapters", "t2l", "--limit", "1"]) == 2
+    assert main(["eval", str(world["recipe"]), "--dtype", "float32", "--adapters", "t2l", "--limit", "1"]) == 1
     assert "needs a trained run folder" in capsys.readouterr().err
 
 
@@ -209,7 +209,7 @@ def test_recipe_protocol_key_and_bad_values(world, tmp_path, capsys):
                  "-o", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["benchmarks"]["piqa"]["protocol"] == "lm-eval"
     recipe.write_text(world["recipe"].read_text().replace("eval:\n", "eval:\n  protocol: harness\n"))
-    assert main(["eval", str(recipe), "--dtype", "float32", "--benchmarks", "piqa", "--adapters", "base", "--limit", "1"]) == 2
+    assert main(["eval", str(recipe), "--dtype", "float32", "--benchmarks", "piqa", "--adapters", "base", "--limit", "1"]) == 1
     err = capsys.readouterr().err
     assert "eval.protocol" in err and "harness" in err and "Traceback" not in err
 

@@ -13,6 +13,7 @@ import torch
 
 from examples.factorized_head import FactorizedHead
 from t2l_framework.assembly import fit, head_lookup
+from t2l_framework.config import HypernetConfig, LoraConfig
 from t2l_framework.hypernet.heads import PerLayerHead
 from t2l_framework.lora.weights import ModuleShapes
 from tests.tiny_world import build_world
@@ -37,8 +38,8 @@ def test_fewer_parameters_than_per_layer_b_zero_at_init_and_task_dependent_after
     head, per_layer = FactorizedHead(128, shapes, 4, 64), PerLayerHead(128, shapes, 4, 64)
     assert _params(head) < _params(per_layer) / 4
     torch.manual_seed(0)
-    net = HyperNetwork(shapes, 24, {"head": HEAD, "latent_size": 128},
-                       {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}, heads=head_lookup(import_code=True))
+    net = HyperNetwork(shapes, 24, HypernetConfig(head=HEAD, latent_size=128),
+                       LoraConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"]), heads=head_lookup(import_code=True))
     emb = torch.randn(6, 24)
     w = net(emb)
     A, B = w.A["v_proj"], w.B["v_proj"]

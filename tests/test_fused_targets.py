@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from t2l_framework.config import HypernetConfig, LoraConfig
 from t2l_framework.errors import T2LError
 from t2l_framework.hypernet.hypernetwork import HyperNetwork
 from t2l_framework.llm.families import find_family
@@ -144,8 +145,8 @@ def test_hypernetwork_builds_from_the_slice_shapes_and_starts_at_the_base_model(
     ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(4))
     base_logits = model(ids).logits
     injection = inject_lora(model, ["q_proj", "v_proj"], _gpt2())
-    hypernet = HyperNetwork(injection.shapes, enc_dim=16, hypernet_cfg={"latent_size": 32, "task_dim": 16},
-                            lora_cfg={"rank": RANK, "alpha": ALPHA, "target_modules": ["q_proj", "v_proj"]})
+    hypernet = HyperNetwork(injection.shapes, enc_dim=16, hypernet_cfg=HypernetConfig(latent_size=32, task_dim=16),
+                            lora_cfg=LoraConfig(rank=RANK, alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
     weights = hypernet(torch.randn(3, 16))
     assert weights.A["q_proj"].shape == (3, 2, RANK, EMBD) and weights.B["v_proj"].shape == (3, 2, EMBD, RANK)
     assert isinstance(model.transformer.h[1].attn.c_attn, BatchedLoraLinear)

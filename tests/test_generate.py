@@ -74,15 +74,15 @@ def test_chat_prints_base_and_adapted_answers(world, tmp_path, capsys):
 
 
 def test_errors_are_one_line_without_traceback(world, tmp_path, capsys):
-    assert main(["generate", str(tmp_path), "a task"]) == 2
+    assert main(["generate", str(tmp_path), "a task"]) == 1
     assert "not a T2L run folder" in capsys.readouterr().err
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
-    assert main(["generate", str(world["run"]), "a task", "-o", str(tmp_path / "taken")]) == 2
+    assert main(["generate", str(world["run"]), "a task", "-o", str(tmp_path / "taken")]) == 1
     assert "already exists; pass --force" in capsys.readouterr().err
-    assert main(["generate", str(world["run"])]) == 2
+    assert main(["generate", str(world["run"])]) == 1
     assert "task descriptions" in capsys.readouterr().err
-    assert main(["generate", str(world["run"]), "--from-file", str(tmp_path / "nope.txt")]) == 2
+    assert main(["generate", str(world["run"]), "--from-file", str(tmp_path / "nope.txt")]) == 1
     assert "--from-file" in capsys.readouterr().err
 
 

@@ -111,7 +111,7 @@ def test_a_hub_id_loads_from_the_hub_cache_offline_with_revision(saved, tmp_path
 def test_t2l_generate_takes_a_hub_id_offline(saved, tmp_path):
     cache = _hub_cache(saved, tmp_path / "hf")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(ROOT),
-           "T2L_CACHE_DIR": str(tmp_path / "t2l")}
+           "T2L_CACHE": str(tmp_path / "t2l")}
     out = tmp_path / "adapter"
     proc = subprocess.run([sys.executable, "-m", "t2l_framework.cli", "generate", REPO, DESC, "-o", str(out),
                            "--revision", SHA, "--dtype", "float32", "--no-familiarity"],
@@ -167,7 +167,7 @@ def test_t2l_push_uploads_the_run_to_the_hub_api(world, monkeypatch, capsys):
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
         assert main(["push", str(world["run"]), REPO, "--private", "--create-pr"]) == 0
         assert main(["push", str(world["run"]), REPO, "--revision", "experiment"]) == 0
-        assert main(["push", str(world["run"]), REPO, "--revision", "x", "--create-pr"]) == 2
+        assert main(["push", str(world["run"]), REPO, "--revision", "x", "--create-pr"]) == 1
     out = capsys.readouterr()
     assert "discussions/1" in out.out and "pull request against the default branch" in out.err
     created = [json.loads(r["body"]) for r in hub.requests if r["path"] == "/api/repos/create"]
@@ -198,7 +198,7 @@ def test_import_reference_takes_a_hub_id_and_subfolder(tmp_path, monkeypatch, ca
     assert resolve_run("SakanaAI/text-to-lora", subfolder="trained_t2l/tiny_t2l") == snapshot / "trained_t2l" / "tiny_t2l"
     # the command reaches the reference reader with the snapshot's folder (which then names the missing file)
     assert main(["import-reference", "SakanaAI/text-to-lora", "--subfolder", "trained_t2l/tiny_t2l",
-                 "-o", str(tmp_path / "run")]) == 2
+                 "-o", str(tmp_path / "run")]) == 1
     assert "trained_t2l/tiny_t2l" in capsys.readouterr().err
     with pytest.raises(T2LError, match="has no folder 'trained_t2l/other'"):
         resolve_run("SakanaAI/text-to-lora", subfolder="trained_t2l/other")

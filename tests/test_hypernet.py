@@ -6,12 +6,13 @@ Exact parity of the L / M / S forward with the reference's formulas: tests/test_
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from t2l_framework.assembly import head_lookup, load_recipe
-from t2l_framework.config import HypernetConfig
+from t2l_framework.config import HypernetConfig, LoraConfig
 from t2l_framework.errors import T2LError
 from t2l_framework.hypernet import HyperNetwork, HypernetHead, PerLayerHead
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
@@ -19,7 +20,7 @@ from t2l_framework.runtime import AdapterGenerator
 
 HEADS = ["per_layer", "shared", "chunked", "chunked_learned"]
 TINY = ModuleShapes(2, {"q_proj": (32, 32), "v_proj": (32, 16)})
-LORA = {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+LORA = LoraConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
 ENC_DIM = 24
 
 
@@ -154,10 +155,12 @@ def test_trunk_dropout_matches_the_reference_placement():
 
 
 def test_trunk_and_head_settings_are_checked():
-    with pytest.raises(T2LError, match="n_residual_blocks: expected at least 1"):
+    with pytest.raises(T2LError, match=r"HypernetConfig: hypernet.n_residual_blocks: expected a positive integer up to 256, got 0"):
         HyperNetwork(TINY, ENC_DIM, HypernetConfig(n_residual_blocks=0), LORA)
-    with pytest.raises(T2LError, match="dropout: expected a probability"):
+    with pytest.raises(T2LError, match=r"hypernet.dropout: expected a number in \[0.0, 1.0\), got 1.5"):
         HyperNetwork(TINY, ENC_DIM, HypernetConfig(dropout=1.5), LORA)
+    with pytest.raises(T2LError, match="hypernet.chunk_position: 'sine' is not allowed"):
+        HypernetConfig(chunk_position="sine")
     with pytest.raises(T2LError, match="rotary needs an even trunk width"):
         HyperNetwork(TINY, ENC_DIM, HypernetConfig(head="chunked", task_dim=7), LORA)
     with pytest.raises(T2LError, match="hypernet.chunk_position: 'sin' is not allowed"):
@@ -217,7 +220,7 @@ def test_custom_head_through_a_plugin(monkeypatch):
 
 def test_target_modules_must_match_shapes():
     with pytest.raises(T2LError, match="target_modules"):
-        HyperNetwork(TINY, ENC_DIM, tiny_cfg("shared"), {**LORA, "target_modules": ["q_proj", "k_proj"]})
+        HyperNetwork(TINY, ENC_DIM, tiny_cfg("shared"), replace(LORA, target_modules=["q_proj", "k_proj"]))
 
 
 MISTRAL = ModuleShapes(32, {"q_proj": (4096, 4096), "v_proj": (4096, 1024)})
@@ -234,7 +237,7 @@ def test_mistral_parameter_counts_are_the_reference_counts(head):
     position = "learned" if head == "chunked_learned" else "rotary"
     with torch.device("meta"):
         net = HyperNetwork(MISTRAL, 1024, HypernetConfig(head=head.replace("_learned", ""), chunk_position=position),
-                           {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]})
+                           LoraConfig(rank=8, alpha=16.0, target_modules=["q_proj", "v_proj"]))
     assert net.num_trainable_parameters() == MISTRAL_COUNTS[head]
     assert sum(p.numel() for p in net.trunk.parameters()) == 791_552
     assert net.trunk.width == 128 and net.head.latent_size == 512
@@ -345,3 +348,14 @@ def test_a_head_without_forward_cannot_be_built():
 
     with pytest.raises(TypeError, match="abstract method forward"):
         NoForward(8, TINY, 2, 16)
+
+
+def test_one_config_type_goes_in_and_a_recipe_is_converted_at_the_edge():
+    with pytest.raises(TypeError, match="hypernet_cfg must be a HypernetConfig, not dict"):
+        HyperNetwork(TINY, ENC_DIM, {"head": "per_layer"}, LORA)
+    with pytest.raises(TypeError, match="lora_cfg must be a LoraConfig, not dict"):
+        HyperNetwork(TINY, ENC_DIM, tiny_cfg("shared"), {"rank": 4})
+    cfg = load_recipe(overrides=["hypernet.head=shared", "hypernet.latent_size=16", "lora.rank=4",
+                                 "lora.alpha=8.0"], check_files=False)
+    net = HyperNetwork.from_recipe(cfg, TINY, ENC_DIM)
+    assert net.head_name == "shared" and net.rank == 4 and net.hypernet_cfg["latent_size"] == 16

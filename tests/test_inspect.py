@@ -62,7 +62,7 @@ def world(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def cache(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.getbasetemp() / "inspect_cache"
-    monkeypatch.setenv("T2L_CACHE_DIR", str(root))
+    monkeypatch.setenv("T2L_CACHE", str(root))
     return root
 
 

@@ -119,7 +119,7 @@ def test_no_dropout_costs_nothing_and_is_cleared(tiny_llama, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "dropout", no_dropout)
     with torch.no_grad(), injection.use(w):
         injection.model(x)
-    with pytest.raises(T2LError, match="lora.dropout: expected a probability"):
+    with pytest.raises(AssertionError):  # an invariant: lora.dropout was checked with the recipe
         injection.set(w, dropout=1.0)
 
 

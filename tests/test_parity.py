@@ -288,7 +288,7 @@ def test_cli_import_then_generate_uses_the_recorded_encoder(tmp_path, capsys):
     assert main(["import-reference", str(folder), "-o", str(tmp_path / "run")]) == 0
     assert "wrote" in capsys.readouterr().out
     # gte-large-en-v1.5 ships its own modelling code, so an imported run asks for the flag.
-    assert main(["generate", str(tmp_path / "run"), "answer with apple", "-o", str(tmp_path / "adapter")]) == 2
+    assert main(["generate", str(tmp_path / "run"), "answer with apple", "-o", str(tmp_path / "adapter")]) == 1
     assert "--trust-remote-code" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "run"), "answer with apple", "-o", str(tmp_path / "adapter"),
                  "--trust-remote-code"]) == 0
@@ -300,7 +300,7 @@ def test_cli_import_then_generate_uses_the_recorded_encoder(tmp_path, capsys):
     ours = runtime.adapters([desc])
     for m, (A, B) in reference_lora(state, KINDS["S"], shapes, order, RANK, emb).items():
         assert (ours.A[m][0] - A).abs().max() <= 1e-5 and (ours.B[m][0] - B).abs().max() <= 1e-5
-    assert main(["import-reference", str(folder), "-o", str(tmp_path / "run")]) == 2
+    assert main(["import-reference", str(folder), "-o", str(tmp_path / "run")]) == 1
     assert "already exists and is not empty; pass --force" in capsys.readouterr().err
 
 
@@ -335,7 +335,7 @@ def test_unrepresentable_checkpoints_are_refused_in_one_line(tmp_path, capsys, n
     folder = write_reference(tmp_path / "ref", edit(state) if edit else state, args=args)
     with pytest.raises(T2LError, match=message):
         import_reference(folder, tmp_path / "run")
-    assert main(["import-reference", str(folder), "-o", str(tmp_path / "run")]) == 2
+    assert main(["import-reference", str(folder), "-o", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()

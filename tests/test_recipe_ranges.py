@@ -33,7 +33,7 @@ def test_out_of_range_values_are_one_error_line_naming_the_key(tmp_path, capsys,
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(text)
     code, err = _validate(capsys, recipe)
-    assert code == 2
+    assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     assert f": {key}: expected" in lines[0] and words in lines[0], lines[0]
@@ -52,15 +52,15 @@ def test_a_duplicate_key_names_the_key_and_file_line(tmp_path, capsys):
     recipe = tmp_path / "dup.yaml"
     recipe.write_text("training:\n  lr: 1.0e-4\n  seed: 3\n  lr: 2.0e-4\ntrainer:\n  max_steps: 5\n")
     code, err = _validate(capsys, recipe)
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert f"{recipe}:4:3: duplicate key 'lr' (first given on line 2)" in err, err
     recipe.write_text("trainer:\n  max_steps: 5\ntrainer:\n  max_steps: 6\n")  # whole sections too
     code, err = _validate(capsys, recipe)
-    assert code == 2 and f"{recipe}:3:1: duplicate key 'trainer'" in err, err
+    assert code == 1 and f"{recipe}:3:1: duplicate key 'trainer'" in err, err
 
 
 def test_deeply_nested_yaml_is_one_clear_error(tmp_path, capsys):
     recipe = tmp_path / "deep.yaml"
     recipe.write_text("description: " + "[" * 100_000 + "]" * 100_000 + "\n")
     code, err = _validate(capsys, recipe)
-    assert code == 2 and "Traceback" not in err and "nested too deeply" in err, err[-500:]
+    assert code == 1 and "Traceback" not in err and "nested too deeply" in err, err[-500:]

@@ -428,7 +428,7 @@ def live_server(runtime, world, tmp_path, monkeypatch):
 
     from t2l_framework.assembly.inspect import inspector_for
 
-    monkeypatch.setenv("T2L_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("T2L_CACHE", str(tmp_path / "cache"))
     inspector = inspector_for(runtime.generator, world["run"] / "recipe.yaml")  # familiarity on the page
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(runtime, batch_window_ms=50, inspector=inspector),

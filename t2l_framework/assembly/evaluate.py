@@ -108,8 +108,9 @@ def _as_list(values: Sequence[str] | str | None) -> list[str]:
 
 def evaluate(run_or_recipe: str | Path, benchmarks: Sequence[str] | str | None = None,
              adapters: Sequence[str] | str | None = None, *, revision: str | None = None,
-             limit: int | None = None, n_descriptions: int = 0, protocol: str | None = None,
-             scoring: str = "loglik", mc_answer: str = "label", batch_size: int = 0, max_new_tokens: int = 0,
+             limit: int | None = None, n_descriptions: int | None = None, protocol: str | None = None,
+             scoring: str = "loglik", mc_answer: str = "label", batch_size: int | None = None,
+             max_new_tokens: int | None = None,
              code_timeout_s: float = 10.0, seed: int = 0, arrow_top_k: int = ARROW_TOP_K,
              arrow_temperature: float = ARROW_TEMPERATURE, output: str | Path | None = None,
              cache_dir: str | Path | None = None, use_cache: bool = True, data_root: str | Path | None = None,
@@ -122,7 +123,9 @@ def evaluate(run_or_recipe: str | Path, benchmarks: Sequence[str] | str | None =
     ``--adapters`` take them (a list, or one comma-separated string); None: the recipe's
     ``eval.benchmarks`` (else ``paper``) / base, base+description, t2l (a T2L run), the run's own
     adapter (a LoRA run), the recipe's ``eval.baseline_adapter`` and ``eval.arrow_library``.
-    limit, n_descriptions, protocol, batch_size: None / 0 take the recipe's ``eval`` values.
+    limit, n_descriptions, protocol, batch_size: None takes the recipe's ``eval`` value (limit 0: all
+    items). max_new_tokens: None = each benchmark's own answer length (a run's own sni_seen /
+    sni_unseen: its recipe's ``eval.max_new_tokens``), else a cap for all.
     output: default RUN/eval, or eval_results/RECIPE. dtype: 'auto', a dtype name, or None (the
     recipe's ``base_model.dtype``). The other settings are ``EvalSettings``'.
     """
@@ -174,9 +177,11 @@ def evaluate(run_or_recipe: str | Path, benchmarks: Sequence[str] | str | None =
     benches = pick_benchmarks(_as_list(benchmarks) or list(ev.benchmarks) or ["paper"], data_root, run_cfg,
                               recipe_file)
     settings = EvalSettings(
-        limit=limit if limit is not None else ev.limit, n_descriptions=n_descriptions or ev.n_descriptions,
+        limit=limit if limit is not None else ev.limit,
+        n_descriptions=n_descriptions if n_descriptions is not None else ev.n_descriptions,
         scoring=scoring, mc_answer=mc_answer, protocol=protocol or ev.protocol,
-        batch_size=batch_size or ev.batch_size, max_new_tokens=max_new_tokens, code_timeout_s=code_timeout_s,
+        batch_size=batch_size if batch_size is not None else ev.batch_size,
+        max_new_tokens=max_new_tokens or 0, code_timeout_s=code_timeout_s,
         seed=seed, arrow_top_k=arrow_top_k, arrow_temperature=arrow_temperature)
     device = device or default_device()
     generator = None

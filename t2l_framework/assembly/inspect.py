@@ -5,7 +5,7 @@ The run knows its training tasks (``data.train_tasks`` or what the data selects)
 each task's descriptions were held out of training (``split_descriptions`` with the run's seed,
 exactly as training split them). The index (training-description embeddings, the held-out
 reference, each task's centroid embedding and adapter norms) is written once, atomically, to
-``$T2L_CACHE_DIR/inspect/`` (default ``~/.cache/t2l-framework``), keyed by the hypernetwork's
+``$T2L_CACHE/inspect/`` (default ``~/.cache/t2l/inspect``), keyed by the hypernetwork's
 identity and the descriptions, so a read-only run (a Hub snapshot) is inspected the same way.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from t2l_framework.assembly.lookups import load_recipe
 from t2l_framework.atomic import atomic_file
+from t2l_framework.caches import cache_dir
 from t2l_framework.console import say
 from t2l_framework.errors import T2LError
 from t2l_framework.run_folder import RunFolder
@@ -61,7 +61,7 @@ def run_tasks(cfg, recipe_file: Path | None) -> RunTasks:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("T2L_CACHE_DIR") or Path.home() / ".cache" / "t2l-framework") / "inspect"
+    return cache_dir("inspect")
 
 
 def _key(identity: str, tasks: RunTasks) -> str:

@@ -14,11 +14,12 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from t2l_framework.config import resolve_path
+from t2l_framework.config import TASK_SETS, resolve_path  # the schema's data.task_set choices
 from t2l_framework.data.files import read_text, text_lines
 from t2l_framework.errors import T2LError
 
-TASK_SETS = {"paper479": "data/sni/paper_train_tasks.txt"}
+__all__ = ["TASK_SETS", "task_set_ids", "fetched_pair", "task_sources", "task_ids_in", "missing_tasks",
+           "check_task_set"]
 FETCHED_TASKS, FETCHED_INSTANCES = "tasks.jsonl", "instances.jsonl"
 
 

@@ -45,7 +45,7 @@ class TransformersEncoder(BaseEncoder):
         """Build from an ``EncoderConfig`` (the ``encoder:`` recipe section)."""
         return cls(cfg.model, pooling=cfg.pooling, prefix=cfg.prefix, normalize=cfg.normalize,
                    max_length=cfg.max_length, batch_size=cfg.batch_size,
-                   trust_remote_code=cfg.trust_remote_code, trainable=cfg.trainable)
+                   trust_remote_code=cfg.trust_remote_code)
 
     def embed_batch(self, texts: list[str]) -> torch.Tensor:
         """``texts`` (b strings) -> pooled hidden states ``[b, hidden_size]``."""

@@ -41,8 +41,7 @@ class SentenceTransformersEncoder(BaseEncoder):
     def from_config(cls, cfg) -> "SentenceTransformersEncoder":
         """Build from an ``EncoderConfig`` (the ``encoder:`` recipe section)."""
         return cls(cfg.model, prefix=cfg.prefix, normalize=cfg.normalize, max_length=cfg.max_length,
-                   batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code,
-                   trainable=cfg.trainable)
+                   batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
 
     def embed_batch(self, texts: list[str]) -> torch.Tensor:
         """``texts`` (b strings) -> sentence embeddings ``[b, dim]``.

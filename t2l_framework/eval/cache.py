@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from t2l_framework.atomic import atomic_file
+from t2l_framework.caches import cache_dir
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("T2L_CACHE_DIR") or Path.home() / ".cache" / "t2l-framework") / "eval"
+    return cache_dir("eval")
 
 
 def cache_key(parts: dict) -> str:

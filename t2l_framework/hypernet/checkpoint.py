@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -96,7 +97,7 @@ def _expect(path: Path, where: str, value, kind, what: str):
 
 def _check_config(path: Path, config: dict) -> None:
     """Every key ``load_pretrained`` uses, with its type and a sane range, before anything is built."""
-    from t2l_framework.config import RANGES, range_problem
+    from t2l_framework.config import value_problem
 
     for key, kind, what in (("base_model", str, "a string"), ("encoder", dict, "a mapping"),
                             ("enc_dim", int, "an integer"), ("shapes", dict, "a mapping"),
@@ -136,8 +137,7 @@ def _check_config(path: Path, config: dict) -> None:
                 raise T2LError(f"{path}: 'base_model_identity.{key}' must be null or {pattern.pattern}")
     for section in ("lora", "hypernet"):
         for key, value in config[section].items():
-            bounds = RANGES.get(f"{section}.{key}")
-            problem = bounds and range_problem(value, *bounds)
+            problem = value_problem(f"{section}.{key}", value)
             if problem:
                 raise T2LError(f"{path}: '{section}.{key}': {problem}")
 
@@ -163,8 +163,15 @@ def read_config(directory) -> dict:
 
 
 def _build(cls, config: dict, lora: dict, heads):
-    return cls(ModuleShapes.from_dict(config["shapes"]), config["enc_dim"], config["hypernet"],
-               lora, base_model=config["base_model"], encoder=config["encoder"], heads=heads)
+    """The network ``config`` describes; its JSON sections become the config dataclasses here
+    (keys the schema no longer has are ignored, missing ones take the defaults)."""
+    from t2l_framework.config import HypernetConfig, LoraConfig
+
+    known = {f.name for f in fields(HypernetConfig)}
+    hypernet = HypernetConfig(**{k: v for k, v in config["hypernet"].items() if k in known})
+    lora_cfg = LoraConfig(**{k: lora[k] for k in ("rank", "alpha", "use_rslora", "target_modules")})
+    return cls(ModuleShapes.from_dict(config["shapes"]), config["enc_dim"], hypernet, lora_cfg,
+               base_model=config["base_model"], encoder=config["encoder"], heads=heads)
 
 
 def load_pretrained(cls, directory, expect_base_model=None, expect_rank=None, device="cpu", heads=None):

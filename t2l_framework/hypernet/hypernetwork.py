@@ -8,7 +8,7 @@ go through a Python loop); the head finishes the trunk for its rows (see ``Hyper
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import asdict
 from typing import Any, Callable
 
 import torch
@@ -20,8 +20,6 @@ from t2l_framework.hypernet.heads import BUILTIN_HEADS, HypernetHead
 from t2l_framework.hypernet.trunk import Trunk
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
 
-HYPERNET_KEYS = [f.name for f in fields(HypernetConfig)]
-
 HeadLookup = Callable[[str], type]  # hypernet.head name -> HypernetHead subclass
 
 
@@ -32,20 +30,6 @@ def builtin_head(name: str) -> type:
         raise T2LError(f"hypernet.head: unknown head '{name}'{did_you_mean(name, BUILTIN_HEADS)}; built-in heads: "
                        f"{', '.join(BUILTIN_HEADS)} (plugin heads and import paths resolve through t2l_framework.assembly)")
     return BUILTIN_HEADS[name]
-
-
-def _as_dict(cfg: Any, keys: list[str], defaults: Any) -> dict:
-    """A plain dict of ``keys`` from a dataclass, OmegaConf node, dict or None (missing -> defaults)."""
-    base = asdict(defaults)
-    if cfg is None:
-        return {k: base[k] for k in keys}
-    if is_dataclass(cfg):
-        cfg = asdict(cfg)
-    elif not isinstance(cfg, dict):
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    return {k: cfg.get(k, base[k]) for k in keys}
 
 
 def build_head(name: str, hypernet_cfg: dict, shapes: ModuleShapes, rank: int, trunk_width: int,
@@ -65,22 +49,28 @@ class HyperNetwork(nn.Module):
     """Trunk + head, generating a whole adapter per task embedding.
 
     shapes: which modules get LoRAs and their (in, out) features; enc_dim: task-embedding
-    width. hypernet_cfg / lora_cfg: ``HypernetConfig`` / ``LoraConfig`` (dataclass, OmegaConf
-    node or dict). base_model, encoder: recorded in checkpoints so generation uses the same
+    width. hypernet_cfg / lora_cfg: a ``HypernetConfig`` / ``LoraConfig`` (None: the defaults;
+    ``from_recipe`` converts a loaded recipe's sections, a checkpoint its JSON). base_model, encoder: recorded in checkpoints so generation uses the same
     base model and encoder (encoder: dict with name, model, prefix, normalize, pooling).
     heads: name -> head class (``t2l_framework.assembly.head_lookup`` knows plugins and import
     paths); default: the built-in heads.
     """
 
-    def __init__(self, shapes: ModuleShapes, enc_dim: int, hypernet_cfg: Any = None, lora_cfg: Any = None,
-                 base_model: str = "", encoder: dict | None = None, heads: HeadLookup | None = None):
+    def __init__(self, shapes: ModuleShapes, enc_dim: int, hypernet_cfg: HypernetConfig | None = None,
+                 lora_cfg: LoraConfig | None = None, base_model: str = "", encoder: dict | None = None,
+                 heads: HeadLookup | None = None):
         super().__init__()
+        hypernet_cfg, lora_cfg = hypernet_cfg or HypernetConfig(), lora_cfg or LoraConfig()
+        for name, value, cls in (("hypernet_cfg", hypernet_cfg, HypernetConfig), ("lora_cfg", lora_cfg, LoraConfig)):
+            if not isinstance(value, cls):  # a programming error: convert where the config comes in
+                raise TypeError(f"HyperNetwork {name} must be a {cls.__name__}, not {type(value).__name__} "
+                                f"(a loaded recipe: HyperNetwork.from_recipe; a dict: {cls.__name__}(**d))")
         self.shapes = shapes
         self.enc_dim = int(enc_dim)
-        self.hypernet_cfg = _as_dict(hypernet_cfg, HYPERNET_KEYS, HypernetConfig())
-        lora = _as_dict(lora_cfg, ["rank", "alpha", "use_rslora", "target_modules"], LoraConfig())
-        self.rank, self.alpha, self.use_rslora = int(lora["rank"]), float(lora["alpha"]), bool(lora["use_rslora"])
-        self.target_modules = list(lora["target_modules"])
+        self.hypernet_cfg = asdict(hypernet_cfg)  # what a checkpoint records and a head's from_config reads
+        self.rank, self.alpha = int(lora_cfg.rank), float(lora_cfg.alpha)
+        self.use_rslora = bool(lora_cfg.use_rslora)
+        self.target_modules = list(lora_cfg.target_modules)
         if set(self.target_modules) != set(shapes.modules):
             raise T2LError(
                 f"lora.target_modules {self.target_modules} do not match the base model's targeted "
@@ -90,7 +80,7 @@ class HyperNetwork(nn.Module):
         self.encoder_meta = dict(encoder or {})
         hc = self.hypernet_cfg
         self.head_name = str(hc["head"])
-        self.trunk = Trunk.from_config(_Attrs(hc), self.enc_dim, shapes.n_layers, len(shapes.modules))
+        self.trunk = Trunk.from_config(hypernet_cfg, self.enc_dim, shapes.n_layers, len(shapes.modules))
         self.head = build_head(self.head_name, hc, shapes, self.rank, self.trunk.width, heads)
         self.register_buffer("layer_idx", torch.arange(shapes.n_layers), persistent=False)
         self.register_buffer("module_idx", torch.arange(len(shapes.modules)), persistent=False)
@@ -126,12 +116,14 @@ class HyperNetwork(nn.Module):
     def from_recipe(cls, recipe: Any, shapes: ModuleShapes, enc_dim: int,
                     heads: HeadLookup | None = None) -> "HyperNetwork":
         """Build from a loaded recipe (``load_recipe``) for a base model with ``shapes``."""
+        from omegaconf import OmegaConf
+
         enc = recipe.encoder
         encoder = {"name": enc.name, "model": enc.model, "prefix": enc.prefix,
                    "normalize": bool(enc.normalize), "pooling": enc.pooling,
                    "normalize_scale": enc.normalize_scale, "full_stop": bool(enc.full_stop)}
-        return cls(shapes, enc_dim, recipe.hypernet, recipe.lora, base_model=recipe.base_model.name_or_path,
-                   encoder=encoder, heads=heads)
+        return cls(shapes, enc_dim, OmegaConf.to_object(recipe.hypernet), OmegaConf.to_object(recipe.lora),
+                   base_model=recipe.base_model.name_or_path, encoder=encoder, heads=heads)
 
     @property
     def metadata(self) -> dict:
@@ -180,10 +172,3 @@ class HyperNetwork(nn.Module):
         from t2l_framework.hypernet.checkpoint import load_weights
 
         load_weights(self, path)
-
-
-class _Attrs:
-    """Attribute access over a dict (``Trunk.from_config`` reads config attributes)."""
-
-    def __init__(self, d: dict):
-        self.__dict__.update(d)

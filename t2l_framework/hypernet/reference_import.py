@@ -255,6 +255,7 @@ def _map_state(ref: ReferenceCheckpoint, net, order: list[str], scale: float) ->
 
 def convert(ref: ReferenceCheckpoint, module_order: Sequence[str] | None = None):
     """A ``HyperNetwork`` holding the reference's weights, and the recipe sections that go with it."""
+    from t2l_framework.config import HypernetConfig, LoraConfig
     from t2l_framework.hypernet.hypernetwork import HyperNetwork
 
     task = _check_supported(ref)
@@ -276,7 +277,8 @@ def convert(ref: ReferenceCheckpoint, module_order: Sequence[str] | None = None)
     if not base_model:
         raise _refuse(ref, "neither args.yaml model_dir nor adapter_config.json base_model_name_or_path names the base model")
     meta = {k: encoder[k] for k in ("name", "model", "prefix", "normalize", "pooling", "normalize_scale", "full_stop")}
-    net = HyperNetwork(shapes, enc_dim, hypernet, lora, base_model=base_model, encoder=meta)
+    net = HyperNetwork(shapes, enc_dim, HypernetConfig(**hypernet), LoraConfig(**lora), base_model=base_model,
+                       encoder=meta)
     # A raw-scale reconstruction model divides its A and B by sqrt(delta_w_scaling) on output;
     # the heads are linear, so that folds into their weights and biases exactly.
     scale = 1.0 / math.sqrt(float(ref.args.get("delta_w_scaling", 10000))) \

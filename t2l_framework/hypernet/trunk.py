@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from t2l_framework.errors import T2LError
 
 
 class ResidualMLP(nn.Module):
@@ -50,11 +49,7 @@ class Trunk(nn.Module):
                  layer_emb_dim: int = 32, module_emb_dim: int = 32, latent_size: int = 512,
                  n_residual_blocks: int = 2, dropout: float = 0.05, expansion: int = 4):
         super().__init__()
-        if n_residual_blocks < 1:
-            raise T2LError(f"hypernet.n_residual_blocks: expected at least 1 (the heads condition the last "
-                           f"block), got {n_residual_blocks}")
-        if not 0.0 <= dropout < 1.0:
-            raise T2LError(f"hypernet.dropout: expected a probability in [0, 1), got {dropout}")
+        assert n_residual_blocks >= 1, "the heads condition the last block"  # HypernetConfig checks the value
         self.latent_size = latent_size
         self.task_proj = nn.Sequential(nn.Linear(enc_dim, task_dim), nn.LayerNorm(task_dim))
         self.layer_emb = nn.Sequential(nn.Embedding(n_layers, layer_emb_dim), nn.LayerNorm(layer_emb_dim))

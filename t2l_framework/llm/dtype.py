@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
+from t2l_framework.config import CHOICES
 from t2l_framework.errors import T2LError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_CHOICES = CHOICES["base_model.dtype"]  # the recipe schema's; the CLI's --dtype offers them too
 CPU_BF16_ENV = "T2L_CPU_BF16"
 
 

@@ -1,7 +1,7 @@
 """Loading the frozen base LLM from a hub id, a local folder or a GGUF file.
 
 GGUF files are dequantised once into a safetensors folder in the model cache
-(``$T2L_CACHE`` or ``~/.cache/t2l/models``); later loads read that folder, which is much
+(``$T2L_CACHE/models``, see ``t2l_framework.caches``); later loads read that folder, which is much
 faster than dequantising again (a GGUF-loaded model cannot be ``save_pretrained`` as is,
 so the conversion rebuilds the model from its config without ``quantization_config``).
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,6 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from t2l_framework.atomic import atomic_folder
+from t2l_framework.caches import cache_dir
 from t2l_framework.config import BaseModelConfig
 from t2l_framework.errors import T2LError
 from t2l_framework.llm.dtype import DtypeChoice, pick_dtype
@@ -67,7 +67,7 @@ def resolve_source(cfg: BaseModelConfig) -> tuple[str, str | None]:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("T2L_CACHE") or Path.home() / ".cache" / "t2l" / "models").expanduser()
+    return cache_dir("models")
 
 
 def gguf_cache_dir(source: str, gguf_file: str) -> Path:

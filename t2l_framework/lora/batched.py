@@ -171,8 +171,7 @@ class LoraInjection:
                 for mod in mods:
                     mod.set_factors(None, None)
             return
-        if not 0.0 <= dropout < 1.0:
-            raise T2LError(f"lora.dropout: expected a probability in [0, 1), got {dropout}")
+        assert 0.0 <= dropout < 1.0, dropout  # lora.dropout is checked with the recipe
         self._check(weights)
         for target, mods in self.layers.items():
             A, B = weights.A[target], weights.B[target]

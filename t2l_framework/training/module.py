@@ -94,12 +94,9 @@ def lr_lambda(warmup: int, total: int, kind: str):
 
 
 def warmup_steps(training, max_steps: int) -> int:
-    """``training.warmup_ratio`` x max_steps when set (the reference's warmup_frac), else ``warmup_steps``."""
-    from t2l_framework.errors import T2LError
-
+    """``training.warmup_ratio`` x max_steps when set (the reference's warmup_frac), else ``warmup_steps``;
+    both are checked with the recipe (``config.RANGES``)."""
     ratio = float(training.warmup_ratio)
-    if not 0.0 <= ratio < 1.0:
-        raise T2LError(f"training.warmup_ratio: expected a fraction in [0, 1), got {ratio}")
     return int(ratio * max_steps) if ratio > 0 else int(training.warmup_steps)
 
 

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from t2l_framework.config import SHARDED_BASE_STRATEGY
 from t2l_framework.errors import T2LError
 from t2l_framework.lora.targets import decoder_layers
 from t2l_framework.training.modes import mode_class
 
-STRATEGY = "fsdp_base"
+STRATEGY = SHARDED_BASE_STRATEGY  # trainer.strategy naming this one
 
 
 @dataclass

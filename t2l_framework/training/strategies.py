@@ -18,15 +18,12 @@ import argparse
 import contextlib
 from typing import Any
 
+from t2l_framework import config
 from t2l_framework.errors import T2LError
 
-DEEPSPEED_STRATEGIES = {
-    "deepspeed_stage_1": (1, False),
-    "deepspeed_stage_2": (2, False),
-    "deepspeed_stage_2_offload": (2, True),
-    "deepspeed_stage_3": (3, False),
-    "deepspeed_stage_3_offload": (3, True),
-}
+# name -> (ZeRO stage, offload), read off the schema's trainer.strategy names ("deepspeed_stage_2_offload").
+DEEPSPEED_STRATEGIES = {name: (int(name.split("_")[2]), name.endswith("_offload"))
+                        for name in config.DEEPSPEED_STRATEGIES}
 
 
 def _require_deepspeed(name: str) -> None:

@@ -40,4 +40,4 @@ class E5Encoder(TransformersEncoder):
             raise T2LError(f"encoder.pooling: E5 models are trained with mean pooling; got '{cfg.pooling}'")
         model = DEFAULT_MODEL if not cfg.model or cfg.model in MINILM_NAMES else cfg.model
         return cls(model, prefix=cfg.prefix or QUERY_PREFIX, normalize=cfg.normalize, max_length=cfg.max_length,
-                   batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code, trainable=cfg.trainable)
+                   batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)

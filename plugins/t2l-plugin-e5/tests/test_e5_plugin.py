@@ -48,7 +48,7 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 def _cfg(**kw) -> SimpleNamespace:
     base = dict(name="e5", model="all-MiniLM-L6-v2", pooling="mean", prefix="", normalize=True, max_length=64,
-                batch_size=2, trust_remote_code=False, trainable=False)
+                batch_size=2, trust_remote_code=False)
     return SimpleNamespace(**{**base, **kw})
 
 
