@@ -133,12 +133,21 @@ def test_usage_errors_exit_2_and_bad_option_values_are_usage_errors(capsys):
     assert "expected an integer >= 1, got 0" in capsys.readouterr().err
 
 
-def test_eval_options_left_out_take_the_recipe_s_values_and_0_is_the_option_s():
-    from t2l_framework.cli import _given, build_parser
+def test_eval_options_left_out_are_none_and_0_means_one_thing_only():
+    """Left out = the recipe's value (evaluate() reads None so); 0 is "all" for --limit and refused
+    where it would mean something else (usage error, exit 2)."""
+    import pytest as _pytest
 
-    args = build_parser().parse_args(["eval", "runs/x"])
+    from t2l_framework.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["eval", "runs/x"])
     assert (args.limit, args.n_descriptions, args.batch_size, args.max_new_tokens) == (None, None, None, None)
-    assert _given(args.max_new_tokens, 256) == 256 and _given(0, 256) == 0 and _given(7, 256) == 7
+    assert parser.parse_args(["eval", "runs/x", "--limit", "0"]).limit == 0
+    for option in ("--n-descriptions", "--batch-size", "--max-new-tokens"):
+        with _pytest.raises(SystemExit) as exc:
+            parser.parse_args(["eval", "runs/x", option, "0"])
+        assert exc.value.code == 2, option
 
 
 def test_cut_short_and_signals_keep_their_exit_codes(monkeypatch, capsys):
