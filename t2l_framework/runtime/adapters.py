@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from t2l_framework.errors import T2LError
 from t2l_framework.lora.weights import LoraWeights
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from t2l_framework.config import BaseModelConfig
+    from t2l_framework.encoders.base import TextEncoder
+    from t2l_framework.hypernet.hypernetwork import HyperNetwork
 
 
 @dataclass
@@ -20,11 +27,11 @@ class AdapterGenerator:
     ``BaseModelConfig`` it was trained for (None when built by hand, e.g. in a benchmark).
     """
 
-    hypernet: Any  # HyperNetwork
-    encoder: Any  # TextEncoder
+    hypernet: HyperNetwork
+    encoder: TextEncoder
     identity: str = ""
     name: str = ""
-    base_config: Any = None
+    base_config: BaseModelConfig | DictConfig | None = None  # the recipe's base_model section
     chat_template: bool = True
 
     @torch.inference_mode()
