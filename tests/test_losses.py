@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from t2l_framework.assembly import load_recipe
 from t2l_framework.errors import T2LError
 from t2l_framework.lora import LoraWeights, inject_lora
+from t2l_framework.training.delta_w_l1 import delta_w_l1
 from t2l_framework.training.module import (T2LModule, generated_l2, lr_lambda, recon_l1, sft_token_loss,
                                            warmup_steps)
 
@@ -98,6 +99,29 @@ def test_recon_l1_delta_w_and_factors():
                            for m in w.modules]).mean()
     torch.testing.assert_close(recon_l1(w, t.A, t.B, "factors", 1e4), factors)
     assert recon_l1(t, t.A, t.B, "delta_w", 1e4) == 0
+
+
+@pytest.mark.parametrize("leading, out, inp", [((3, 5), 24, 40), ((2,), 1500, 900)])  # the second spans chunks
+def test_delta_w_l1_equals_the_plain_loss_in_value_and_gradients(leading, out, inp):
+    """The chunked, recomputing loss is F.l1_loss of the two products, gradients included (float64,
+    so a sign flip from rounding cannot hide a wrong formula)."""
+    gen = torch.Generator().manual_seed(0)
+    r = 4
+
+    def factors(requires_grad):
+        A = torch.randn(*leading, r, inp, generator=gen, dtype=torch.float64)
+        B = torch.randn(*leading, out, r, generator=gen, dtype=torch.float64)
+        return A.requires_grad_(requires_grad), B.requires_grad_(requires_grad)
+
+    (A, B), (tA, tB) = factors(True), factors(True)
+    plain = F.l1_loss(B @ A * 3.0, tB @ tA * 3.0)
+    plain_grads = torch.autograd.grad(plain, (A, B, tA, tB))
+    ours = delta_w_l1(A, B, tA, tB, 3.0)
+    torch.testing.assert_close(ours, plain)
+    for got, want in zip(torch.autograd.grad(ours, (A, B, tA, tB)), plain_grads):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="do not match"):
+        delta_w_l1(A, B, tA[..., :-1], tB, 1.0)
 
 
 @pytest.mark.parametrize("kind, hf_name", [("linear", "linear"), ("cosine", "cosine"),

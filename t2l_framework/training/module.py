@@ -31,6 +31,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import ROUGEScore
 
+from t2l_framework.training.delta_w_l1 import delta_w_l1
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
 from t2l_framework.training.modes import TrainingMode, mode_for
 
@@ -146,7 +147,8 @@ def recon_l1(weights: LoraWeights, target_A: dict[str, torch.Tensor], target_B: 
 
     weights: the generated adapters, A[m]: [batch, layers, r, in], B[m]: [batch, layers, out, r];
     target_A / target_B: the library adapters of the same tasks, same shapes.
-    delta_w: L1(B @ A x s, B* @ A* x s), the delta W of every layer (s = delta_w_scaling);
+    delta_w: L1(B @ A x s, B* @ A* x s), the delta W of every layer (s = delta_w_scaling),
+    computed without storing it (``training/delta_w_l1.py``);
     factors: L1(A, A*) / 2 + L1(B, B*) / 2. L1 is the mean absolute error over all entries.
 
     One difference remains in delta_w: the reference's network emits factors sqrt(s) times
@@ -158,7 +160,7 @@ def recon_l1(weights: LoraWeights, target_A: dict[str, torch.Tensor], target_B: 
     for m in weights.A:
         A, B, tA, tB = weights.A[m].float(), weights.B[m].float(), target_A[m].float(), target_B[m].float()
         if kind == "delta_w":
-            losses.append(F.l1_loss((B @ A) * delta_w_scaling, (tB @ tA) * delta_w_scaling))
+            losses.append(delta_w_l1(A, B, tA, tB, delta_w_scaling))
         else:
             losses.append(F.l1_loss(A, tA) / 2 + F.l1_loss(B, tB) / 2)
     return torch.stack(losses).mean()
