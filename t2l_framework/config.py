@@ -220,6 +220,9 @@ class TrainingConfig(_Section):
     run_name: str = _help("Run folder name; empty = recipe name + timestamp", "")
     checkpoint_every_n_steps: int = _help("Checkpoint interval (optimizer steps)", 100, range=_POSITIVE)
     lora_tasks: list[str] = _help("lora mode: tasks to train one LoRA on (empty = all training tasks)", factory=list)
+    library_init: str = _help("library mode: shared: every task's LoRA starts from one init (as LoRAs trained "
+                              "apart with one seed do), so their differences are what training taught | per_task: "
+                              "an independent random A per task", "shared", choices=("shared", "per_task"))
     allow_cut_short: bool = _help("Accept a run that trainer.max_time stopped before trainer.max_steps "
                                   "(t2l fit then exits 0; the reports still mark it cut short)", False)
 

@@ -35,14 +35,20 @@ def _bank(model, n_tasks: int = 4) -> tuple[TaskLoraBank, object]:
     return bank, injection
 
 
-def test_bank_init_is_peft_per_task(tiny_llama):
+@pytest.mark.parametrize("init", ["shared", "per_task"])
+def test_bank_init_is_peft_shared_or_per_task(tiny_llama, init):
     bank, _ = _bank(tiny_llama(), n_tasks=3)
-    fresh = TaskLoraBank(bank.shapes, bank.task_ids, 2, 4.0)
+    fresh = TaskLoraBank(bank.shapes, bank.task_ids, 2, 4.0, init=init)
     for m, a in fresh.A.items():
         assert torch.count_nonzero(fresh.B[m]) == 0
         bound = 1 / a.shape[-1] ** 0.5  # kaiming_uniform(a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in))
         assert a.abs().max() <= bound and a.abs().max() > 0.8 * bound
-        assert not torch.equal(a[0], a[1])  # each task draws its own A
+        assert not torch.equal(a[0, 0], a[0, 1])  # each layer draws its own A
+        # shared: one start for every task; per_task: each task draws its own A
+        assert torch.equal(a[0], a[1]) and torch.equal(a[0], a[2]) if init == "shared" else not torch.equal(a[0], a[1])
+        assert a.stride(0) != 0  # rows are separate storage (not an expanded view), trained apart
+    with pytest.raises(ValueError, match="init must be"):
+        TaskLoraBank(bank.shapes, bank.task_ids, 2, 4.0, init="random")
 
 
 def test_each_samples_gradient_reaches_only_its_tasks_lora(tiny_llama):

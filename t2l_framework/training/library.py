@@ -35,25 +35,31 @@ SUMMARY_FILE = "library.json"
 
 
 class TaskLoraBank(nn.Module):
-    """One trainable LoRA per task (PEFT's init per task: A kaiming-uniform, B zero).
+    """One trainable LoRA per task, with PEFT's init (A kaiming-uniform, B zero).
 
     task_ids: the tasks, in the order of the data module's ``task_idx``.
+    init: ``shared``: every task starts from the same A, as LoRAs trained one by one with one
+    seed do, so two tasks' delta W differ only by what training taught them and a recon network
+    learns that, not each task's random start; ``per_task``: an independent A per task.
     forward(task_idx [batch]) -> LoraWeights with one adapter per sample (its task's row).
     """
 
-    def __init__(self, shapes: ModuleShapes, task_ids: list[str], rank: int, alpha: float, use_rslora: bool = True):
+    def __init__(self, shapes: ModuleShapes, task_ids: list[str], rank: int, alpha: float, use_rslora: bool = True,
+                 init: str = "shared"):
         super().__init__()
+        if init not in ("shared", "per_task"):
+            raise ValueError(f"TaskLoraBank: init must be 'shared' or 'per_task', got {init!r}")
         self.shapes, self.task_ids = shapes, list(task_ids)
         self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
         n = len(self.task_ids)
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
         for m, (fan_in, fan_out) in shapes.shapes.items():
-            a = torch.empty(n, shapes.n_layers, rank, fan_in)
-            for t in range(n):
+            a = torch.empty(n if init == "per_task" else 1, shapes.n_layers, rank, fan_in)
+            for t in range(a.shape[0]):
                 for i in range(shapes.n_layers):
                     nn.init.kaiming_uniform_(a[t, i], a=math.sqrt(5))  # PEFT's default for lora_A
-            self.A[m] = nn.Parameter(a)
+            self.A[m] = nn.Parameter(a.expand(n, -1, -1, -1).clone())
             self.B[m] = nn.Parameter(torch.zeros(n, shapes.n_layers, fan_out, rank))
 
     @property

@@ -31,7 +31,7 @@ class LibraryMode(InstanceMode):
 
         lora = self.cfg.lora
         return TaskLoraBank(injection.shapes, datamodule.train_task_ids, int(lora.rank), float(lora.alpha),
-                            bool(lora.use_rslora))
+                            bool(lora.use_rslora), init=str(self.cfg.training.library_init))
 
     def adapters(self, module: T2LModule, batch: dict) -> LoraWeights:
         return module.generator(batch["task_idx"])
