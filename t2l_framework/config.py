@@ -118,7 +118,11 @@ class HypernetConfig(_Section):
                                 "no parameters) | learned (Embedding + LayerNorm)", "rotary",
                                 choices=("rotary", "learned"))
     output_offset: bool = _help("The generated A and B are added to a fixed per-layer LoRA held with the weights "
-                                "(set by training.mtlora_offset; recorded so a checkpoint rebuilds it)", False)
+                                "(set by training.mtlora_offset or recon_loss=factors_z; recorded so a checkpoint "
+                                "rebuilds it)", False)
+    output_scale: bool = _help("The generated A and B are z-scores, multiplied entry by entry by a fixed per-layer "
+                               "std before the offset is added (set by training.recon_loss=factors_z; recorded so a "
+                               "checkpoint rebuilds it)", False)
 
 
 @dataclass
@@ -205,8 +209,10 @@ class TrainingConfig(_Section):
                               "layers (the reference) | mean: the mean of those 2 x modules terms", "sum",
                               choices=("sum", "mean"))
     recon_loss: str = _help("recon mode: delta_w (the reference's L1 on B @ A x delta_w_scaling) | factors "
-                            "(L1 on A and on B, halved; the reference's factorized=True, pred_z_score=False)",
-                            "delta_w", choices=("delta_w", "factors"))
+                            "(L1 on A and on B, halved; the reference's factorized=True, pred_z_score=False) | "
+                            "factors_z (the same L1 on z-scores: the network emits each entry standardised by the "
+                            "library's mean and std over tasks; the reference's factorized=True, pred_z_score=True)",
+                            "delta_w", choices=("delta_w", "factors", "factors_z"))
     delta_w_scaling: float = _help("recon_loss=delta_w: factor on both sides of the L1 (the reference: 1e4)", 1e4,
                                    range=_ABOVE_ZERO)
     neftune_alpha: float = _help("NEFTune noise on input embeddings (0 = off)", 5.0, range=_NON_NEGATIVE)

@@ -206,6 +206,33 @@ def test_recon_from_the_library_reproduces_its_adapters(world, library_run):
     assert "held-out descriptions" in (run / "report.md").read_text()
 
 
+def test_z_scored_recon_starts_at_the_library_mean_and_learns_each_task(world, library_run):
+    """recon_loss=factors_z (the reference's pred_z_score): the saved network emits z x std + mean,
+    reloads with its standardisation, and reproduces each task's LoRA beyond the library mean."""
+    from t2l_framework.hypernet import HyperNetwork
+    from t2l_framework.assembly import load_recipe
+    from t2l_framework.lora.library import load_lora_library
+
+    run = fit(str(world["recipe"]), ["training.mode=recon", f"data.lora_library={library_run / 'library'}",
+                                     "training.recon_loss=factors_z", "trainer.max_steps=200", "training.lr=3e-3",
+                                     "trainer.val_check_interval=1000", "hypernet.dropout=0",
+                                     "training.run_name=recon_z", F32])
+    rec = json.loads((run / "report.json").read_text())["reconstruction"]
+    for m in ("q_proj", "v_proj"):
+        assert rec["train_descriptions"][m] < 0.3 * rec["mean_adapter"][m], rec
+    net = HyperNetwork.from_pretrained(run / "hypernet")
+    assert net.output_scale is not None and net.hypernet_cfg["output_scale"] is True
+    cfg = load_recipe(run / "recipe.yaml")
+    _, targets = load_lora_library(library_run / "library", cfg.lora)
+    with torch.no_grad():  # a network whose head emits 0 is the library's mean adapter
+        for p in net.head.parameters():
+            p.zero_()
+        out = net(torch.zeros(1, net.enc_dim))
+    for m in ("q_proj", "v_proj"):
+        torch.testing.assert_close(out.A[m][0], targets.A[m].mean(0), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out.B[m][0], targets.B[m].mean(0), atol=1e-6, rtol=1e-5)
+
+
 def test_library_table_scores_the_oracle_and_arrow_over_the_library(world, library_run, tmp_path):
     from t2l_framework.assembly.library_table import ARROW, build_table
 

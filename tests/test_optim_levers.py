@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -85,3 +86,37 @@ def test_recipe_mtlora_offset_starts_the_hypernetwork_from_that_lora(tmp_path):
         assert torch.allclose(getattr(hyper.output_offset, f"A{i}"), lora.A[m][0], atol=1e-6)
     plain = fit(str(world["recipe"]), ["trainer.max_steps=1", "training.run_name=plain"])
     assert HyperNetwork.from_pretrained(plain / "hypernet").output_offset is None
+
+
+def test_output_standardisation_emits_z_x_std_plus_mean_and_survives_save_and_load(tmp_path):
+    """recon_loss=factors_z: the head's raw output is a z-score of the library, entry by entry."""
+    from t2l_framework.errors import T2LError
+    from t2l_framework.hypernet import HyperNetwork
+    from tests.test_hypernet import TINY
+    from tests.test_lora import random_weights
+
+    hyper = tiny("per_layer")
+    emb = torch.randn(3, ENC_DIM)
+    library = random_weights(TINY, batch=5, rank=4)
+    hyper.eval()
+    with torch.no_grad():
+        raw = hyper(emb)
+        hyper.set_output_standardisation(library)
+        z = hyper(emb)
+    for m in TINY.modules:
+        for got, want, target in ((z.A[m], raw.A[m], library.A[m]), (z.B[m], raw.B[m], library.B[m])):
+            expected = want * (target.std(0) + 1e-10) + target.mean(0)
+            assert torch.allclose(got, expected, atol=1e-6)
+    assert hyper.hypernet_cfg["output_scale"] is True
+    with torch.no_grad():  # a zero z-score is the library's mean adapter
+        for p in hyper.head.parameters():
+            p.zero_()
+        mean = hyper(emb)
+    assert torch.allclose(mean.B["q_proj"][1], library.B["q_proj"].mean(0), atol=1e-7)
+    hyper.save_pretrained(tmp_path / "h")
+    again = HyperNetwork.from_pretrained(tmp_path / "h")
+    again.eval()
+    with torch.no_grad():
+        assert torch.allclose(again(emb).A["v_proj"], mean.A["v_proj"])
+    with pytest.raises(T2LError, match="2 or more"):
+        tiny("per_layer").set_output_standardisation(random_weights(TINY, batch=1, rank=4))

@@ -87,6 +87,9 @@ class HyperNetwork(nn.Module):
         self.output_offset = None
         if hc.get("output_offset"):
             self.set_output_offset(None)
+        self.output_scale = None
+        if hc.get("output_scale"):
+            self.set_output_standardisation(None)
 
     def set_output_offset(self, weights: LoraWeights | None) -> None:
         """Add a fixed LoRA to every generated adapter (buffers saved with the weights).
@@ -111,6 +114,39 @@ class HyperNetwork(nn.Module):
         device = self.layer_idx.device
         self.output_offset = offset.to(device)
         self.hypernet_cfg["output_offset"] = True
+
+    def set_output_standardisation(self, library: LoraWeights | None) -> None:
+        """The head emits z-scores: every generated A (B) is ``z x std + mean``, entry by entry,
+        with the mean and std over a LoRA library's tasks (the reference's ``pred_z_score``).
+
+        library: ``LoraWeights`` with one row per task, in this network's factor convention
+        (what ``training.mode: recon`` regresses), or None for placeholders that a checkpoint
+        then fills. The mean becomes the output offset, the std (+ 1e-10, as the reference) the
+        output scale; both are buffers saved with the weights. A z-score of 0 is the library's
+        mean adapter, so a network that has not yet told tasks apart already emits it.
+        """
+        if library is not None:
+            if library.batch_size < 2:
+                raise T2LError(f"standardising the output needs a library of 2 or more LoRAs, got {library.batch_size}")
+            if set(library.A) != set(self.shapes.modules):
+                raise T2LError(f"the library's modules {sorted(library.A)} are not this network's {self.shapes.modules}")
+        scale, offset = nn.Module(), nn.Module()
+        for i, (m, (fan_in, fan_out)) in enumerate(self.shapes.shapes.items()):
+            for name, shape, target in (("A", (self.shapes.n_layers, self.rank, fan_in), library and library.A[m]),
+                                        ("B", (self.shapes.n_layers, fan_out, self.rank), library and library.B[m])):
+                if target is None:
+                    mean, std = torch.zeros(shape), torch.ones(shape)
+                else:
+                    if tuple(target.shape[1:]) != shape:
+                        raise T2LError(f"the library's {m} {name} is {list(target.shape[1:])} per task, this network "
+                                       f"emits {list(shape)}")
+                    t = target.detach().float().cpu()
+                    mean, std = t.mean(0), t.std(0) + 1e-10
+                offset.register_buffer(f"{name}{i}", mean.contiguous())
+                scale.register_buffer(f"{name}{i}", std.contiguous())
+        device = self.layer_idx.device
+        self.output_offset, self.output_scale = offset.to(device), scale.to(device)
+        self.hypernet_cfg["output_offset"] = self.hypernet_cfg["output_scale"] = True
 
     @classmethod
     def from_recipe(cls, recipe: Any, shapes: ModuleShapes, enc_dim: int,
@@ -147,7 +183,10 @@ class HyperNetwork(nn.Module):
         for i, module in enumerate(self.shapes.modules):
             a, b = self.head(feats[i].flatten(0, 1), module, self.trunk)  # rows = batch * n_layers
             A[module], B[module] = a.unflatten(0, (batch, n_layers)), b.unflatten(0, (batch, n_layers))
-            if self.output_offset is not None:  # [n_layers, ...] broadcast over the batch
+            if self.output_scale is not None:  # [n_layers, ...] broadcast over the batch
+                A[module] = A[module] * getattr(self.output_scale, f"A{i}").to(A[module].dtype)
+                B[module] = B[module] * getattr(self.output_scale, f"B{i}").to(B[module].dtype)
+            if self.output_offset is not None:
                 A[module] = A[module] + getattr(self.output_offset, f"A{i}").to(A[module].dtype)
                 B[module] = B[module] + getattr(self.output_offset, f"B{i}").to(B[module].dtype)
         return LoraWeights(A, B, self.rank, self.alpha, self.use_rslora)

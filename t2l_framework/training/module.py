@@ -142,7 +142,7 @@ def generated_l2(weights: LoraWeights, reduction: str) -> torch.Tensor:
 
 
 def recon_l1(weights: LoraWeights, target_A: dict[str, torch.Tensor], target_B: dict[str, torch.Tensor],
-             kind: str, delta_w_scaling: float) -> torch.Tensor:
+             kind: str, delta_w_scaling: float, std: tuple[dict, dict] | None = None) -> torch.Tensor:
     """The reference's reconstruction losses (``recon_trainer.compute_loss``), mean over module types.
 
     weights: the generated adapters, A[m]: [batch, layers, r, in], B[m]: [batch, layers, out, r];
@@ -150,6 +150,9 @@ def recon_l1(weights: LoraWeights, target_A: dict[str, torch.Tensor], target_B: 
     delta_w: L1(B @ A x s, B* @ A* x s), the delta W of every layer (s = delta_w_scaling),
     computed without storing it (``training/delta_w_l1.py``);
     factors: L1(A, A*) / 2 + L1(B, B*) / 2. L1 is the mean absolute error over all entries.
+    factors_z: the same on z-scores, |A - A*| / std_A entry by entry (the shared mean cancels);
+    std: the library's per-entry std over tasks ({m: [layers, r, in]}, {m: [layers, out, r]}),
+    as the network's output scale holds it (``HyperNetwork.set_output_standardisation``).
 
     One difference remains in delta_w: the reference's network emits factors sqrt(s) times
     larger and divides them by sqrt(s) when it writes an adapter; ours emits the adapter
@@ -161,6 +164,11 @@ def recon_l1(weights: LoraWeights, target_A: dict[str, torch.Tensor], target_B: 
         A, B, tA, tB = weights.A[m].float(), weights.B[m].float(), target_A[m].float(), target_B[m].float()
         if kind == "delta_w":
             losses.append(delta_w_l1(A, B, tA, tB, delta_w_scaling))
+        elif kind == "factors_z":
+            if std is None:
+                raise ValueError("recon_l1: factors_z needs the library's std")
+            sA, sB = std[0][m].to(A.device, torch.float32), std[1][m].to(B.device, torch.float32)
+            losses.append(((A - tA).abs() / sA).mean() / 2 + ((B - tB).abs() / sB).mean() / 2)
         else:
             losses.append(F.l1_loss(A, tA) / 2 + F.l1_loss(B, tB) / 2)
     return torch.stack(losses).mean()

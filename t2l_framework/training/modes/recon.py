@@ -47,7 +47,10 @@ class ReconMode(TrainingMode):
     def trainable(self, datamodule: ReconDataModule, injection, hypernetwork: HypernetworkFactory) -> nn.Module:
         from t2l_framework.lora.library import library_shapes
 
-        return hypernetwork(library_shapes(datamodule.targets))
+        net = hypernetwork(library_shapes(datamodule.targets))
+        if self.recon_loss == "factors_z":  # the head emits z-scores of the library (the reference's pred_z_score)
+            net.set_output_standardisation(datamodule.targets)
+        return net
 
     def loss_targets(self, datamodule: ReconDataModule) -> tuple[dict, dict]:
         return datamodule.targets.A, datamodule.targets.B
@@ -59,8 +62,16 @@ class ReconMode(TrainingMode):
         A, B = module.recon_targets
         idx = batch["task_idx"]
         loss = recon_l1(weights, {m: a[idx] for m, a in A.items()}, {m: b[idx] for m, b in B.items()},
-                        self.recon_loss, self.delta_w_scaling)
+                        self.recon_loss, self.delta_w_scaling, self._library_std(module.generator))
         return loss, {"loss": loss}
+
+    def _library_std(self, net) -> tuple[dict, dict] | None:
+        """factors_z: the per-entry std the network's output scale holds, per module type."""
+        if self.recon_loss != "factors_z":
+            return None
+        scale, modules = net.output_scale, net.shapes.modules
+        return ({m: getattr(scale, f"A{i}") for i, m in enumerate(modules)},
+                {m: getattr(scale, f"B{i}") for i, m in enumerate(modules)})
 
     def save(self, run: RunFolder, pieces, trainer) -> Path:
         from t2l_framework.training.recon_error import write_recon_report
