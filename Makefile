@@ -64,7 +64,7 @@ test-slow: install  ## tests on the real SmolLM2 model (GGUF dequantisation) tha
 # A run cut short by its max_time safety net (exit 3) still writes its results; the chain goes on.
 # LIBRARY_ARGS: recipe overrides given to every run, e.g. LIBRARY_ARGS="trainer.max_time=00:01:00:00" on a busy machine.
 LIBRARY_ARGS ?=
-library-demo: install  ## library + recon L/M/S + SFT + MT LoRA + the table (sized for ~30 min on 2 cores, docs/library.md)
+library-demo: install  ## library + recon L/M/S + SFT + MT LoRA + the table (18 min measured on 2 float32 cores, docs/library.md)
 	@start=$$(date +%s); \
 	for r in smollm2_library smollm2_library_L smollm2_library_M smollm2_library_S smollm2_library_mtlora smollm2_library_sft; do \
 	  echo "== t2l fit $$r"; $(BIN)/t2l fit $$r $(LIBRARY_ARGS) --overwrite || { rc=$$?; [ $$rc -eq $(CUT_SHORT) ] || exit $$rc; }; \

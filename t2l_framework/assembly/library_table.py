@@ -43,7 +43,8 @@ ORACLE = "oracle (task LoRAs)"
 
 
 def _params(folder: Path) -> int:
-    """Parameters stored in a hypernet.safetensors (read from the header shapes)."""
+    """Numbers stored in a hypernet.safetensors (read from the header shapes): the weights and,
+    for a z-scored recon network, its fixed output offset and scale (two LoRAs' worth)."""
     with safe_open(str(folder / HYPERNET_WEIGHTS), framework="pt") as f:
         return sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
 
@@ -130,10 +131,12 @@ def render(results: dict, sizes: dict, training: dict) -> str:
             lines.append(f"| {name} | {r['n']} | {_pm(r['em'], r['em_se'])} | {_pm(r['rouge_l'], r['rouge_l_se'])} | "
                          f"{diff}{keep} | {training.get(name, '-')} |")
         lines.append("")
-    lines += ["| sizes | parameters | library / this |", "|---|---:|---:|",
+    lines += ["| sizes | numbers stored | library / this |", "|---|---:|---:|",
               f"| library: {sizes['tasks']} task LoRAs x {sizes['per_task']:,} | {sizes['library']:,} | 1.0x |"]
     for name, n in sizes["hypernetworks"].items():
         lines.append(f"| {name} hypernetwork | {n:,} | {sizes['library'] / n:.1f}x |")
+    lines += ["", "(A hypernetwork's count is its saved file: the weights and, for recon_loss=factors_z, the "
+              "library's per-entry mean and std it emits z-scores of, two LoRAs' worth.)"]
     return "\n".join(lines)
 
 
