@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from t2l_framework.config import comma_list
 from t2l_framework.console import say
 from t2l_framework.errors import T2LError, did_you_mean
 from t2l_framework.eval.protocols import DEFAULT_PROTOCOL, PROTOCOL_HELP, PROTOCOLS
@@ -250,15 +251,11 @@ def cmd_serve(args) -> int:
 
 
 
-def _split_list(values: list[str] | None) -> list[str]:
-    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
-
-
 def cmd_eval(args) -> int:
     from t2l_framework.assembly.evaluate import evaluate
     from t2l_framework.eval.report import markdown_table
 
-    done = evaluate(args.run_or_recipe, _split_list(args.benchmarks), _split_list(args.adapters),
+    done = evaluate(args.run_or_recipe, comma_list(args.benchmarks), comma_list(args.adapters),
                     revision=args.revision, limit=args.limit, n_descriptions=args.n_descriptions,
                     protocol=args.protocol, scoring=args.scoring, mc_answer=args.mc_answer,
                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -282,7 +279,7 @@ def cmd_import_reference(args) -> int:
 
     from t2l_framework.assembly.hub import REFERENCE_FILES, resolve_run
 
-    order = _split_list([args.module_order]) if args.module_order else None
+    order = comma_list([args.module_order]) if args.module_order else None
     folder = resolve_run(args.folder, args.revision, args.subfolder, files=REFERENCE_FILES)
     out = import_reference(folder, args.output, module_order=order, force=args.force)
     print(f"wrote {out}  (load it like any run: t2l generate {out} \"DESCRIPTION\")")
@@ -337,7 +334,7 @@ def cmd_data_fetch(args) -> int:
                        else None, cache_dir=args.cache_dir)
     report = fetch_tasks(args.task_set, resolve_path(args.output), resolve_path(args.tasks_file), source=source,
                          retries=args.retries, backoff_s=args.backoff, max_train=args.max_train,
-                         max_test=args.max_test, only=_split_list(args.only) or None,
+                         max_test=args.max_test, only=comma_list(args.only) or None,
                          give_up_after=args.give_up_after, say=say)
     print(summary(report, args.task_set))
     if args.output != "data/sni_hub" and report.missing == 0:  # the paper recipes' data.fetched_dir

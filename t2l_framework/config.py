@@ -355,6 +355,14 @@ def recipes_dir() -> Path:
     return project_root() / "recipes"
 
 
+def comma_list(values: "str | list[str] | tuple[str, ...] | None") -> list[str]:
+    """Names given as one string or a list, each possibly comma-separated (``--adapters a,b --adapters c``)."""
+    if values is None:
+        return []
+    values = [values] if isinstance(values, str) else list(values)
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
 def resolve_path(path: str, recipe_file: Optional[Path] = None) -> Path:
     """Relative paths are tried against the cwd, the recipe's folder's parent, then the project root."""
     p = Path(path).expanduser()

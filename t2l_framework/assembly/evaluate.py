@@ -15,7 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import Sequence
 
-from t2l_framework.config import EvalConfig, find_recipe, resolve_path
+from t2l_framework.config import EvalConfig, comma_list, find_recipe, resolve_path
 from t2l_framework.console import say
 from t2l_framework.errors import T2LError
 from t2l_framework.eval.benchmarks import Benchmark, RunSplit
@@ -99,13 +99,6 @@ def pick_benchmarks(names: Sequence[str], data_root: str | Path | None, cfg=None
     return list(out.values())
 
 
-def _as_list(values: Sequence[str] | str | None) -> list[str]:
-    if values is None:
-        return []
-    values = [values] if isinstance(values, str) else list(values)
-    return [v.strip() for item in values for v in item.split(",") if v.strip()]
-
-
 def evaluate(run_or_recipe: str | Path, benchmarks: Sequence[str] | str | None = None,
              adapters: Sequence[str] | str | None = None, *, revision: str | None = None,
              limit: int | None = None, n_descriptions: int | None = None, protocol: str | None = None,
@@ -156,7 +149,7 @@ def evaluate(run_or_recipe: str | Path, benchmarks: Sequence[str] | str | None =
         cfg, default_out = load_recipe(recipe_file), Path("eval_results") / recipe_file.stem
     is_t2l_run = target.is_dir() and not own_adapter
     ev = cfg.eval if cfg is not None else EvalConfig()  # the defaults live in EvalConfig only
-    wanted = _as_list(adapters)
+    wanted = comma_list(adapters)
     names = wanted or (["base", "base+description"] + (["t2l"] if is_t2l_run else []) + own_adapter)
     if not wanted and not own_adapter and ev.baseline_adapter:
         baseline = resolve_path(ev.baseline_adapter, recipe_file)
@@ -174,7 +167,7 @@ def evaluate(run_or_recipe: str | Path, benchmarks: Sequence[str] | str | None =
             say(f"eval.arrow_library {ev.arrow_library} does not exist; evaluating without Arrow")
     specs = parse_adapters(names, have_run=is_t2l_run)
     run_cfg = cfg if target.is_dir() else None  # a run's own splits; a recipe alone scores the bundle's
-    benches = pick_benchmarks(_as_list(benchmarks) or list(ev.benchmarks) or ["paper"], data_root, run_cfg,
+    benches = pick_benchmarks(comma_list(benchmarks) or list(ev.benchmarks) or ["paper"], data_root, run_cfg,
                               recipe_file)
     settings = EvalSettings(
         limit=limit if limit is not None else ev.limit,
