@@ -5,13 +5,22 @@ state dict; read here with ``weights_only=True`` only, so nothing in it can exec
 ``args.yaml`` (its training arguments) and ``adapter_config.json`` (its PEFT settings). The
 result is what ``t2l fit`` writes: ``RUN/recipe.yaml`` + ``RUN/hypernet/`` (safetensors), so
 ``t2l generate``, ``t2l serve`` and ``t2l eval`` load it like any run; ``RUN/reference/``
-keeps the two settings files and ``import.json`` records the source and the module order.
+keeps the two settings files and ``import.json`` records the source, the module order and
+which reference buffers became the output scale and offset.
 
-Every key of the state dict is mapped or refused. What the framework cannot represent is
-refused with one ``T2LError``: one-hot or non-linear task encoders, multi-task-LoRA offsets
-(``mt_lora_path``, non-zero ``AB_offset``), reconstruction models that output per-layer
-z-scores, the un-shared autoregressive head, and encoders whose pooling the reference picks
-by a name we do not know.
+Every key of the state dict is mapped or refused. The reference's output buffers become the
+network's ``output_scale`` / ``output_offset`` (``hypernet.output_scale`` / ``output_offset``
+in the recipe), applied as its ``gen_lora`` applies them (``_output_buffers``): a factorized
+reconstruction model with ``pred_z_score`` emits z-scores, so A (B) = z x (std + 1e-10) + mean
++ ``AB_offset`` (scale = ``std_recon_target`` + 1e-10, offset = ``mean_recon_target`` +
+``AB_offset``); an SFT model (a multi-task-LoRA offset, ``mt_lora_path``) and a factorized
+reconstruction model add ``AB_offset``; a raw-scale (not factorized) reconstruction model
+applies none of them (its ``mean/std_recon_target``, filled whenever ``pred_z_score`` is set,
+are unused there), and a buffer the reference does not apply must be zero. Heads without a
+bias (the reference's ``head_use_bias`` is false with ``mt_lora_path`` or ``pred_z_score``)
+get zero biases. What the framework cannot represent is refused with one ``T2LError``:
+one-hot or non-linear task encoders, learnable ``AB_offset``, the un-shared autoregressive
+head, and encoders whose pooling the reference picks by a name we do not know.
 
 Module order: the reference keeps ``target_modules`` in a Python set, so which row of the
 module-type embedding is ``q_proj`` depended on the training process's hash seed. The set
@@ -38,7 +47,8 @@ from t2l_framework.lora.weights import ModuleShapes
 from t2l_framework.run_folder import RunFolder
 
 FILES = ("hypermod.pt", "args.yaml", "adapter_config.json")
-BUFFERS = ("AB_offset", "mean_recon_target", "std_recon_target")  # zeros unless a mode we refuse
+BUFFERS = ("AB_offset", "mean_recon_target", "std_recon_target")  # {buffer}.{A|B}.{module}
+STD_EPS = 1e-10  # the reference adds it to std_recon_target when it un-standardises (convert_to_raw_scale)
 
 
 @dataclass
@@ -120,9 +130,6 @@ def _check_supported(ref: ReferenceCheckpoint) -> str:
         raise _refuse(ref, "use_one_hot_task_emb: one-hot task embeddings (one per training task) have no text encoder")
     if a.get("encoder_type", "linear") != "linear":
         raise _refuse(ref, f"encoder_type '{a.get('encoder_type')}': only the linear task encoder is supported")
-    if a.get("mt_lora_path"):
-        raise _refuse(ref, f"mt_lora_path '{a['mt_lora_path']}': outputs offset by a multi-task LoRA (AB_offset) "
-                           "are not supported")
     if a.get("learnable_AB_offset"):
         raise _refuse(ref, "learnable_AB_offset: learned per-layer output offsets are not supported")
     missing = [k for k in REQUIRED if k not in ref.state]
@@ -131,18 +138,64 @@ def _check_supported(ref: ReferenceCheckpoint) -> str:
     task = a.get("training_task", "sft")
     if task not in ("sft", "recon"):
         raise _refuse(ref, f"training_task '{task}' is neither sft nor recon")
-    if task == "recon" and a.get("pred_z_score", True):
-        raise _refuse(ref, "a reconstruction model with pred_z_score outputs per-layer z-scores "
-                           "(mean/std_recon_target), which a run folder cannot represent")
-    for key, value in ref.state.items():
-        if key.split(".")[0] in BUFFERS and value.abs().max() > 0:
-            raise _refuse(ref, f"{key} is non-zero (an output offset or z-score statistics); only zero buffers "
-                               "(plain SFT or raw-scale reconstruction) can be imported")
     return task
 
 
+def _output_rule(ref: ReferenceCheckpoint, task: str) -> tuple[bool, bool]:
+    """(z-scores, AB_offset added) as the reference's ``gen_lora`` turns its heads' output into A
+    and B: ``get_delta_weights`` adds ``AB_offset`` in SFT; ``convert_to_raw_scale`` (recon only)
+    un-standardises when factorized with ``pred_z_score`` and then adds ``AB_offset``, and when
+    not factorized only divides by sqrt(``delta_w_scaling``)."""
+    factorized = bool(ref.args.get("factorized", False))
+    z_scores = task == "recon" and factorized and bool(ref.args.get("pred_z_score", True))
+    return z_scores, task == "sft" or factorized
+
+
+def _head_bias(ref: ReferenceCheckpoint, task: str) -> bool:
+    """The reference's ``head_use_bias`` (``create_hypermod``)."""
+    if task == "sft":
+        return not ref.args.get("mt_lora_path")
+    return not ref.args.get("pred_z_score", True)
+
+
+def _output_buffers(ref: ReferenceCheckpoint, task: str, shapes: ModuleShapes, rank: int):
+    """(scale, offset), each {module: (A [layers, r, in], B [layers, out, r])} or None: the
+    reference's buffers where ``_output_rule`` applies them; a buffer it does not apply must be
+    zero (else args.yaml does not describe hypermod.pt), except the z-score statistics that
+    ``create_hypermod`` fills for every ``pred_z_score`` recon model and a raw-scale one ignores."""
+    s, args = ref.state, ref.args
+    z_scores, add_offset = _output_rule(ref, task)
+    pred_z = bool(args.get("pred_z_score", True))
+    applied = {"AB_offset": add_offset, "mean_recon_target": z_scores, "std_recon_target": z_scores}
+    ignored = {"mean_recon_target", "std_recon_target"} if task == "recon" and pred_z and not z_scores else set()
+    for m, (in_f, out_f) in shapes.shapes.items():
+        for buffer in BUFFERS:
+            for ab, shape in (("A", (shapes.n_layers, rank, in_f)), ("B", (shapes.n_layers, out_f, rank))):
+                key = f"{buffer}.{ab}.{m}"
+                if key not in s:
+                    raise _refuse(ref, f"hypermod.pt has no '{key}'")
+                if tuple(s[key].shape) != shape:
+                    raise _refuse(ref, f"{key} has shape {list(s[key].shape)}, not {list(shape)}")
+                if not applied[buffer] and buffer not in ignored and s[key].abs().max() > 0:
+                    raise _refuse(ref, f"{key} is non-zero, but the reference does not apply it with training_task "
+                                       f"{task}, factorized={bool(args.get('factorized', False))}, pred_z_score="
+                                       f"{pred_z}: args.yaml does not describe this hypermod.pt")
+
+    def pairs(buffer: str) -> dict:
+        return {m: (s[f"{buffer}.A.{m}"], s[f"{buffer}.B.{m}"]) for m in shapes.modules}
+
+    offset = pairs("AB_offset") if add_offset else None
+    if z_scores:  # (z x (std + eps) + mean) + AB_offset; ours adds one offset, mean + AB_offset
+        scale = {m: (a + STD_EPS, b + STD_EPS) for m, (a, b) in pairs("std_recon_target").items()}
+        mean = pairs("mean_recon_target")
+        return scale, {m: (mean[m][0] + offset[m][0], mean[m][1] + offset[m][1]) for m in shapes.modules}
+    if offset is None or not any(t.abs().max() > 0 for pair in offset.values() for t in pair):
+        return None, None  # nothing to add: the run folder carries no output buffers
+    return None, offset
+
+
 def _shapes(ref: ReferenceCheckpoint, modules: list[str], rank: int) -> ModuleShapes:
-    """Layers from ``layer_depth_encoder.0.weight``; (in, out) per module from the zero
+    """Layers from ``layer_depth_encoder.0.weight``; (in, out) per module from the
     ``AB_offset`` buffers ([layers, r, in] and [layers, out, r])."""
     n_layers = int(ref.state["layer_depth_encoder.0.weight"].shape[0])
     shapes = {}
@@ -198,8 +251,10 @@ def _hypernet_config(ref: ReferenceCheckpoint, head: str, position: str) -> tupl
     return cfg, enc_dim
 
 
-def _map_state(ref: ReferenceCheckpoint, net, order: list[str], scale: float) -> dict[str, torch.Tensor]:
-    """Our state dict from the reference's; every reference key is used or refused."""
+def _map_state(ref: ReferenceCheckpoint, net, order: list[str], scale: float, head_bias: bool,
+               outputs: tuple[dict | None, dict | None]) -> dict[str, torch.Tensor]:
+    """Our state dict from the reference's; every reference key is used or refused. head_bias:
+    the reference's heads have biases (else ours get zeros); outputs: ``_output_buffers``."""
     s, used, out = ref.state, set(), {}
 
     def take(ref_key: str) -> torch.Tensor:
@@ -218,7 +273,14 @@ def _map_state(ref: ReferenceCheckpoint, net, order: list[str], scale: float) ->
     # The reference numbered the module-type embedding rows in its set order; ``order`` is ours too.
     shapes, r = net.shapes.shapes, net.rank
     for i, m in enumerate(order):
-        weight, bias = take(f"heads.{m}.weight"), take(f"heads.{m}.bias")
+        weight = take(f"heads.{m}.weight")
+        if head_bias:
+            bias = take(f"heads.{m}.bias")
+        elif f"heads.{m}.bias" in s:
+            raise _refuse(ref, f"hypermod.pt has heads.{m}.bias, but the reference builds its heads without bias "
+                               "when mt_lora_path (SFT) or pred_z_score (recon) is set, as args.yaml says")
+        else:
+            bias = torch.zeros(weight.shape[0])
         if weight.shape != net.head.out[i].weight.shape or bias.shape != net.head.out[i].bias.shape:
             raise _refuse(ref, f"heads.{m} has shape {list(weight.shape)}, but a {net.head_name} head for {m} "
                                f"{shapes[m]} at rank {r} needs {list(net.head.out[i].weight.shape)}")
@@ -240,7 +302,11 @@ def _map_state(ref: ReferenceCheckpoint, net, order: list[str], scale: float) ->
         if net.head_name != "chunked" or not torch.allclose(
                 take("rotary_emb.inv_freq"), 1.0 / 10000.0 ** (torch.arange(0, width, 2).float() / width)):
             raise _refuse(ref, "rotary_emb.inv_freq is not the default rotary embedding of the trunk width")
-    used |= {k for k in s if k.split(".")[0] in BUFFERS}
+    used |= {f"{b}.{ab}.{m}" for b in BUFFERS for ab in "AB" for m in order}  # checked by _output_buffers
+    for name, buffers in zip(("output_scale", "output_offset"), outputs):
+        for i, m in enumerate(net.shapes.modules):
+            if buffers is not None:
+                out[f"{name}.A{i}"], out[f"{name}.B{i}"] = buffers[m]
     unknown = sorted(set(s) - used)
     if unknown:
         raise _refuse(ref, f"hypermod.pt keys with no place in the framework's hypernetwork: {', '.join(unknown[:5])}"
@@ -268,10 +334,12 @@ def convert(ref: ReferenceCheckpoint, module_order: Sequence[str] | None = None)
     lora = {"rank": rank, "alpha": float(ref.adapter["lora_alpha"]), "use_rslora": bool(ref.adapter.get("use_rslora", False)),
             "dropout": float(ref.adapter.get("lora_dropout", 0.0)), "target_modules": order}
     shapes = _shapes(ref, order, rank)
+    outputs = _output_buffers(ref, task, shapes, rank)
     if ref.state["layer_type_encoder.0.weight"].shape[0] != len(order):
         raise _refuse(ref, f"layer_type_encoder has {ref.state['layer_type_encoder.0.weight'].shape[0]} rows for "
                            f"{len(order)} modules")
     hypernet, enc_dim = _hypernet_config(ref, head, position)
+    hypernet["output_scale"], hypernet["output_offset"] = (b is not None for b in outputs)
     encoder = _encoder(ref)
     base_model = str(ref.args.get("model_dir") or ref.adapter.get("base_model_name_or_path") or "")
     if not base_model:
@@ -284,7 +352,7 @@ def convert(ref: ReferenceCheckpoint, module_order: Sequence[str] | None = None)
     scale = 1.0 / math.sqrt(float(ref.args.get("delta_w_scaling", 10000))) \
         if task == "recon" and not ref.args.get("factorized", False) else 1.0
     with torch.no_grad():
-        net.load_state_dict(_map_state(ref, net, order, scale), strict=True)
+        net.load_state_dict(_map_state(ref, net, order, scale, _head_bias(ref, task), outputs), strict=True)
     recipe = {
         "description": f"T2L reference checkpoint {ref.folder.name} ({head} head), imported",
         "base_model": {"name_or_path": base_model},
@@ -327,5 +395,8 @@ def import_reference(src: str | Path, out: str | Path, module_order: Sequence[st
             "module_order_from": "--module-order" if module_order else "adapter_config.json target_modules",
             "emb_model": sections["encoder"]["model"], "base_model": sections["base_model"]["name_or_path"],
             "training_task": ref.args.get("training_task", "sft"),
+            "output_scale": "std_recon_target + 1e-10" if net.output_scale is not None else None,
+            "output_offset": None if net.output_offset is None else
+            "mean_recon_target + AB_offset" if net.output_scale is not None else "AB_offset",
         }, indent=2) + "\n")
     return out
