@@ -7,10 +7,12 @@ unseen set, and reads T2L's end-of-training table: (c) and the paired difference
 (c)-(d) another task's description, (c)-(e) the multi-task LoRA, (c)-(f) random letters and
 (c)-(g) the generic description, in task-clustered SE (cSE), on the unseen and the training tasks.
 
-Each cell is its own pair of ``t2l fit`` processes writing ``OUT/cells/N_tasks-S_steps/``; a cell
+Each cell is its own pair of ``t2l fit`` processes writing ``OUT/cells/N_tasks-S_steps-seedK[-OVERRIDES]/``
+(``--set`` overrides give the folder a short hash of them, so a lever never reuses a plain cell); a cell
 with a ``cell.json`` is finished and skipped, so an interrupted map resumes where it stopped.
 After every cell the table (``OUT/scaling_map.md`` + ``.json``, wall time and CPU kind per cell)
-and the plot (``OUT/scaling_map.png``) are rewritten from the finished cells.
+and the plot (``OUT/scaling_map.png``) are rewritten from every finished cell under ``OUT/cells``,
+also those of earlier calls with other grids.
 
     python benchmarks/scaling_map.py --tasks 10,30,all --steps 96,288,864 --out docs/scaling_map
     python benchmarks/scaling_map.py --tasks 10 --steps 8 --eval-instances 2 --out /tmp/map   # one tiny cell
@@ -19,6 +21,7 @@ and the plot (``OUT/scaling_map.png``) are rewritten from the finished cells.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -76,10 +79,22 @@ def cell_numbers(report_json: Path) -> dict:
     return out
 
 
+def cell_name(n_tasks: int | str, steps: int, seed: int, sets: list[str]) -> str:
+    """A cell's folder: its grid point, its seed and (when given) a hash of its extra overrides."""
+    name = f"{n_tasks}_tasks-{steps}_steps-seed{seed}"
+    return name + (f"-{hashlib.sha1(chr(10).join(sets).encode()).hexdigest()[:8]}" if sets else "")
+
+
+def finished_cells(out: Path) -> list[dict]:
+    """Every finished cell under ``out/cells`` (each one's ``cell.json``), in a stable order."""
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/cell.json"))]
+    return sorted(cells, key=lambda r: (r["tasks"], r["steps"], r.get("seed", 0), r.get("overrides", [])))
+
+
 def run_cell(n_tasks: int | str, steps: int, args, out: Path) -> dict:
     from t2l_framework.data.demo_task_sets import training_task_set
 
-    cell = out / "cells" / f"{n_tasks}_tasks-{steps}_steps"
+    cell = out / "cells" / cell_name(n_tasks, steps, args.seed, args.set)
     done = cell / "cell.json"
     if done.is_file():
         print(f"[map] {cell.name}: finished earlier, skipped", flush=True)
@@ -110,7 +125,8 @@ def run_cell(n_tasks: int | str, steps: int, args, out: Path) -> dict:
     if rc not in (0, 3):
         raise SystemExit(f"[map] {cell.name}: the T2L run failed (exit {rc}); see {cell / 't2l.log'}")
     report = json.loads((cell / "t2l" / "report.json").read_text())
-    result = {"tasks": len(tasks), "task_set": n_tasks, "steps": steps, "seed": args.seed, "cpu": cpu_kind(),
+    result = {"tasks": len(tasks), "task_set": n_tasks, "steps": steps, "seed": args.seed, "overrides": args.set,
+              "cpu": cpu_kind(),
               "wall_s": round(sum(times.values()), 1), **{k: round(v, 1) for k, v in times.items()},
               "t2l_time_breakdown_s": report.get("seconds", {}), **cell_numbers(cell / "t2l" / "report.json")}
     done.write_text(json.dumps(result, indent=1))
@@ -123,13 +139,14 @@ def _cse(row: dict, label: str) -> str:
 
 
 def write_table(results: list[dict], out: Path) -> str:
-    lines = ["| tasks | steps | unseen (c) EM | " + " | ".join(f"{l} cSE" for l, _ in CONTRASTS)
+    lines = ["| tasks | steps | seed | overrides | unseen (c) EM | " + " | ".join(f"{l} cSE" for l, _ in CONTRASTS)
              + " | in-dist (c) EM | in-dist (c)-(e) cSE | wall (T2L + MT-LoRA) | CPU |",
-             "|---:|---:|---:|" + "---:|" * len(CONTRASTS) + "---:|---:|---:|---|"]
-    for r in sorted(results, key=lambda r: (r["tasks"], r["steps"])):
+             "|---:|---:|---:|---|---:|" + "---:|" * len(CONTRASTS) + "---:|---:|---:|---|"]
+    for r in results:
         u, s = r.get("unseen", {}), r.get("seen", {})
         cut = any(str(v).startswith("cut short") for v in r.get("training", {}).values())
-        lines.append(f"| {r['tasks']} | {r['steps']}{' (cut short)' if cut else ''} | "
+        lines.append(f"| {r['tasks']} | {r['steps']}{' (cut short)' if cut else ''} | {r.get('seed', '-')} | "
+                     f"{' '.join(r.get('overrides') or []) or '-'} | "
                      f"{u.get('c_em', float('nan')):.3f} ± {u.get('c_em_se', float('nan')):.3f} | "
                      + " | ".join(_cse(u, l) for l, _ in CONTRASTS)
                      + f" | {s.get('c_em', float('nan')):.3f} | {_cse(s, '(c)-(e)')} | "
@@ -148,12 +165,14 @@ def plot(results: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.6), sharey=True)
+    results = [r for r in results if not r.get("overrides")]  # the plain grid; levers are in the table
     for ax, label in zip(axes, PLOTTED):
-        for n in sorted({r["tasks"] for r in results}):
+        for n, seed in sorted({(r["tasks"], r.get("seed")) for r in results}, key=str):
             pts = sorted((r["steps"], r["unseen"][label]["cse"]) for r in results
-                         if r["tasks"] == n and r.get("unseen", {}).get(label, {}).get("cse") is not None)
+                         if (r["tasks"], r.get("seed")) == (n, seed)
+                         and r.get("unseen", {}).get(label, {}).get("cse") is not None)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{n} tasks")
+                ax.plot(*zip(*pts), marker="o", label=f"{n} tasks, seed {seed}")
         ax.axhline(2.0, color="grey", ls="--", lw=0.8)
         ax.axhline(0.0, color="black", lw=0.5)
         ax.set_xscale("log")
@@ -181,12 +200,12 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = [(n if n == "all" else int(n), int(s)) for n in args.tasks.split(",") for s in args.steps.split(",")]
-    results = []
     for n, steps in grid:
-        results.append(run_cell(n, steps, args, out))
+        run_cell(n, steps, args, out)
+        results = finished_cells(out)
         print(write_table(results, out), flush=True)
         plot(results, out)
-    print(f"[map] {len(results)} cells; table {out / 'scaling_map.md'}, plot {out / 'scaling_map.png'}")
+    print(f"[map] {len(finished_cells(out))} finished cells; table {out / 'scaling_map.md'}, plot {out / 'scaling_map.png'}")
     return 0
 
 

@@ -1,0 +1,47 @@
+"""benchmarks/scaling_map.py's bookkeeping: cell folders keep seeds and levers apart, and the table
+is rebuilt from every finished cell, also those of an earlier call with another grid."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _scaling_map():
+    spec = importlib.util.spec_from_file_location("scaling_map", ROOT / "benchmarks" / "scaling_map.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cell(tasks, steps, seed, overrides, c_em):
+    row = {"c_em": c_em, "c_em_se": 0.01, "items": 10,
+           "(c)-(d)": {"em": 0.02, "em_se": 0.01, "cse": 2.0}, "(c)-(e)": {"em": -0.01, "em_se": 0.01, "cse": -1.0}}
+    return {"tasks": tasks, "task_set": tasks, "steps": steps, "seed": seed, "overrides": overrides,
+            "cpu": "test CPU", "wall_s": 60.0, "training": {}, "unseen": row, "seen": row}
+
+
+def test_cell_names_separate_seeds_and_overrides():
+    m = _scaling_map()
+    names = {m.cell_name(30, 96, 42, []), m.cell_name(30, 96, 7, []),
+             m.cell_name(30, 96, 42, ["training.lr_head_bias=10"]), m.cell_name(30, 96, 42, ["training.lr=3e-3"])}
+    assert len(names) == 4
+    assert m.cell_name(30, 96, 42, ["training.lr=3e-3"]) == m.cell_name(30, 96, 42, ["training.lr=3e-3"])
+
+
+def test_table_and_plot_come_from_every_finished_cell(tmp_path):
+    m = _scaling_map()
+    cells = [_cell(30, 96, 42, [], 0.111), _cell(10, 96, 42, [], 0.222), _cell(30, 96, 42, ["training.lr=3e-3"], 0.333)]
+    for c in cells:
+        folder = tmp_path / "cells" / m.cell_name(c["tasks"], c["steps"], c["seed"], c["overrides"])
+        folder.mkdir(parents=True)
+        (folder / "cell.json").write_text(json.dumps(c))
+    (tmp_path / "cells" / "unfinished").mkdir()  # no cell.json: not in the table
+    found = m.finished_cells(tmp_path)
+    assert [(r["tasks"], r["overrides"]) for r in found] == [(10, []), (30, []), (30, ["training.lr=3e-3"])]
+    md = m.write_table(found, tmp_path)
+    rows = [line for line in md.splitlines() if line.startswith("| 10 ") or line.startswith("| 30 ")]
+    assert len(rows) == 3 and "0.222" in rows[0] and "training.lr=3e-3" in rows[2] and "+2.0" in rows[1]
+    m.plot(found, tmp_path)
+    assert (tmp_path / "scaling_map.png").stat().st_size > 1000
