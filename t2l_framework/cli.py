@@ -9,6 +9,7 @@ both exit 1. ``--debug`` shows the traceback of a ``T2LError`` too.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import textwrap
@@ -643,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader closed our output (`t2l recipes | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return EXIT_FAILED
     except Exception:  # noqa: BLE001 - every other exception escaping a command is a bug
         traceback.print_exc()
         print(BUG_HINT, file=sys.stderr)

@@ -51,6 +51,19 @@ def test_recipes_lists_and_copies(tmp_path):
     assert r.returncode == 2 and "dest" in r.stderr
 
 
+def test_a_closed_output_pipe_ends_quietly():
+    """`t2l recipes | head -1`: the reader is gone before we write; no traceback, no bug hint."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "t2l_framework.cli", "recipes"], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and "bug" not in r.stderr and "Exception ignored" not in r.stderr
+
+
 def test_recipes_ls_is_what_bare_recipes_lists(capsys):
     from t2l_framework import cli
 
