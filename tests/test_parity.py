@@ -554,6 +554,19 @@ def _reference_module(monkeypatch, src: str):
     return module
 
 
+def _randomised_reference_folder(hypermod, peft_model, folder):
+    """Random values everywhere the reference trains, saved as its training scripts save them
+    (``torch.save(state_dict)``, ``peft_config.save_pretrained``); args.yaml is the caller's."""
+    with torch.no_grad():
+        for name, p in hypermod.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]) * (1.0 if p.dim() > 1 else 3.0))
+    folder.mkdir()
+    torch.save(hypermod.state_dict(), folder / "hypermod.pt")
+    peft_model.peft_config["default"].save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.skipif(not REFERENCE_SRC, reason="set T2L_REFERENCE_SRC to a checkout of SakanaAI/text-to-lora "
                                               "(8ba7749) to compare with the reference code itself")
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -568,14 +581,7 @@ def test_matches_the_reference_code_itself(tiny_llama, tmp_path, monkeypatch, ki
     hypermod = ref.HyperModulator(peft_model, output_space="lora", module_names=None, training_task="sft",
                                   task_emb_size=ENC, latent_size=LATENT, head_in_size=HEAD_IN, head_use_bias=True,
                                   zero_init_head=True, match_lora_init=True, **KINDS[kind])
-    with torch.no_grad():  # random values everywhere the reference trains
-        for name, p in hypermod.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]) * (1.0 if p.dim() > 1 else 3.0))
-    folder = tmp_path / "ref"
-    folder.mkdir()
-    torch.save(hypermod.state_dict(), folder / "hypermod.pt")
-    peft_model.peft_config["default"].save_pretrained(folder)  # what train_custom_sft.py writes
+    folder = _randomised_reference_folder(hypermod, peft_model, tmp_path / "ref")
     (folder / "args.yaml").write_text(yaml.safe_dump({
         "exp_setup": "hyper_lora", "training_task": "sft", "model_dir": "tiny", "encoder_type": "linear",
         "emb_model": "Alibaba-NLP/gte-large-en-v1.5", "hypernet_latent_size": LATENT, "head_in_size": HEAD_IN,
@@ -628,14 +634,7 @@ def test_output_buffers_match_the_reference_code_itself(tiny_llama, tmp_path, mo
     torch.manual_seed(0)
     hypermod = ref.HyperModulator(peft_model, output_space="lora", module_names=module_names, task_emb_size=ENC,
                                   latent_size=LATENT, head_in_size=HEAD_IN, **KINDS[kind], **kwargs)
-    with torch.no_grad():  # random values everywhere the reference trains
-        for name, p in hypermod.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]) * (1.0 if p.dim() > 1 else 3.0))
-    folder = tmp_path / "ref"
-    folder.mkdir()
-    torch.save(hypermod.state_dict(), folder / "hypermod.pt")
-    peft_model.peft_config["default"].save_pretrained(folder)
+    folder = _randomised_reference_folder(hypermod, peft_model, tmp_path / "ref")
     (folder / "args.yaml").write_text(yaml.safe_dump({
         "exp_setup": "hyper_lora", "model_dir": "tiny", "encoder_type": "linear",
         "emb_model": "Alibaba-NLP/gte-large-en-v1.5", "hypernet_latent_size": LATENT, "head_in_size": HEAD_IN,
