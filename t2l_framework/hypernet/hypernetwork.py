@@ -120,8 +120,8 @@ class HyperNetwork(nn.Module):
         with the mean and std over a LoRA library's tasks (the reference's ``pred_z_score``).
 
         library: ``LoraWeights`` with one row per task, in this network's factor convention
-        (what ``training.mode: recon`` regresses), or None for placeholders that a checkpoint
-        then fills. The mean becomes the output offset, the std (+ 1e-10, as the reference) the
+        (what ``training.mode: recon`` regresses), or None for buffers of the right shape (mean 0,
+        std 1) that a loaded checkpoint then fills. The mean becomes the output offset, the std (+ 1e-10, as the reference) the
         output scale; both are buffers saved with the weights. A z-score of 0 is the library's
         mean adapter, so a network that has not yet told tasks apart already emits it.
         """
