@@ -280,7 +280,7 @@ def cmd_import_reference(args) -> int:
 
     from t2l_framework.assembly.hub import REFERENCE_FILES, resolve_run
 
-    order = comma_list([args.module_order]) if args.module_order else None
+    order = comma_list(args.module_order) or None
     folder = resolve_run(args.folder, args.revision, args.subfolder, files=REFERENCE_FILES)
     out = import_reference(folder, args.output, module_order=order, force=args.force)
     print(f"wrote {out}  (load it like any run: t2l generate {out} \"DESCRIPTION\")")

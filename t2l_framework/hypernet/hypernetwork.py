@@ -18,6 +18,8 @@ from t2l_framework.config import HypernetConfig, LoraConfig
 from t2l_framework.errors import T2LError, did_you_mean
 from t2l_framework.hypernet.heads import BUILTIN_HEADS, HypernetHead
 from t2l_framework.hypernet.trunk import Trunk
+
+Z_SCORE_STD_EPS = 1e-10  # added to the library's std, as the reference does (convert_to_raw_scale, recon_trainer)
 from t2l_framework.lora.weights import LoraWeights, ModuleShapes
 
 HeadLookup = Callable[[str], type]  # hypernet.head name -> HypernetHead subclass
@@ -141,7 +143,7 @@ class HyperNetwork(nn.Module):
                         raise T2LError(f"the library's {m} {name} is {list(target.shape[1:])} per task, this network "
                                        f"emits {list(shape)}")
                     t = target.detach().float().cpu()
-                    mean, std = t.mean(0), t.std(0) + 1e-10
+                    mean, std = t.mean(0), t.std(0) + Z_SCORE_STD_EPS
                 offset.register_buffer(f"{name}{i}", mean.contiguous())
                 scale.register_buffer(f"{name}{i}", std.contiguous())
         device = self.layer_idx.device

@@ -43,12 +43,12 @@ import yaml
 
 from t2l_framework.atomic import atomic_file
 from t2l_framework.errors import T2LError
+from t2l_framework.hypernet.hypernetwork import Z_SCORE_STD_EPS
 from t2l_framework.lora.weights import ModuleShapes
 from t2l_framework.run_folder import RunFolder
 
 FILES = ("hypermod.pt", "args.yaml", "adapter_config.json")
 BUFFERS = ("AB_offset", "mean_recon_target", "std_recon_target")  # {buffer}.{A|B}.{module}
-STD_EPS = 1e-10  # the reference adds it to std_recon_target when it un-standardises (convert_to_raw_scale)
 
 
 @dataclass
@@ -186,7 +186,7 @@ def _output_buffers(ref: ReferenceCheckpoint, task: str, shapes: ModuleShapes, r
 
     offset = pairs("AB_offset") if add_offset else None
     if z_scores:  # (z x (std + eps) + mean) + AB_offset; ours adds one offset, mean + AB_offset
-        scale = {m: (a + STD_EPS, b + STD_EPS) for m, (a, b) in pairs("std_recon_target").items()}
+        scale = {m: (a + Z_SCORE_STD_EPS, b + Z_SCORE_STD_EPS) for m, (a, b) in pairs("std_recon_target").items()}
         mean = pairs("mean_recon_target")
         return scale, {m: (mean[m][0] + offset[m][0], mean[m][1] + offset[m][1]) for m in shapes.modules}
     if offset is None or not any(t.abs().max() > 0 for pair in offset.values() for t in pair):
