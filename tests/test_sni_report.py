@@ -79,3 +79,25 @@ def test_rescore_reads_reports_written_before_the_training_column(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps(old))
     tables, training = rescore(tmp_path / "report.json")
     assert tables["Seen"]["t2l"]["em"] == 1.0 and training == {}
+
+
+def test_paired_table_counts_the_items_each_side_alone_answers():
+    items = _items(["a", "a", "b", "b"])
+    results = {"t2l": score(["yes", "yes", "no", "yes"], items), "base": score(["no", "yes", "yes", "no"], items)}
+    d = paired_differences(results)["base"]
+    assert (d["em_only_reference"], d["em_only_other"]) == (2, 1)
+    assert "| 2 / 1 |" in markdown_table("T", results)
+
+
+def test_per_task_table_and_the_items_no_condition_answers(tmp_path):
+    from t2l_framework.eval.sni_report import per_task_table
+
+    items = _items(["a", "a", "b", "b", "c"])
+    results = {"t2l": score(["yes", "no", "no", "no", "no"], items),
+               "mt_lora": score(["yes", "yes", "no", "no", "no"], items)}
+    table = per_task_table("Unseen", results)
+    assert "| task | items | (c) | (e) |" in table
+    assert "| a | 2 | 0.50 | 1.00 |" in table and "| b | 2 | 0.00 | 0.00 |" in table
+    assert "No condition answers 3 of 5 items exactly (2 of 3 tasks score 0 under every condition)" in table
+    write_report(tmp_path, {"Unseen": results}, {"Unseen": items})
+    assert "| a | 2 | 0.50 | 1.00 |" in (tmp_path / "report.md").read_text()

@@ -76,7 +76,9 @@ def score_predictions(part: dict, examples: Sequence) -> dict:
 
 
 def paired_differences(results: dict, reference: str = "t2l") -> dict[str, dict]:
-    """reference minus each other condition, item by item, task-clustered: {name: {em, em_se, rouge_l, rouge_l_se}}.
+    """reference minus each other condition, item by item, task-clustered: {name: {em, em_se,
+    rouge_l, rouge_l_se, em_only_reference, em_only_other}} (the last two: how many items only
+    the reference / only that condition answers exactly, what the exact-match difference rests on).
 
     The conditions answer the same items, so the paired difference removes the spread in item
     difficulty that both share; clustering by task keeps one easy task from counting as many
@@ -91,6 +93,9 @@ def paired_differences(results: dict, reference: str = "t2l") -> dict[str, dict]
         row = {}
         for key in METRICS:
             row[key], row[f"{key}_se"] = paired_difference(ref[f"{key}_items"], r[f"{key}_items"], ref["tasks"])
+        # The items the exact-match difference rests on: right for one of the two only.
+        row["em_only_reference"] = sum(a > b for a, b in zip(ref["em_items"], r["em_items"]))
+        row["em_only_other"] = sum(b > a for a, b in zip(ref["em_items"], r["em_items"]))
         out[name] = row
     return out
 
@@ -115,11 +120,33 @@ def markdown_table(title: str, results: dict, training: dict[str, str] | None = 
                      f"{_pm(r['rouge_l'], r['rouge_l_se'])} | {_trained(training.get(name))} |")
     diffs = paired_differences(results)
     if diffs:
-        lines += ["", "| (c) T2L minus | exact match | ROUGE-L |", "|---|---:|---:|"]
+        lines += ["", "| (c) T2L minus | exact match | ROUGE-L | exact: only (c) / only it |",
+                  "|---|---:|---:|---:|"]
         for name, d in diffs.items():
             lines.append(f"| {CONDITIONS.get(name, name)} | {_pm(d['em'], d['em_se'], '+')} "
                          f"({in_cse(d['em'], d['em_se'])}) | {_pm(d['rouge_l'], d['rouge_l_se'], '+')} "
-                         f"({in_cse(d['rouge_l'], d['rouge_l_se'])}) |")
+                         f"({in_cse(d['rouge_l'], d['rouge_l_se'])}) | {d['em_only_reference']} / {d['em_only_other']} |")
+    return "\n".join(lines)
+
+
+def per_task_table(title: str, results: dict) -> str:
+    """Exact match per task and condition, and how many items no condition answers exactly:
+    where a split can show a difference between conditions at all, and which tasks make it."""
+    names = list(results)
+    first = results[names[0]]
+    by_task: dict[str, list[int]] = {}
+    for i, task in enumerate(first["tasks"]):
+        by_task.setdefault(task, []).append(i)
+    lines = [f"**{title}, exact match per task**", "",
+             "| task | items | " + " | ".join(CONDITIONS.get(n, n).split(" ", 1)[0] for n in names) + " |",
+             "|---|---:|" + "---:|" * len(names)]
+    for task, idx in by_task.items():
+        cells = [sum(results[n]["em_items"][i] for i in idx) / len(idx) for n in names]
+        lines.append(f"| {task} | {len(idx)} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    unanswered = sum(all(results[n]["em_items"][i] == 0 for n in names) for i in range(first["n"]))
+    dead = sum(all(results[n]["em_items"][i] == 0 for n in names for i in idx) for idx in by_task.values())
+    lines += ["", f"No condition answers {unanswered} of {first['n']} items exactly ({dead} of {len(by_task)} "
+                  "tasks score 0 under every condition): the differences above rest on the other items."]
     return "\n".join(lines)
 
 
@@ -174,8 +201,9 @@ def write_report(out_dir: Path, tables: dict[str, dict], items: dict[str, list[d
             for i, it in enumerate(items[title])]
         payload["tables"][title] = section
     # Both built before either is written; each replaces its older file whole, or not at all.
+    per_task = "\n\n".join(per_task_table(title, res) for title, res in tables.items() if res)
     with atomic_file(out_dir / "report.md") as tmp:
-        tmp.write_text(md + "\n\n" + FOOTNOTE + "\n")
+        tmp.write_text(md + "\n\n" + FOOTNOTE + "\n\n" + per_task + "\n")
     with atomic_file(out_dir / "report.json") as tmp:
         tmp.write_text(json.dumps(payload, indent=1))
     return md
@@ -197,4 +225,7 @@ if __name__ == "__main__":
     import sys
 
     for path in sys.argv[1:]:
-        print(render(*rescore(Path(path))))
+        tables, training = rescore(Path(path))
+        print(render(tables, training))
+        for title, res in tables.items():
+            print("\n" + per_task_table(title, res))
