@@ -14,7 +14,8 @@ from t2l_framework.assembly.inspect import inspect_run, inspector_for
 from t2l_framework.assembly.loading import load_runtime
 from t2l_framework.cli import main
 from t2l_framework.lora.weights import LoraWeights
-from t2l_framework.runtime.inspection import adapter_cosine, familiarity, gram_inner, layer_norms, verdict
+from t2l_framework.runtime.inspection import (adapter_cosine, adapter_spread, familiarity, gram_inner, layer_norms,
+                                              verdict)
 from t2l_framework.serve import create_app
 from tests.tiny_world import build_trained_world
 
@@ -45,6 +46,31 @@ def test_factor_arithmetic_equals_full_delta_w():
     da = torch.cat([full(anchor, m).flatten() for m in q.modules])
     torch.testing.assert_close(adapter_cosine(q, others, q.modules, anchor),
                                torch.nn.functional.cosine_similarity(do - da[None], (dq - da)[None]))
+
+
+def test_adapter_spread_is_the_share_of_energy_off_the_mean():
+    w = _weights(3, 5)
+    flat = torch.stack([torch.cat([(w.B[m][t] @ w.A[m][t]).flatten() for m in w.modules]) for t in range(5)])
+    expect = 1 - flat.mean(0).square().sum() / flat.square().sum(1).mean()
+    assert adapter_spread(w, w.modules) == pytest.approx(float(expect), rel=1e-5)
+    same = LoraWeights({m: a[:1].expand_as(a) for m, a in w.A.items()}, {m: b[:1].expand_as(b) for m, b in w.B.items()},
+                       w.rank, 4.0, True)
+    assert adapter_spread(same, w.modules) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least two"):
+        adapter_spread(_weights(0, 1), w.modules)
+
+
+def test_adapter_spread_script_reads_a_run(world):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "adapter_spread.py"
+    spec = importlib.util.spec_from_file_location("adapter_spread", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    row = mod.spreads(world["run"])
+    assert set(row) >= {"training tasks", "within a task"}
+    assert all(0.0 <= v <= 1.0 for v in row.values())
 
 
 def test_familiarity_is_the_percentile_among_the_reference():

@@ -117,6 +117,21 @@ def adapter_cosine(query: LoraWeights, others: LoraWeights, modules: Sequence[st
     return qt / (qq.clamp_min(1e-30).sqrt() * tt.clamp_min(1e-30).sqrt())
 
 
+def adapter_spread(weights: LoraWeights, modules: Sequence[str]) -> float:
+    """The share of the adapters' delta-W energy that is not their mean: 1 - ||mean||^2 / mean ||dW_i||^2.
+
+    0 when every adapter is the same (the hypernetwork ignores its input), 1 - 1/n for n
+    orthogonal adapters of equal norm. From the Gram matrix of all pairs, so no delta W is formed.
+    """
+    n = weights.A[modules[0]].shape[0]
+    if n < 2:
+        raise ValueError("the spread of adapters needs at least two of them")
+    gram = sum(gram_inner(weights.A[m][:, None], weights.B[m][:, None], weights.A[m][None], weights.B[m][None])
+               .sum(dim=-1) for m in modules)  # [n, n]
+    energy = gram.diagonal().mean()
+    return float(1.0 - gram.mean() / energy) if energy > 0 else 0.0
+
+
 class Inspector:
     """Inspection of descriptions for one ``AdapterGenerator`` and its ``InspectIndex``.
 
