@@ -86,9 +86,24 @@ def cell_name(n_tasks: int | str, steps: int, seed: int, sets: list[str]) -> str
 
 
 def finished_cells(out: Path) -> list[dict]:
-    """Every finished cell under ``out/cells`` (each one's ``cell.json``), in a stable order."""
-    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/cell.json"))]
+    """Every finished cell under ``out/cells`` (each one's ``cell.json``), in a stable order. A cell
+    recorded before the adapter spread was measured gets it now, where its T2L run is still on disk."""
+    cells = []
+    for path in sorted((out / "cells").glob("*/cell.json")):
+        cell = json.loads(path.read_text())
+        if "spread" not in cell and (path.parent / "t2l" / "hypernet").is_dir():
+            cell["spread"] = adapter_spreads(path.parent / "t2l")
+            path.write_text(json.dumps(cell, indent=1))
+        cells.append(cell)
     return sorted(cells, key=lambda r: (r["tasks"], r["steps"], r.get("seed", 0), r.get("overrides", [])))
+
+
+def adapter_spreads(t2l_run: Path) -> dict[str, float]:
+    """``benchmarks/adapter_spread.py`` on a cell's T2L run: how much its adapters depend on the text."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from adapter_spread import spreads
+
+    return {k: round(v, 4) for k, v in spreads(t2l_run).items()}
 
 
 def run_cell(n_tasks: int | str, steps: int, args, out: Path) -> dict:
@@ -128,7 +143,8 @@ def run_cell(n_tasks: int | str, steps: int, args, out: Path) -> dict:
     result = {"tasks": len(tasks), "task_set": n_tasks, "steps": steps, "seed": args.seed, "overrides": args.set,
               "cpu": cpu_kind(),
               "wall_s": round(sum(times.values()), 1), **{k: round(v, 1) for k, v in times.items()},
-              "t2l_time_breakdown_s": report.get("seconds", {}), **cell_numbers(cell / "t2l" / "report.json")}
+              "t2l_time_breakdown_s": report.get("seconds", {}), **cell_numbers(cell / "t2l" / "report.json"),
+              "spread": adapter_spreads(cell / "t2l")}
     done.write_text(json.dumps(result, indent=1))
     return result
 
@@ -138,10 +154,17 @@ def _cse(row: dict, label: str) -> str:
     return "n/a" if v.get("cse") is None else f"{v['cse']:+.1f}"
 
 
+def _spread(row: dict) -> str:
+    v = row.get("spread") or {}
+    if "training tasks" not in v:
+        return "-"
+    return f"{v['training tasks']:.3f} / " + (f"{v['random letters']:.3f}" if "random letters" in v else "-")
+
+
 def write_table(results: list[dict], out: Path) -> str:
     lines = ["| tasks | steps | seed | overrides | unseen (c) EM | " + " | ".join(f"{l} cSE" for l, _ in CONTRASTS)
-             + " | in-dist (c) EM | in-dist (c)-(e) cSE | wall (T2L + MT-LoRA) | CPU |",
-             "|---:|---:|---:|---|---:|" + "---:|" * len(CONTRASTS) + "---:|---:|---:|---|"]
+             + " | in-dist (c) EM | in-dist (c)-(e) cSE | adapter spread: tasks / random letters | wall (T2L + MT-LoRA) | CPU |",
+             "|---:|---:|---:|---|---:|" + "---:|" * len(CONTRASTS) + "---:|---:|---:|---:|---|"]
     for r in results:
         u, s = r.get("unseen", {}), r.get("seen", {})
         cut = any(str(v).startswith("cut short") for v in r.get("training", {}).values())
@@ -149,11 +172,14 @@ def write_table(results: list[dict], out: Path) -> str:
                      f"{' '.join(r.get('overrides') or []) or '-'} | "
                      f"{u.get('c_em', float('nan')):.3f} ± {u.get('c_em_se', float('nan')):.3f} | "
                      + " | ".join(_cse(u, l) for l, _ in CONTRASTS)
-                     + f" | {s.get('c_em', float('nan')):.3f} | {_cse(s, '(c)-(e)')} | "
+                     + f" | {s.get('c_em', float('nan')):.3f} | {_cse(s, '(c)-(e)')} | {_spread(r)} | "
                      f"{r['wall_s'] / 60:.1f} min | {r['cpu']} |")
     md = "\n".join(lines)
     (out / "scaling_map.md").write_text(md + "\n\nEM = exact match on the unseen set; cSE = the paired difference "
-                                        "in task-clustered standard errors (> 2: a clear win of (c)).\n")
+                                        "in task-clustered standard errors (> 2: a clear win of (c)). Adapter spread "
+                                        "(benchmarks/adapter_spread.py): the share of the generated delta W that "
+                                        "differs between the training tasks' held-out descriptions / between random "
+                                        "letters of the unseen descriptions' lengths (0 = one adapter for any text).\n")
     (out / "scaling_map.json").write_text(json.dumps(results, indent=1))
     return md
 

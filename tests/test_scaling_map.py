@@ -33,6 +33,7 @@ def test_cell_names_separate_seeds_and_overrides():
 def test_table_and_plot_come_from_every_finished_cell(tmp_path):
     m = _scaling_map()
     cells = [_cell(30, 96, 42, [], 0.111), _cell(10, 96, 42, [], 0.222), _cell(30, 96, 42, ["training.lr=3e-3"], 0.333)]
+    cells[0]["spread"] = {"training tasks": 0.0896, "random letters": 0.0114}
     for c in cells:
         folder = tmp_path / "cells" / m.cell_name(c["tasks"], c["steps"], c["seed"], c["overrides"])
         folder.mkdir(parents=True)
@@ -43,5 +44,6 @@ def test_table_and_plot_come_from_every_finished_cell(tmp_path):
     md = m.write_table(found, tmp_path)
     rows = [line for line in md.splitlines() if line.startswith("| 10 ") or line.startswith("| 30 ")]
     assert len(rows) == 3 and "0.222" in rows[0] and "training.lr=3e-3" in rows[2] and "+2.0" in rows[1]
+    assert "| 0.090 / 0.011 |" in rows[1] and "| - |" in rows[0]  # a cell without its T2L run on disk: no spread
     m.plot(found, tmp_path)
     assert (tmp_path / "scaling_map.png").stat().st_size > 1000
