@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml plugins/t2l-plugin-e5/pyproject.toml
 
 install: $(BIN)/.installed
 
-demo: install  ## train the CPU demo end to end and print the results table (~25 min on 2 cores, docs/demo.md)
+demo: install  ## train the CPU demo end to end and print the results table (15-25 min on 2 cores, docs/demo.md)
 	@$(MAKE) --no-print-directory demo-runs
 
 # t2l fit exits 3 when trainer.max_time (a safety net) stopped a run before its max_steps. Such
@@ -28,6 +28,8 @@ demo: install  ## train the CPU demo end to end and print the results table (~25
 # DEMO_ARGS: recipe overrides given to both runs, so they keep doing the same work, e.g.
 #   make demo DEMO_ARGS="trainer.max_steps=480 trainer.max_time=00:01:30:00"   (a longer comparison)
 CUT_SHORT := 3
+# t2l fit exits 4 when the training loss diverged; like a cut-short run it has written its table.
+DIVERGED := 4
 DEMO_ARGS ?=
 # The recipe pair demo-runs trains: `make demo` the 96-step one, `make demo-long` the 288-step one.
 DEMO_T2L ?= smollm2_demo
@@ -36,16 +38,16 @@ demo-runs:
 	@start=$$(date +%s); status=0; \
 	echo "== (e) multi-task LoRA baseline: same tasks, batch and steps as T2L (t2l fit $(DEMO_MTLORA))"; \
 	$(BIN)/t2l fit $(DEMO_MTLORA) $(DEMO_ARGS) --overwrite || status=$$?; \
-	if [ $$status -ne 0 ] && [ $$status -ne $(CUT_SHORT) ]; then exit $$status; fi; \
+	if [ $$status -ne 0 ] && [ $$status -ne $(CUT_SHORT) ] && [ $$status -ne $(DIVERGED) ]; then exit $$status; fi; \
 	echo "== T2L hypernetwork, then the comparison table (t2l fit $(DEMO_T2L))"; \
-	$(BIN)/t2l fit $(DEMO_T2L) $(DEMO_ARGS) --overwrite || { rc=$$?; [ $$rc -eq $(CUT_SHORT) ] || exit $$rc; status=$$rc; }; \
+	$(BIN)/t2l fit $(DEMO_T2L) $(DEMO_ARGS) --overwrite || { rc=$$?; [ $$rc -eq $(CUT_SHORT) ] || [ $$rc -eq $(DIVERGED) ] || exit $$rc; status=$$rc; }; \
 	echo "== make demo: $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s"; \
 	if [ $$status -ne 0 ]; then \
-	  echo "make demo: FAILED: a run was cut short by its max_time safety net; its rows are marked in the table" >&2; \
+	  echo "make demo: FAILED: a run was cut short by its max_time safety net (exit 3) or diverged (exit 4); its rows are marked in the table" >&2; \
 	  exit $$status; \
 	fi
 
-demo-long: install  ## the demo with 3x the steps (288) for T2L and the multi-task LoRA; tables (a)-(g) (planned ~1.5 h on 2 cores, docs/demo.md)
+demo-long: install  ## the demo with 3x the steps (288) for T2L and the multi-task LoRA; tables (a)-(g) (21 min on 2 bf16-native cores, ~50 min est. in float32; docs/demo.md)
 	@$(MAKE) --no-print-directory demo-runs DEMO_T2L=smollm2_demo_long
 
 demo-eval:  ## after `make demo`: the ten benchmarks, 50 items each (~15 min on 2 cores)

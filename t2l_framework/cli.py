@@ -22,6 +22,7 @@ from t2l_framework.eval.protocols import DEFAULT_PROTOCOL, PROTOCOL_HELP, PROTOC
 from t2l_framework.lora.arrow import ARROW_TEMPERATURE, ARROW_TOP_K
 from t2l_framework.llm.dtype import DTYPE_CHOICES
 from t2l_framework.training.budget import EXIT_CUT_SHORT
+from t2l_framework.training.divergence import EXIT_DIVERGED
 
 
 def _parser_for(sub, name: str, help: str, example: str, parents: list | None = None) -> argparse.ArgumentParser:
@@ -113,7 +114,10 @@ def cmd_fit(args) -> int:
         print(f"error: {stop}", file=sys.stderr)
         return stop.exit_code
     code = exit_status(run_dir)
-    if code:
+    if code == EXIT_DIVERGED:
+        print(f"error: training diverged: its loss ended far above where it started (see {run_dir}/"
+              "training_status.json)", file=sys.stderr)
+    elif code:
         print(f"error: training was cut short by trainer.max_time (see {run_dir}/training_status.json); "
               "set training.allow_cut_short=true to accept that", file=sys.stderr)
     return code
@@ -354,6 +358,8 @@ EXIT_CODES = textwrap.dedent(f"""\
       {EXIT_USAGE}    usage error: unknown command or option, a missing or malformed argument
       {EXIT_CUT_SHORT}    `t2l fit`: trainer.max_time stopped the run before trainer.max_steps (its checkpoint and
            reports are written; training.allow_cut_short=true makes that 0)
+      {EXIT_DIVERGED}    `t2l fit`: training diverged (mean loss of the last 10 batches above 2x the first batch's,
+           or non-finite); its files and reports are written, every row it trained marked DIVERGED
       {EXIT_INTERRUPTED}  interrupted by Ctrl-C (SIGINT); `t2l fit` after writing its checkpoint
       143  `t2l fit` stopped by SIGTERM after writing its checkpoint (other commands end by the
            signal itself, which a shell also reports as 143)

@@ -158,13 +158,17 @@ def _pm(mean: float, se: float, sign: str = "") -> str:
 def _trained(text: str | None) -> str:
     if not text:
         return "-"
-    return f"**{text}**" if text.startswith("cut short") else text
+    return f"**{text}**" if text.startswith(("cut short", "DIVERGED")) else text
 
 
 def render(tables: dict[str, dict], training: dict[str, str] | None = None) -> str:
-    """All tables with a warning line first when a condition's run was cut short."""
+    """All tables with a warning line first when a condition's run was cut short or diverged."""
     cut = sorted({CONDITIONS.get(n, n) for n, t in (training or {}).items() if t and t.startswith("cut short")})
     head = [f"**Warning: cut short by trainer.max_time, results below the recipe's budget: {', '.join(cut)}**"] if cut else []
+    bad = sorted({CONDITIONS.get(n, n) for n, t in (training or {}).items() if t and t.startswith("DIVERGED")})
+    if bad:
+        head.append(f"**Warning: training diverged (its loss ended far above where it started), these rows are "
+                    f"untrained adapters: {', '.join(bad)}**")
     return "\n\n".join(head + [markdown_table(t, r, training) for t, r in tables.items()])
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from t2l_framework.run_folder import RunFolder
 from t2l_framework.training.modes import mode_class
+from t2l_framework.training.divergence import EXIT_DIVERGED, LossTracker
 from t2l_framework.training.training_status import TrainingStatus
 
 EXIT_CUT_SHORT = 3  # t2l fit's exit status for a run that max_time stopped before max_steps
@@ -39,16 +40,21 @@ def record(trainer, cfg, run: RunFolder, seconds: float, previous: TrainingStatu
     steps = int(trainer.global_step)
     remaining = [t.time_remaining() for t in timers]
     timed_out = any(r is not None and r <= 0 for r in remaining)
+    trackers = [c.tracker for c in trainer.callbacks if isinstance(getattr(c, "tracker", None), LossTracker)]
+    loss_start, loss_end = trackers[0].losses() if trackers else (None, None)
     status = TrainingStatus(
         mode=str(cfg.training.mode), steps=steps, max_steps=int(cfg.trainer.max_steps),
         examples=steps * rows_per_step(cfg) * int(getattr(trainer, "world_size", 1) or 1),
         seconds=seconds + (previous.seconds if previous else 0.0),
         max_time=str(cfg.trainer.max_time or ""),
         stopped_by="max_time" if timed_out and steps < int(cfg.trainer.max_steps) else "",
-        allow_cut_short=bool(cfg.training.allow_cut_short), world_size=int(getattr(trainer, "world_size", 1) or 1))
+        allow_cut_short=bool(cfg.training.allow_cut_short), world_size=int(getattr(trainer, "world_size", 1) or 1),
+        loss_start=loss_start, loss_end=loss_end)
     status.save(run)
     if status.cut_short:
         warn_cut_short(status)
+    if status.diverged:
+        warn_diverged(status)
     return status
 
 
@@ -63,9 +69,23 @@ def warn_cut_short(status: TrainingStatus) -> None:
           f"[t2l] or continue it with --resume.\n{bar}", file=sys.stderr, flush=True)
 
 
+def warn_diverged(status: TrainingStatus) -> None:
+    """A banner on stderr: a run whose loss blew up wrote every file, and must not pass for trained."""
+    bar = "!" * 78
+    print(f"{bar}\n[t2l] TRAINING DIVERGED: the mean training loss went from {status.loss_start} at the start to "
+          f"{status.loss_end} at the end.\n[t2l] Its adapters are not trained; every report row it trained is "
+          f"marked 'DIVERGED'. Lower training.lr,\n[t2l] lengthen training.warmup_steps, or change the seed, "
+          f"and train again.\n{bar}", file=sys.stderr, flush=True)
+
+
 def exit_status(run_dir: Path) -> int:
-    """``t2l fit``'s exit status for a finished run: EXIT_CUT_SHORT if it was cut short and not allowed."""
+    """``t2l fit``'s exit status for a finished run: EXIT_DIVERGED if its loss diverged, else
+    EXIT_CUT_SHORT if it was cut short and that is not allowed, else 0."""
     status = TrainingStatus.load(RunFolder(run_dir))
-    if status is None or not status.cut_short or status.allow_cut_short:
+    if status is None:
+        return 0
+    if status.diverged:
+        return EXIT_DIVERGED
+    if not status.cut_short or status.allow_cut_short:
         return 0
     return EXIT_CUT_SHORT

@@ -28,6 +28,7 @@ from t2l_framework.errors import T2LError
 from t2l_framework.run_folder import RunFolder
 from t2l_framework.training.budget import record as record_status
 from t2l_framework.training.checkpoint_io import remove_torn_files
+from t2l_framework.training.divergence import loss_watch
 from t2l_framework.training.training_status import TrainingStatus
 
 
@@ -203,8 +204,9 @@ def train(cfg, run: RunFolder, pieces, ckpt: Path | None = None, callbacks: list
     module = T2LModule(cfg, pieces.trainable, base.model if base else None, pieces.injection, pieces.embeddings,
                        mode.loss_targets(dm), tokenizer=base.tokenizer if base else None, mode=mode)
     reason = _StopReason()
-    trainer = _trainer(cfg, run, [reason, *(callbacks or [])])
     previous = TrainingStatus.load(run) if ckpt else None
+    watch = loss_watch(previous.loss_start if previous else None)  # read by record_status
+    trainer = _trainer(cfg, run, [reason, watch, *(callbacks or [])])
     t0 = time.time()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)

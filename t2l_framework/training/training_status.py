@@ -10,6 +10,7 @@ from pathlib import Path
 from t2l_framework.atomic import atomic_file
 from t2l_framework.errors import T2LError
 from t2l_framework.run_folder import RunFolder
+from t2l_framework.training.divergence import diverged
 
 
 def _folder(run: RunFolder | Path) -> RunFolder:
@@ -27,6 +28,9 @@ class TrainingStatus:
     stopped_by: "max_time" when the safety net ended the run, "" otherwise.
     world_size: training processes (each read its own slice of the data stream; a resume must
     use as many: ``data.stream``).
+    loss_start, loss_end: the first batch's training loss (the untrained model's) and the mean
+    of the last 10 (``training.divergence``; None when the run was too short to measure, NaN at
+    the end when a loss was non-finite).
     """
 
     mode: str
@@ -38,23 +42,34 @@ class TrainingStatus:
     stopped_by: str = ""
     allow_cut_short: bool = False
     world_size: int = 1
+    loss_start: float | None = None
+    loss_end: float | None = None
 
     @property
     def cut_short(self) -> bool:
         return self.steps < self.max_steps
+
+    @property
+    def diverged(self) -> bool:
+        return diverged(self.loss_start, self.loss_end)
 
     def describe(self) -> str:
         """One phrase for reports: '480 of 480 steps (3,840 examples), 13 min 20 s' or the cut-short line."""
         took = format_seconds(self.seconds)
         if self.cut_short:
             by = f" by max_time {self.max_time}" if self.stopped_by == "max_time" else ""
-            return f"cut short at step {self.steps} of {self.max_steps}{by} ({self.examples:,} examples, {took})"
-        return f"{self.steps} of {self.max_steps} steps ({self.examples:,} examples), {took}"
+            text = f"cut short at step {self.steps} of {self.max_steps}{by} ({self.examples:,} examples, {took})"
+        else:
+            text = f"{self.steps} of {self.max_steps} steps ({self.examples:,} examples), {took}"
+        if self.diverged:
+            start = "?" if self.loss_start is None else f"{self.loss_start:.2f}"
+            text = f"DIVERGED (training loss {start} -> {self.loss_end:.2f}): {text}"
+        return text
 
     def save(self, run: RunFolder | Path) -> Path:
         path = _folder(run).status
         with atomic_file(path) as tmp:  # a reader never sees half a status
-            tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+            tmp.write_text(json.dumps(asdict(self), indent=1, allow_nan=True) + "\n")
         return path
 
     @classmethod
