@@ -72,8 +72,9 @@ def warn_cut_short(status: TrainingStatus) -> None:
 def warn_diverged(status: TrainingStatus) -> None:
     """A banner on stderr: a run whose loss blew up wrote every file, and must not pass for trained."""
     bar = "!" * 78
-    print(f"{bar}\n[t2l] TRAINING DIVERGED: the mean training loss went from {status.loss_start} at the start to "
-          f"{status.loss_end} at the end.\n[t2l] Its adapters are not trained; every report row it trained is "
+    start = "?" if status.loss_start is None else f"{status.loss_start:.2f}"
+    print(f"{bar}\n[t2l] TRAINING DIVERGED: the training loss went from {start} (first batch) to "
+          f"{status.loss_end:.2f} (mean of the last batches).\n[t2l] Its adapters are not trained; every report row it trained is "
           f"marked 'DIVERGED'. Lower training.lr,\n[t2l] lengthen training.warmup_steps, or change the seed, "
           f"and train again.\n{bar}", file=sys.stderr, flush=True)
 
