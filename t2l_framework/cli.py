@@ -265,7 +265,8 @@ def cmd_eval(args) -> int:
                     protocol=args.protocol, scoring=args.scoring, mc_answer=args.mc_answer,
                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                     code_timeout_s=args.code_timeout, seed=args.seed, arrow_top_k=args.arrow_top_k,
-                    arrow_temperature=args.arrow_temperature, output=args.output, cache_dir=args.cache_dir,
+                    arrow_temperature=args.arrow_temperature, answer_loglik=args.answer_loglik,
+                    output=args.output, cache_dir=args.cache_dir,
                     use_cache=not args.no_cache, data_root=args.data_root, device=args.device,
                     dtype=_dtype(args), trust_remote_code=args.trust_remote_code)
     results = done.results
@@ -511,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Arrow: experts mixed per token (<= 0: all; default {ARROW_TOP_K}, as mttl's arrow_router)")
     p.add_argument("--arrow-temperature", type=float, default=ARROW_TEMPERATURE,
                    help=f"Arrow: routing logits are divided by it (default {ARROW_TEMPERATURE:g}, as mttl's)")
+    p.add_argument("--answer-loglik", action=argparse.BooleanOptionalAction, default=None,
+                   help="SNI benchmarks: also score each condition by the log-likelihood of the items' reference "
+                        "answers (nats/token; default: the recipe's eval.answer_loglik, on)")
     p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per HumanEval/MBPP program in the sandbox")
     p.add_argument("--seed", type=int, default=0, help="which descriptions are drawn")
     p.add_argument("-o", "--output", metavar="DIR", help="output folder (default: RUN/eval or eval_results/RECIPE)")

@@ -272,6 +272,9 @@ class EvalConfig(_Section):
     val_generation_batches: int = _help("Validation batches also scored by ROUGE-L of greedy answers", 1, range=_COUNT)
     final_report: bool = _help("After `t2l fit`, print the held-out SNI table (base / +description / T2L / control)", False)
     report_max_items: int = _help("Items per split in that table (0 = all)", 0, range=_COUNT)
+    answer_loglik: bool = _help("Also score reference-answer benchmarks (SNI) by the log-likelihood of each item's "
+                                "reference answer (nats per token, the quantity training maximises): finer than "
+                                "exact match; one teacher-forced pass per condition", True)
     report_seen_per_task: int = _help("Held-out items per training task in that table (0 = data.max_eval_instances); "
                                       "the never-seen tasks keep data.max_eval_instances each", 0)
     baseline_adapter: str = _help("PEFT adapter folder (e.g. a multi-task LoRA run's adapter/) added to the table", "")

@@ -236,3 +236,41 @@ def test_aggregate_clusters_multi_task_items_and_pairs_adapters_with_base():
         assert out["scores"]["t2l"]["metrics"]["acc_norm"]["vs_base"] == pytest.approx({"diff": 0.0, "se": 0.0})
         assert "vs_base" not in out["scores"]["base"]
     assert clustered_mean_se(base, ["a", "a", "b", "b", "c", "c"])[1] != pytest.approx(mean_se(base)[1])
+
+
+def test_answer_logprob_is_the_mean_token_logprob_of_the_best_reference_with_eos(tiny_llama):
+    """Per (adapter, item) row: log p(reference + EOS | prompt) / its tokens, best over the references,
+    with the row's own LoRA; the references tokenized alone, as training encodes answers."""
+    from types import SimpleNamespace
+
+    from t2l_framework.eval.benchmarks import Example
+    from t2l_framework.eval.harness import EvalSettings, Evaluator
+    from tests.tiny_world import word_tokenizer
+
+    tok = word_tokenizer(["alpha beta gamma delta epsilon zeta eta theta"])
+    model = tiny_llama()
+    injection = inject_lora(model, TARGETS)
+    w = random_weights(injection.shapes, batch=1, scale=0.6).select(0)
+    ev = Evaluator.__new__(Evaluator)
+    ev.runtime = SimpleNamespace(tokenizer=tok, model=model, injection=injection, pad_id=tok.pad_token_id)
+    ev.settings, ev.show_progress = EvalSettings(batch_size=2), False
+    examples = [Example("i0", "p", "t", gold=["alpha beta", "gamma"]), Example("i1", "p", "t", gold=["delta"])]
+    prompts = [[3, 4, 5], [6, 7]]
+    rows = [(prompts[0], None), (prompts[1], None), (prompts[0], w), (prompts[1], w)]  # 2 units x 2 items
+    got = ev._answer_logprobs(SimpleNamespace(name="b"), [p for p, _ in rows], [a for _, a in rows], examples)
+    eos = tok.eos_token_id
+
+    def expected(prompt, refs, weights):
+        from contextlib import nullcontext
+        best = []
+        for ref in refs:
+            option = tok(ref, add_special_tokens=False)["input_ids"] + [eos]
+            with injection.use(stack_rows([weights])) if weights is not None else nullcontext():
+                best.append(_reference_logprob(model, prompt, option) / len(option))
+        return max(best)
+
+    want = [expected(p, ex.gold, a) for (p, a), ex in zip(rows, examples * 2)]
+    assert got == pytest.approx(want, abs=1e-4)
+    first_only = [expected(p, ex.gold[:1], a) for (p, a), ex in zip(rows, examples * 2)]
+    assert first_only != pytest.approx(want, abs=1e-4)  # the best reference is not always the first
+    assert abs(got[2] - got[0]) > 1e-3  # the adapter changes it

@@ -68,6 +68,25 @@ def test_end_of_training_table_and_t2l_eval_give_the_same_numbers(tmp_path, monk
             value = results["scores"][adapter][bench]
             assert value["n"] == table[condition]["n"] == len(items)
             assert value["score"] == pytest.approx(table[condition]["rouge_l"], abs=1e-6)
+            # the reference answers' likelihood: the same per item in both, and finite
+            likelihood = [r["answer_logprob"] for r in rows if r["benchmark"] == bench and r["adapter"] == adapter]
+            assert likelihood == pytest.approx([it[f"{condition}:answer_logprob"] for it in items], abs=1e-6)
+            assert all(v < 0 for v in likelihood)
+            assert value["metrics"]["answer_logprob"]["score"] == pytest.approx(table[condition]["answer_logprob"])
         # the run's own split: its tasks, not the bundle's
         tasks = {it["task"] for it in items}
         assert tasks == ({"toy_4", "toy_5"} if bench == "sni_unseen" else {"toy_0", "toy_1", "toy_2", "toy_3"})
+
+
+def test_no_answer_loglik_scores_the_answers_only(tmp_path):
+    from tests.tiny_world import build_trained_world
+
+    world = build_trained_world(tmp_path / "world", "plain")
+    for flag, has in (("--no-answer-loglik", False), ("--answer-loglik", True)):
+        out = tmp_path / flag
+        assert main(["eval", str(world["run"]), "--benchmarks", "sni_unseen", "--adapters", "base,t2l",
+                     "--dtype", "float32", "--no-cache", flag, "-o", str(out)]) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert ("answer_logprob" in results["scores"]["t2l"]["sni_unseen"]["metrics"]) is has
+        assert ("answer_logprob" in results["benchmarks"]["sni_unseen"]["metrics"]) is has
+        assert ("answer_logprob" in (out / "results.md").read_text()) is has

@@ -101,3 +101,25 @@ def test_per_task_table_and_the_items_no_condition_answers(tmp_path):
     assert "No condition answers 3 of 5 items exactly (2 of 3 tasks score 0 under every condition)" in table
     write_report(tmp_path, {"Unseen": results}, {"Unseen": items})
     assert "| a | 2 | 0.50 | 1.00 |" in (tmp_path / "report.md").read_text()
+
+
+def test_answer_likelihood_column_is_clustered_paired_and_round_trips(tmp_path):
+    items = _items(["a", "a", "b", "b"])
+    results = {"t2l": score(["x", "x", "x", "x"], items, [-1.0, -2.0, -1.5, -0.5]),
+               "base": score(["x", "x", "x", "x"], items, [-3.0, -2.0, -2.5, -2.5])}
+    assert results["t2l"]["answer_logprob"] == pytest.approx(-1.25)
+    d = paired_differences(results)["base"]
+    # per item: +2, 0, +1, +2; the paired difference is their mean, clustered by task
+    assert d["answer_logprob"] == pytest.approx(1.25)
+    assert d["answer_logprob_se"] > 0 and d["em"] == 0.0
+    md = markdown_table("T", results)
+    assert "| condition | items | exact match | ROUGE-L | answer log-lik (nats/token) | training |" in md
+    assert f"+1.250 ± {d['answer_logprob_se']:.3f} (+{1.25 / d['answer_logprob_se']:.1f} cSE)" in md
+    write_report(tmp_path, {"T": results}, {"T": items})
+    saved = json.loads((tmp_path / "report.json").read_text())["tables"]["T"]
+    assert saved["items"][1]["t2l:answer_logprob"] == -2.0 and saved["base"]["answer_logprob"] == pytest.approx(-2.5)
+    tables, _ = rescore(tmp_path / "report.json")
+    assert tables["T"]["t2l"]["answer_logprob_items"] == [-1.0, -2.0, -1.5, -0.5]
+    # a table where one condition lacks it (an older report, a plugin) shows the two text metrics only
+    mixed = {"t2l": results["t2l"], "base": score(["x"] * 4, items)}
+    assert "answer log-lik" not in markdown_table("T", mixed) and "answer_logprob" not in paired_differences(mixed)["base"]

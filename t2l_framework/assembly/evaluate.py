@@ -105,7 +105,8 @@ def evaluate(run_or_recipe: str | Path, benchmarks: Sequence[str] | str | None =
              scoring: str = "loglik", mc_answer: str = "label", batch_size: int | None = None,
              max_new_tokens: int | None = None,
              code_timeout_s: float = 10.0, seed: int = 0, arrow_top_k: int = ARROW_TOP_K,
-             arrow_temperature: float = ARROW_TEMPERATURE, output: str | Path | None = None,
+             arrow_temperature: float = ARROW_TEMPERATURE, answer_loglik: bool | None = None,
+             output: str | Path | None = None,
              cache_dir: str | Path | None = None, use_cache: bool = True, data_root: str | Path | None = None,
              device: str | None = None, dtype: str | None = "auto", trust_remote_code: bool = False,
              show_progress: bool = True) -> Evaluation:
@@ -116,7 +117,7 @@ def evaluate(run_or_recipe: str | Path, benchmarks: Sequence[str] | str | None =
     ``--adapters`` take them (a list, or one comma-separated string); None: the recipe's
     ``eval.benchmarks`` (else ``paper``) / base, base+description, t2l (a T2L run), the run's own
     adapter (a LoRA run), the recipe's ``eval.baseline_adapter`` and ``eval.arrow_library``.
-    limit, n_descriptions, protocol, batch_size: None takes the recipe's ``eval`` value (limit 0: all
+    limit, n_descriptions, protocol, batch_size, answer_loglik: None takes the recipe's ``eval`` value (limit 0: all
     items). max_new_tokens: None = each benchmark's own answer length (a run's own sni_seen /
     sni_unseen: its recipe's ``eval.max_new_tokens``), else a cap for all.
     output: default RUN/eval, or eval_results/RECIPE. dtype: 'auto', a dtype name, or None (the
@@ -175,7 +176,8 @@ def evaluate(run_or_recipe: str | Path, benchmarks: Sequence[str] | str | None =
         scoring=scoring, mc_answer=mc_answer, protocol=protocol or ev.protocol,
         batch_size=batch_size if batch_size is not None else ev.batch_size,
         max_new_tokens=max_new_tokens or 0, code_timeout_s=code_timeout_s,
-        seed=seed, arrow_top_k=arrow_top_k, arrow_temperature=arrow_temperature)
+        seed=seed, arrow_top_k=arrow_top_k, arrow_temperature=arrow_temperature,
+        answer_loglik=answer_loglik if answer_loglik is not None else bool(ev.answer_loglik))
     device = device or default_device()
     generator = None
     if is_t2l_run:

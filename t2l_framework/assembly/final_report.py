@@ -102,7 +102,8 @@ def final_report(cfg, run: RunFolder, pieces, recipe_file: Path | None = None,
     seconds = {} if seconds is None else seconds
     # the settings `t2l eval RUN` takes from the recipe, so that it reproduces the table's numbers
     settings = EvalSettings(limit=int(cfg.eval.report_max_items), batch_size=int(cfg.eval.batch_size),
-                            n_descriptions=int(cfg.eval.n_descriptions))
+                            n_descriptions=int(cfg.eval.n_descriptions),
+                            answer_loglik=bool(cfg.eval.answer_loglik))
     tables, items, baseline_dir = {}, {}, None
     for name, bench in run_split_benchmarks(cfg, pieces.datamodule).items():
         title = RUN_SPLITS[name][1]

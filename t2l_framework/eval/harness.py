@@ -43,6 +43,7 @@ from t2l_framework.runtime.adapters import AdapterGenerator
 
 HARNESS_VERSION = "2"
 BUILTIN_ADAPTERS = ("base", "base+description", "t2l")
+ANSWER_LOGLIK_TOKENS = 32  # reference-answer tokens (with EOS) that ``answer_logprob`` scores
 
 # Controls: the evaluated run's hypernetwork given another text than the task's description.
 # name -> text(description, task, slot, descs, seed); description: the one the item is asked with;
@@ -148,7 +149,8 @@ class EvalSettings:
     log-likelihood of the option 'label' (what the prompt asks for: "B") or its 'text'
     (normalised by its length in bytes). max_new_tokens: 0 = each benchmark's own length, else a cap.
     arrow_top_k / arrow_temperature: Arrow routing's experts per token (<= 0: all) and logit
-    temperature (defaults: mttl's)."""
+    temperature (defaults: mttl's). answer_loglik: benchmarks of kind 'rouge' (reference answers,
+    SNI) also get ``answer_logprob`` per item (``Evaluator._answer_logprobs``)."""
 
     limit: int = _DEFAULTS.limit
     n_descriptions: int = _DEFAULTS.n_descriptions
@@ -161,6 +163,7 @@ class EvalSettings:
     protocol: str = _DEFAULTS.protocol
     arrow_top_k: int = ARROW_TOP_K
     arrow_temperature: float = ARROW_TEMPERATURE
+    answer_loglik: bool = _DEFAULTS.answer_loglik
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -296,6 +299,7 @@ class Evaluator:
                        "max_new_tokens": self._max_new(bench), "stop": list(bench.stop_texts(protocol)),
                        "chat_template": self.runtime.chat_template,
                        "code_timeout_s": s.code_timeout_s if bench.runs_programs else None,
+                       "answer_loglik": self._scores_answers(bench),
                        "descriptions": texts}
                 units.append(_Unit(spec, slot, key))
         return units
@@ -310,6 +314,10 @@ class Evaluator:
                 text = ex.description if ex.description is not None else descs[ex.task][slot]
                 out[owner(ex)] = control(text, ex.task, slot, descs, self.settings.seed) if control else text
         return out
+
+    def _scores_answers(self, bench: Benchmark) -> bool:
+        """Whether generated answers are also scored by the likelihood of the reference answers."""
+        return self.settings.answer_loglik and bench.kind == "rouge" and self._mode(bench) == "generate"
 
     def _max_new(self, bench: Benchmark) -> int:
         if self._mode(bench) != "generate":
@@ -601,8 +609,42 @@ class Evaluator:
                 for i, tokens in zip(idx, outs):
                     answers[i] = rt.tokenizer.decode(tokens, skip_special_tokens=True)
                 bar.update(len(idx))
-        return [dict(self._grade(bench, examples, answers[k * len(examples):(k + 1) * len(examples)]),
-                     truncated=truncated[k]) for k in range(len(units))]
+        out = [dict(self._grade(bench, examples, answers[k * len(examples):(k + 1) * len(examples)]),
+                    truncated=truncated[k]) for k in range(len(units))]
+        if self._scores_answers(bench):
+            likelihood = self._answer_logprobs(bench, prompts, weights, examples)
+            for k, value in enumerate(out):
+                value["extra"] = dict(value.get("extra") or {},
+                                      answer_logprob=likelihood[k * len(examples):(k + 1) * len(examples)])
+        return out
+
+    def _answer_logprobs(self, bench: Benchmark, prompts: list[list[int]], weights: list, examples: list[Example]
+                         ) -> list[float]:
+        """Per (unit, item) row: the mean log-probability per token of the item's reference answer and the
+        EOS after it, given the row's prompt and adapter, best over the item's references (nats/token).
+
+        The answer is tokenized alone and ends with EOS, as training encodes it (``data.encoding``),
+        so this is the quantity the SFT loss maximises, on the evaluated items. Unlike exact match it
+        moves with every token of every item, which lets a small split tell conditions apart; the
+        first ``ANSWER_LOGLIK_TOKENS`` tokens of a long reference count.
+        """
+        from t2l_framework.data.encoding import eos_id
+        from t2l_framework.eval.loglik import OptionsRow, option_logprobs, sequence_count
+
+        tok = self.runtime.tokenizer
+        eos = eos_id(tok)
+        refs = [list(dict.fromkeys(str(a) for a in ex.gold)) or [""] for ex in examples]
+        flat = [a for r in refs for a in r]
+        ids = tok(flat, add_special_tokens=False)["input_ids"] if flat else []
+        answers, at = [], 0
+        for r in refs:
+            answers.append([(list(i) + [eos])[:ANSWER_LOGLIK_TOKENS] for i in ids[at:at + len(r)]])
+            at += len(r)
+        rows = [OptionsRow(prompt, answers[n % len(examples)], w) for n, (prompt, w) in enumerate(zip(prompts, weights))]
+        with self._bar(sequence_count(rows), f"{bench.name}: answer likelihood") as bar:
+            logprobs = option_logprobs(self.runtime.model, self.runtime.injection, rows, self.settings.batch_size,
+                                       self.runtime.pad_id, progress=bar.update)
+        return [max(lp / len(option) for lp, option in zip(row_lp, row.options)) for row_lp, row in zip(logprobs, rows)]
 
     def _grade(self, bench: Benchmark, examples: list[Example], answers: list[str]) -> dict:
         """The benchmark grades its own answers (built-in scorers, the sandbox, or a plugin's metric)."""

@@ -69,8 +69,19 @@ def _pct(x: float) -> str:
     return "nan" if math.isnan(x) else f"{100 * x:.1f}"
 
 
+# Metrics that are not shares of items, shown as they are (answer_logprob: nats per token).
+UNSCALED_METRICS = ("answer_logprob",)
+
+
+def _value(x: float, metric: str | None, sign: str = "") -> str:
+    if metric in UNSCALED_METRICS:
+        return "nan" if math.isnan(x) else f"{x:{sign}.2f}"
+    return "nan" if math.isnan(x) else f"{100 * x:{sign}.1f}"
+
+
 def markdown_table(results: dict) -> str:
-    """Adapters x benchmarks (+ avg): score ± SE in percent; then the paired differences against base."""
+    """Adapters x benchmarks (+ avg): score ± SE in percent (``UNSCALED_METRICS`` as they are); then the
+    paired differences against base."""
     cols = _columns(results)
     avg, avg_diff = averages(results), average_differences(results)
     head = ["adapter"] + [f"{b} ({m or results['benchmarks'][b]['metric']})" for b, m in cols] + ["avg"]
@@ -79,7 +90,7 @@ def markdown_table(results: dict) -> str:
         cells = [adapter]
         for b, m in cols:
             v = _cell(per.get(b), m)
-            cells.append("–" if v is None else f"{_pct(v['score'])} ± {_pct(v['se'])}")
+            cells.append("–" if v is None else f"{_value(v['score'], m)} ± {_value(v['se'], m)}")
         cells.append(f"**{_pct(avg[adapter])}**")
         lines.append("| " + " | ".join(cells) + " |")
     base = results.get("baseline")
@@ -92,7 +103,7 @@ def markdown_table(results: dict) -> str:
             cells = [f"{adapter} − {base}"]
             for b, m in cols:
                 d = (_cell(results["scores"][adapter].get(b), m) or {}).get("vs_base")
-                cells.append("–" if d is None else f"{100 * d['diff']:+.1f} ± {_pct(d['se'])}")
+                cells.append("–" if d is None else f"{_value(d['diff'], m, '+')} ± {_value(d['se'], m)}")
             d = avg_diff.get(adapter)
             cells.append("–" if d is None else f"**{100 * d['diff']:+.1f} ± {_pct(d['se'])}**")
             lines.append("| " + " | ".join(cells) + " |")

@@ -43,25 +43,42 @@ CONDITIONS = {
 # Conditions made by this run's hypernetwork: their training column is the run's own.
 T2L_CONDITIONS = ("t2l", "t2l_other_task_description", "t2l_random_description", "t2l_generic_description")
 METRICS = ("em", "rouge_l")
+LIKELIHOOD = "answer_logprob"  # mean log-probability per token of the reference answer (nats/token)
+METRIC_NAMES = {"em": "exact match", "rouge_l": "ROUGE-L", LIKELIHOOD: "answer log-lik (nats/token)"}
 FOOTNOTE = ("(± is one standard error clustered by task (CR1): items of one task are not independent. "
             "Differences are paired over the same items, clustered the same way; 'cSE' = that standard error. "
-            "'training' gives the steps, examples and wall time of the run that trained each condition.)")
+            "'training' gives the steps, examples and wall time of the run that trained each condition. "
+            "'answer log-lik' is the mean log-probability per token of the item's reference answer and its "
+            "end-of-sequence token under the condition (best over references; higher is better): the quantity "
+            "training maximises, which moves with every item where exact match moves only when an answer "
+            "turns right.)")
 
 
-def score(predictions: list[str], items: list[dict]) -> dict:
+def score(predictions: list[str], items: list[dict], answer_logprob: list[float] | None = None) -> dict:
     """Per-item exact match / ROUGE-L and their task-clustered means.
 
     items[i] has "answers" (list of str) and "task" (the cluster). Returns n, n_tasks, em,
-    em_se, rouge_l, rouge_l_se (clustered SEs), em_items, rouge_l_items, predictions.
+    em_se, rouge_l, rouge_l_se (clustered SEs), em_items, rouge_l_items, predictions; with
+    answer_logprob (per item, from the harness: ``Evaluator._answer_logprobs``) also
+    answer_logprob, answer_logprob_se and answer_logprob_items.
     """
     tasks = [it["task"] for it in items]
     out: dict = {"n": len(items), "n_tasks": len(set(tasks)), "predictions": predictions}
     out["em_items"] = [exact_match(p, it["answers"]) for p, it in zip(predictions, items)]
     out["rouge_l_items"] = [rouge_l(p, it["answers"]) for p, it in zip(predictions, items)]
+    if answer_logprob is not None:
+        out[f"{LIKELIHOOD}_items"] = [float(v) for v in answer_logprob]
     out["tasks"] = tasks
-    for key in METRICS:
+    for key in metrics_of({"": out}):
         out[key], out[f"{key}_se"] = clustered_mean_se(out[f"{key}_items"], tasks)
     return out
+
+
+def metrics_of(results: dict) -> tuple[str, ...]:
+    """The metrics every condition of a table has: exact match, ROUGE-L, and the answer likelihood
+    where the harness scored it."""
+    has_likelihood = bool(results) and all(f"{LIKELIHOOD}_items" in r for r in results.values())
+    return METRICS + ((LIKELIHOOD,) if has_likelihood else ())
 
 
 def score_predictions(part: dict, examples: Sequence) -> dict:
@@ -70,14 +87,19 @@ def score_predictions(part: dict, examples: Sequence) -> dict:
     description), scored by exact match and ROUGE-L."""
     items = [{"task": ex.task, "answers": list(ex.gold)} for ex in examples]
     answers: dict[str, dict[str, str]] = {}
+    likelihood: dict[str, dict[str, float]] = {}
     for row in part["predictions"]:
         answers.setdefault(row["adapter"], {})[row["id"]] = row["prediction"]
-    return {name: score([answers[name][ex.id] for ex in examples], items) for name in part["scores"]}
+        if LIKELIHOOD in row:
+            likelihood.setdefault(row["adapter"], {})[row["id"]] = row[LIKELIHOOD]
+    return {name: score([answers[name][ex.id] for ex in examples], items,
+                        [likelihood[name][ex.id] for ex in examples] if name in likelihood else None)
+            for name in part["scores"]}
 
 
 def paired_differences(results: dict, reference: str = "t2l") -> dict[str, dict]:
     """reference minus each other condition, item by item, task-clustered: {name: {em, em_se,
-    rouge_l, rouge_l_se, em_only_reference, em_only_other}} (the last two: how many items only
+    rouge_l, rouge_l_se, [answer_logprob, answer_logprob_se,] em_only_reference, em_only_other}} (the last two: how many items only
     the reference / only that condition answers exactly, what the exact-match difference rests on).
 
     The conditions answer the same items, so the paired difference removes the spread in item
@@ -91,7 +113,7 @@ def paired_differences(results: dict, reference: str = "t2l") -> dict[str, dict]
         if name == reference:
             continue
         row = {}
-        for key in METRICS:
+        for key in metrics_of({reference: ref, name: r}):
             row[key], row[f"{key}_se"] = paired_difference(ref[f"{key}_items"], r[f"{key}_items"], ref["tasks"])
         # The items the exact-match difference rests on: right for one of the two only.
         row["em_only_reference"] = sum(a > b for a, b in zip(ref["em_items"], r["em_items"]))
@@ -113,19 +135,21 @@ def markdown_table(title: str, results: dict, training: dict[str, str] | None = 
     """
     training = training or {}
     n_tasks = max((r.get("n_tasks", 0) for r in results.values()), default=0)
+    metrics = metrics_of(results)
+    heads = " | ".join(METRIC_NAMES[m] for m in metrics)
     lines = [f"**{title}** ({n_tasks} tasks)", "",
-             "| condition | items | exact match | ROUGE-L | training |", "|---|---:|---:|---:|---|"]
+             f"| condition | items | {heads} | training |", "|---|---:|" + "---:|" * len(metrics) + "---|"]
     for name, r in results.items():
-        lines.append(f"| {CONDITIONS.get(name, name)} | {r['n']} | {_pm(r['em'], r['em_se'])} | "
-                     f"{_pm(r['rouge_l'], r['rouge_l_se'])} | {_trained(training.get(name))} |")
+        cells = " | ".join(_pm(r[m], r[f"{m}_se"]) for m in metrics)
+        lines.append(f"| {CONDITIONS.get(name, name)} | {r['n']} | {cells} | {_trained(training.get(name))} |")
     diffs = paired_differences(results)
     if diffs:
-        lines += ["", "| (c) T2L minus | exact match | ROUGE-L | exact: only (c) / only it |",
-                  "|---|---:|---:|---:|"]
+        lines += ["", f"| (c) T2L minus | {heads} | exact: only (c) / only it |",
+                  "|---|" + "---:|" * len(metrics) + "---:|"]
         for name, d in diffs.items():
-            lines.append(f"| {CONDITIONS.get(name, name)} | {_pm(d['em'], d['em_se'], '+')} "
-                         f"({in_cse(d['em'], d['em_se'])}) | {_pm(d['rouge_l'], d['rouge_l_se'], '+')} "
-                         f"({in_cse(d['rouge_l'], d['rouge_l_se'])}) | {d['em_only_reference']} / {d['em_only_other']} |")
+            cells = " | ".join(f"{_pm(d[m], d[f'{m}_se'], '+')} ({in_cse(d[m], d[f'{m}_se'])})"
+                               for m in metrics if m in d)
+            lines.append(f"| {CONDITIONS.get(name, name)} | {cells} | {d['em_only_reference']} / {d['em_only_other']} |")
     return "\n".join(lines)
 
 
@@ -198,10 +222,11 @@ def write_report(out_dir: Path, tables: dict[str, dict], items: dict[str, list[d
     payload: dict = {"training": dict(training or {}), "tables": {},
                      "seconds": {k: round(v, 2) for k, v in (seconds or {}).items()}}
     for title, res in tables.items():
-        section = {name: {k: r[k] for k in ("n", "n_tasks", "em", "em_se", "rouge_l", "rouge_l_se")}
-                   for name, r in res.items()}
+        keys = ("n", "n_tasks") + tuple(k for m in metrics_of(res) for k in (m, f"{m}_se"))
+        section = {name: {k: r[k] for k in keys} for name, r in res.items()}
         section["items"] = [
-            {"task": it["task"], "answers": it["answers"], **{n: r["predictions"][i] for n, r in res.items()}}
+            {"task": it["task"], "answers": it["answers"], **{n: r["predictions"][i] for n, r in res.items()},
+             **{f"{n}:{LIKELIHOOD}": r[f"{LIKELIHOOD}_items"][i] for n, r in res.items() if f"{LIKELIHOOD}_items" in r}}
             for i, it in enumerate(items[title])]
         payload["tables"][title] = section
     # Both built before either is written; each replaces its older file whole, or not at all.
@@ -221,7 +246,10 @@ def rescore(report_json: Path) -> tuple[dict[str, dict], dict[str, str]]:
     tables = {}
     for title, section in data["tables"].items():
         items = section["items"]
-        tables[title] = {name: score([it[name] for it in items], items) for name in section if name != "items"}
+        tables[title] = {name: score([it[name] for it in items], items,
+                                     [it[f"{name}:{LIKELIHOOD}"] for it in items]
+                                     if all(f"{name}:{LIKELIHOOD}" in it for it in items) else None)
+                         for name in section if name != "items"}
     return tables, data.get("training", {})
 
 
