@@ -36,6 +36,7 @@ UNSEEN, SEEN = "Tasks never seen in training", "Training tasks, held-out instanc
 CONTRASTS = [("(c)-(d)", "t2l_other_task_description"), ("(c)-(e)", "mt_lora"),
              ("(c)-(f)", "t2l_random_description"), ("(c)-(g)", "t2l_generic_description")]
 PLOTTED = ["(c)-(d)", "(c)-(f)", "(c)-(e)"]
+LIKELIHOOD = "answer_logprob"  # eval.sni_report.LIKELIHOOD
 
 
 def cpu_kind() -> str:
@@ -73,10 +74,52 @@ def cell_numbers(report_json: Path) -> dict:
         for label, name in CONTRASTS:
             if name in diffs:
                 d = diffs[name]
-                row[label] = {"em": d["em"], "em_se": d["em_se"],
-                              "cse": d["em"] / d["em_se"] if d["em_se"] and d["em_se"] == d["em_se"] else None}
+                row[label] = {"em": d["em"], "em_se": d["em_se"], "cse": _ratio(d["em"], d["em_se"])}
+                if LIKELIHOOD in d:
+                    row[label].update(ll=d[LIKELIHOOD], ll_se=d[f"{LIKELIHOOD}_se"],
+                                      ll_cse=_ratio(d[LIKELIHOOD], d[f"{LIKELIHOOD}_se"]))
         out[split] = row
     return out
+
+
+def _ratio(diff: float, se: float) -> float | None:
+    return diff / se if se and se == se else None
+
+
+# `t2l eval` adapter -> the end-of-training table's condition (report.json), for a cell's T2L run
+def _table_adapters(cell: Path) -> dict[str, str]:
+    mt_lora = cell / "mt_lora" / "adapter"
+    return {"base": "base", "base+description": "base+description", "t2l": "t2l",
+            "other_description": "t2l_other_task_description",
+            **({f"mt_lora={mt_lora}": "mt_lora"} if mt_lora.is_dir() else {}),
+            "random_description": "t2l_random_description", "generic_description": "t2l_generic_description"}
+
+
+def backfill_likelihood(cell: Path) -> bool:
+    """A cell trained before the tables scored the answer likelihood gets it now: the reference answers
+    of its report's items scored under each condition from the runs on disk, without generating
+    (``assembly.evaluate.answer_likelihoods``), written into its report.json as the tables write it.
+    False when the report's items are not the runs' splits (nothing is written then)."""
+    from t2l_framework.assembly.evaluate import RUN_SPLITS, answer_likelihoods
+
+    report_json = cell / "t2l" / "report.json"
+    report = json.loads(report_json.read_text())
+    adapters = {spec: name for spec, name in _table_adapters(cell).items()
+                if all(name in t for t in report["tables"].values())}
+    # dtype None: the recipe's, as the end-of-training table ran
+    fast = answer_likelihoods(cell / "t2l", list(RUN_SPLITS), list(adapters), dtype=None, show_progress=False)
+    for bench, (_, title) in RUN_SPLITS.items():
+        items = report["tables"].get(title, {}).get("items")
+        if items is None:
+            continue
+        if fast[bench]["tasks"] != [it["task"] for it in items]:
+            print(f"[map] {cell.name}: its report's {bench} items are not its run's; likelihood not back-filled")
+            return False
+        for spec, name in adapters.items():
+            for it, value in zip(items, fast[bench][spec.split("=", 1)[0]]):
+                it[f"{name}:{LIKELIHOOD}"] = value
+    report_json.write_text(json.dumps(report, indent=1))
+    return True
 
 
 def cell_name(n_tasks: int | str, steps: int, seed: int, sets: list[str]) -> str:
@@ -91,11 +134,22 @@ def finished_cells(out: Path) -> list[dict]:
     cells = []
     for path in sorted((out / "cells").glob("*/cell.json")):
         cell = json.loads(path.read_text())
-        if "spread" not in cell and (path.parent / "t2l" / "hypernet").is_dir():
-            cell["spread"] = adapter_spreads(path.parent / "t2l")
+        run = path.parent / "t2l"
+        if "spread" not in cell and (run / "hypernet").is_dir():
+            cell["spread"] = adapter_spreads(run)
             path.write_text(json.dumps(cell, indent=1))
+        if "ll" not in (cell.get("unseen", {}).get("(c)-(d)") or {}) and (run / "hypernet").is_dir():
+            if backfill_likelihood(path.parent):
+                cell.update(cell_numbers(run / "report.json"))
+                path.write_text(json.dumps(cell, indent=1))
         cells.append(cell)
     return sorted(cells, key=lambda r: (r["tasks"], r["steps"], r.get("seed", 0), r.get("overrides", [])))
+
+
+def _ll_cells(row: dict) -> str:
+    """The answer-likelihood contrasts in cSE, '(d) / (e) / (f) / (g)'."""
+    values = [(row.get(label) or {}).get("ll_cse") for label, _ in CONTRASTS]
+    return "-" if all(v is None for v in values) else " / ".join("n/a" if v is None else f"{v:+.1f}" for v in values)
 
 
 def adapter_spreads(t2l_run: Path) -> dict[str, float]:
@@ -163,8 +217,9 @@ def _spread(row: dict) -> str:
 
 def write_table(results: list[dict], out: Path) -> str:
     lines = ["| tasks | steps | seed | overrides | unseen (c) EM | " + " | ".join(f"{l} cSE" for l, _ in CONTRASTS)
-             + " | in-dist (c) EM | in-dist (c)-(e) cSE | adapter spread: tasks / random letters | wall (T2L + MT-LoRA) | CPU |",
-             "|---:|---:|---:|---|---:|" + "---:|" * len(CONTRASTS) + "---:|---:|---:|---:|---|"]
+             + " | unseen answer log-lik cSE (d) / (e) / (f) / (g) | in-dist (c) EM | in-dist (c)-(e) cSE | "
+               "adapter spread: tasks / random letters | wall (T2L + MT-LoRA) | CPU |",
+             "|---:|---:|---:|---|---:|" + "---:|" * len(CONTRASTS) + "---:|---:|---:|---:|---:|---|"]
     for r in results:
         u, s = r.get("unseen", {}), r.get("seen", {})
         cut = any(str(v).startswith("cut short") for v in r.get("training", {}).values())
@@ -174,11 +229,13 @@ def write_table(results: list[dict], out: Path) -> str:
                      f"{' '.join(r.get('overrides') or []) or '-'} | "
                      f"{u.get('c_em', float('nan')):.3f} ± {u.get('c_em_se', float('nan')):.3f} | "
                      + " | ".join(_cse(u, l) for l, _ in CONTRASTS)
-                     + f" | {s.get('c_em', float('nan')):.3f} | {_cse(s, '(c)-(e)')} | {_spread(r)} | "
+                     + f" | {_ll_cells(u)} | {s.get('c_em', float('nan')):.3f} | {_cse(s, '(c)-(e)')} | {_spread(r)} | "
                      f"{r['wall_s'] / 60:.1f} min | {r['cpu']} |")
     md = "\n".join(lines)
     (out / "scaling_map.md").write_text(md + "\n\nEM = exact match on the unseen set; cSE = the paired difference "
-                                        "in task-clustered standard errors (> 2: a clear win of (c)). Adapter spread "
+                                        "in task-clustered standard errors (> 2: a clear win of (c)). Answer log-lik: "
+                                        "the same paired differences of the reference answers' mean log-probability "
+                                        "per token (the quantity training maximises; every item counts). Adapter spread "
                                         "(benchmarks/adapter_spread.py): the share of the generated delta W that "
                                         "differs between the training tasks' held-out descriptions / between random "
                                         "letters of the unseen descriptions' lengths (0 = one adapter for any text).\n")

@@ -76,6 +76,16 @@ def test_end_of_training_table_and_t2l_eval_give_the_same_numbers(tmp_path, monk
         # the run's own split: its tasks, not the bundle's
         tasks = {it["task"] for it in items}
         assert tasks == ({"toy_4", "toy_5"} if bench == "sni_unseen" else {"toy_0", "toy_1", "toy_2", "toy_3"})
+    # the fast check without generating scores the same reference answers the same way
+    from t2l_framework.assembly.evaluate import answer_likelihoods
+
+    fast = answer_likelihoods(run, list(SPLITS), list(CONDITIONS), dtype="float32", use_cache=False,
+                              show_progress=False)
+    for bench, title in SPLITS.items():
+        items = tables[title]["items"]
+        assert fast[bench]["tasks"] == [it["task"] for it in items]
+        for adapter, condition in CONDITIONS.items():
+            assert fast[bench][adapter] == pytest.approx([it[f"{condition}:answer_logprob"] for it in items], abs=1e-6)
 
 
 def test_no_answer_loglik_scores_the_answers_only(tmp_path):

@@ -99,18 +99,19 @@ def pick_benchmarks(names: Sequence[str], data_root: str | Path | None, cfg=None
     return list(out.values())
 
 
-def evaluate(run_or_recipe: str | Path, benchmarks: Sequence[str] | str | None = None,
-             adapters: Sequence[str] | str | None = None, *, revision: str | None = None,
-             limit: int | None = None, n_descriptions: int | None = None, protocol: str | None = None,
-             scoring: str = "loglik", mc_answer: str = "label", batch_size: int | None = None,
-             max_new_tokens: int | None = None,
-             code_timeout_s: float = 10.0, seed: int = 0, arrow_top_k: int = ARROW_TOP_K,
-             arrow_temperature: float = ARROW_TEMPERATURE, answer_loglik: bool | None = None,
-             output: str | Path | None = None,
-             cache_dir: str | Path | None = None, use_cache: bool = True, data_root: str | Path | None = None,
-             device: str | None = None, dtype: str | None = "auto", trust_remote_code: bool = False,
-             show_progress: bool = True) -> Evaluation:
-    """Score adapters on benchmarks and write results.json / results.md / results.png / predictions.jsonl.
+def build_evaluator(run_or_recipe: str | Path, benchmarks: Sequence[str] | str | None = None,
+                    adapters: Sequence[str] | str | None = None, *, revision: str | None = None,
+                    limit: int | None = None, n_descriptions: int | None = None, protocol: str | None = None,
+                    scoring: str = "loglik", mc_answer: str = "label", batch_size: int | None = None,
+                    max_new_tokens: int | None = None,
+                    code_timeout_s: float = 10.0, seed: int = 0, arrow_top_k: int = ARROW_TOP_K,
+                    arrow_temperature: float = ARROW_TEMPERATURE, answer_loglik: bool | None = None,
+                    output: str | Path | None = None,
+                    cache_dir: str | Path | None = None, use_cache: bool = True, data_root: str | Path | None = None,
+                    device: str | None = None, dtype: str | None = "auto", trust_remote_code: bool = False,
+                    show_progress: bool = True) -> tuple:
+    """(``Evaluator``, the benchmarks, the output folder) for scoring adapters on benchmarks: the run,
+    recipe or hub id resolved, the default adapters picked, the runtime loaded (``evaluate`` then runs it).
 
     run_or_recipe: a trained run folder, a hypernet folder, a hub id (``ORG/NAME`` at ``revision``)
     or a recipe (its base model only). benchmarks / adapters: names as ``t2l eval --benchmarks`` /
@@ -128,7 +129,6 @@ def evaluate(run_or_recipe: str | Path, benchmarks: Sequence[str] | str | None =
     from t2l_framework.assembly.lookups import load_recipe
     from t2l_framework.eval.cache import ResultCache, default_cache_dir
     from t2l_framework.eval.harness import EvalSettings, Evaluator, parse_adapters
-    from t2l_framework.eval.report import write_outputs
 
     target = Path(run_or_recipe).expanduser()
     looks_like_recipe = target.suffix in (".yaml", ".yml")
@@ -190,8 +190,31 @@ def evaluate(run_or_recipe: str | Path, benchmarks: Sequence[str] | str | None =
     cache_folder = (cache_dir or default_cache_dir()) if use_cache else None
     evaluator = Evaluator(runtime, specs, settings, ResultCache(cache_folder), show_progress=show_progress,
                           load_generator=load_adapter_generator)
-    say(f"evaluating {', '.join(s.name for s in specs)} on {', '.join(b.name for b in benches)}"
-        f" ({'all' if not settings.limit else settings.limit} items each)")
+    return evaluator, benches, Path(output) if output else default_out
+
+
+def evaluate(run_or_recipe: str | Path, benchmarks: Sequence[str] | str | None = None,
+             adapters: Sequence[str] | str | None = None, **settings) -> Evaluation:
+    """Score adapters on benchmarks and write results.json / results.md / results.png / predictions.jsonl
+    (``t2l eval``); the arguments are ``build_evaluator``'s."""
+    from t2l_framework.eval.report import write_outputs
+
+    evaluator, benches, out = build_evaluator(run_or_recipe, benchmarks, adapters, **settings)
+    say(f"evaluating {', '.join(a.name for a in evaluator.adapters)} on {', '.join(b.name for b in benches)}"
+        f" ({'all' if not evaluator.settings.limit else evaluator.settings.limit} items each)")
     results, predictions = evaluator.run(benches)
-    files = write_outputs(results, predictions, Path(output) if output else default_out)
+    files = write_outputs(results, predictions, out)
     return Evaluation(results, predictions, files)
+
+
+def answer_likelihoods(run: str | Path, benchmarks: Sequence[str], adapters: Sequence[str],
+                       **settings) -> dict[str, dict]:
+    """{benchmark: {"tasks": task per item, adapter: ``answer_logprob`` per item}} without generating
+    (``Evaluator.answer_likelihood``): how each adapter scores the items' reference answers, in a
+    fraction of a full evaluation's time. ``settings``: ``evaluate``'s keyword arguments."""
+    evaluator, benches, _ = build_evaluator(run, benchmarks, adapters, **settings)
+    out = {}
+    for bench in benches:
+        tasks, values = evaluator.answer_likelihood(bench)
+        out[bench.name] = {"tasks": tasks, **values}
+    return out

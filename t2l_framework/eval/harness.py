@@ -484,15 +484,22 @@ class Evaluator:
     def _score(self, units: list[_Unit], bench: Benchmark, examples: list[Example]) -> list[dict]:
         """Every unit's scores; the per-sample units share batches, each Arrow unit runs on its own
         with its library routed in every layer."""
-        shared = [i for i, u in enumerate(units) if u.adapter.kind != "arrow"]
-        groups = ([shared] if shared else []) + [[i] for i, u in enumerate(units) if u.adapter.kind == "arrow"]
         out: list[dict] = [{}] * len(units)
-        for idx in groups:
-            lib = self.arrow.get(units[idx[0]].adapter.name) if units[idx[0]].adapter.kind == "arrow" else None
-            with self.runtime.injection.use_arrow(lib) if lib is not None else nullcontext():
+        for idx, routing in self._batch_groups(units):
+            with routing:
                 for i, value in zip(idx, self._score_units([units[i] for i in idx], bench, examples)):
                     out[i] = value
         return out
+
+    def _batch_groups(self, units: list[_Unit]):
+        """(unit indices, context to score them in): the per-sample units together, each Arrow unit
+        alone with its library routed in every layer."""
+        shared = [i for i, u in enumerate(units) if u.adapter.kind != "arrow"]
+        if shared:
+            yield shared, nullcontext()
+        for i, u in enumerate(units):
+            if u.adapter.kind == "arrow":
+                yield [i], self.runtime.injection.use_arrow(self.arrow[u.adapter.name])
 
     def _score_units(self, units: list[_Unit], bench: Benchmark, examples: list[Example]) -> list[dict]:
         mode = self._mode(bench)
@@ -583,22 +590,52 @@ class Evaluator:
             out.append({"scores": metric.scores(), "predictions": chosen, "truncated": truncated[k]})
         return out
 
-    def _score_generated(self, units, bench, examples) -> list[dict]:
-        from t2l_framework.runtime.greedy import greedy_decode
-
-        rt, max_new, protocol = self.runtime, self._max_new(bench), self._protocol(bench)
-        stop = bench.stop_texts(protocol)
+    def _generation_rows(self, units, bench, examples) -> tuple[list[list[int]], list, list[int]]:
+        """Per (unit, item) row, units outer: the prompt ids (cut as generation cuts them) and the
+        row's adapter; and per unit how many prompts were cut."""
+        max_new, protocol = self._max_new(bench), self._protocol(bench)
         prompts, weights, truncated = [], [], [0] * len(units)
         texts = [self._prompt(bench, u, ex) for u in units for ex in examples]
         encoded = self.runtime.tokenizer(texts, add_special_tokens=adds_special_tokens(protocol))["input_ids"]
         caps = self._prompt_caps(bench, units, examples)
         for n, ids in enumerate(encoded):
             k, j = divmod(n, len(examples))
-            ex = examples[j]
             ids, cut = self._fit(list(ids), max_new, caps[n])
             truncated[k] += cut
             prompts.append(ids)
-            weights.append(units[k].weights[owner(ex)])
+            weights.append(units[k].weights[owner(examples[j])])
+        return prompts, weights, truncated
+
+    def answer_likelihood(self, bench: Benchmark) -> tuple[list[str], dict[str, list[float]]]:
+        """(each item's task, {adapter: per item ``answer_logprob``}) without generating: the fast check of a benchmark with
+        reference answers (kind 'rouge'), e.g. whether the adapters depend on the description. Each
+        adapter's descriptions are averaged per item, as ``run_benchmark`` averages scores."""
+        if bench.kind != "rouge" or self._mode(bench) != "generate":
+            raise T2LError(f"benchmark '{bench.name}' has no reference answers to score (kind '{bench.kind}')")
+        examples = bench.examples(self.settings.limit, self._protocol(bench))
+        tasks = list(dict.fromkeys(e.task for e in examples))
+        descs = {t: pick_descriptions(bench.descriptions(t), self.settings.n_descriptions, self.settings.seed, t)
+                 for t in tasks}
+        units = self._units(bench, examples, descs)
+        self._attach_weights(units, examples)
+        n, per_unit = len(examples), {}
+        for idx, routing in self._batch_groups(units):
+            with routing:
+                prompts, weights, _ = self._generation_rows([units[i] for i in idx], bench, examples)
+                values = self._answer_logprobs(bench, prompts, weights, examples)
+            per_unit.update({i: values[k * n:(k + 1) * n] for k, i in enumerate(idx)})
+        out: dict[str, list[list[float]]] = {}
+        for i, u in enumerate(units):
+            out.setdefault(u.adapter.name, []).append(per_unit[i])
+        return ([ex.task for ex in examples],
+                {name: [sum(s[j] for s in slots) / len(slots) for j in range(n)] for name, slots in out.items()})
+
+    def _score_generated(self, units, bench, examples) -> list[dict]:
+        from t2l_framework.runtime.greedy import greedy_decode
+
+        rt, max_new = self.runtime, self._max_new(bench)
+        stop = bench.stop_texts(self._protocol(bench))
+        prompts, weights, truncated = self._generation_rows(units, bench, examples)
         answers = [""] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         with self._bar(len(prompts), f"{bench.name}: generating") as bar:
