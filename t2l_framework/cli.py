@@ -257,9 +257,22 @@ def cmd_serve(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from t2l_framework.assembly.evaluate import evaluate
+    from t2l_framework.assembly.evaluate import evaluate, likelihood_check
     from t2l_framework.eval.report import markdown_table
 
+    if args.likelihood_only:
+        if args.answer_loglik is False:
+            raise T2LError("--likelihood-only scores the answer likelihood; it cannot go with --no-answer-loglik")
+        md, files = likelihood_check(
+            args.run_or_recipe, comma_list(args.benchmarks) or ["sni_unseen"], comma_list(args.adapters),
+            output=args.output, revision=args.revision, limit=args.limit, n_descriptions=args.n_descriptions,
+            batch_size=args.batch_size, seed=args.seed, data_root=args.data_root, device=args.device,
+            dtype=_dtype(args), trust_remote_code=args.trust_remote_code, use_cache=False)
+        print()
+        print(md, end="")
+        for kind, path in files.items():
+            print(f"wrote {path}  ({kind})")
+        return 0
     done = evaluate(args.run_or_recipe, comma_list(args.benchmarks), comma_list(args.adapters),
                     revision=args.revision, limit=args.limit, n_descriptions=args.n_descriptions,
                     protocol=args.protocol, scoring=args.scoring, mc_answer=args.mc_answer,
@@ -477,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser_for(sub, "eval", "Score base / base+description / T2L / PEFT adapters on benchmarks; "
                     "writes results.json, results.md and results.png.",
                     "t2l eval runs/smollm2_demo --limit 50   # or: t2l eval recipes/mistral_L.yaml "
-                    "--adapters base,oracle=lora/arc --benchmarks arc_easy,gsm8k",
+                    "--adapters base,oracle=lora/arc --benchmarks arc_easy,gsm8k\n"
+                    "  t2l eval runs/smollm2_demo --benchmarks sni_unseen --likelihood-only "
+                    "--adapters t2l,other_description,random_description,generic_description",
                     [LOADS_A_RUN, RUNS_A_MODEL, _options(_device_option)])
     p.add_argument("run_or_recipe", help="trained run folder (runs/NAME), hypernet folder, hub id (ORG/NAME), or a "
                    "recipe (base model only)")
@@ -515,6 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-loglik", action=argparse.BooleanOptionalAction, default=None,
                    help="SNI benchmarks: also score each condition by the log-likelihood of the items' reference "
                         "answers (nats/token; default: the recipe's eval.answer_loglik, on)")
+    p.add_argument("--likelihood-only", action="store_true",
+                   help="score only the reference answers' likelihood, without generating (a minute where a full "
+                        "evaluation takes several): a table paired against t2l, in likelihood.md / likelihood.json; "
+                        "benchmarks with reference answers (default sni_unseen)")
     p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per HumanEval/MBPP program in the sandbox")
     p.add_argument("--seed", type=int, default=0, help="which descriptions are drawn")
     p.add_argument("-o", "--output", metavar="DIR", help="output folder (default: RUN/eval or eval_results/RECIPE)")

@@ -100,3 +100,27 @@ def test_no_answer_loglik_scores_the_answers_only(tmp_path):
         assert ("answer_logprob" in results["scores"]["t2l"]["sni_unseen"]["metrics"]) is has
         assert ("answer_logprob" in results["benchmarks"]["sni_unseen"]["metrics"]) is has
         assert ("answer_logprob" in (out / "results.md").read_text()) is has
+
+
+def test_likelihood_only_is_the_tables_likelihood_paired_against_t2l(tmp_path, capsys):
+    from t2l_framework.eval.stats import paired_difference
+    from tests.tiny_world import build_world
+
+    world = build_world(tmp_path / "world")
+    run = fit(str(world["recipe"]), ["trainer.max_steps=4", "training.run_name=quick", "eval.final_report=true"])
+    items = json.loads((run / "report.json").read_text())["tables"][SPLITS["sni_unseen"]]["items"]
+    out = tmp_path / "ll"
+    assert main(["eval", str(run), "--likelihood-only", "--adapters", "base,t2l,random_description",
+                 "--dtype", "float32", "-o", str(out)]) == 0
+    saved = json.loads((out / "likelihood.json").read_text())["sni_unseen"]  # sni_unseen by default
+    assert saved["tasks"] == [it["task"] for it in items]
+    for adapter, condition in (("base", "base"), ("t2l", "t2l"), ("random_description", "t2l_random_description")):
+        assert saved[adapter] == pytest.approx([it[f"{condition}:answer_logprob"] for it in items], abs=1e-6)
+    diff, se = paired_difference(saved["t2l"], saved["random_description"], saved["tasks"])
+    table = (out / "likelihood.md").read_text()
+    assert f"| random_description | " in table and f"| {diff:+.3f} ± {se:.3f} | {diff / se:+.1f} |" in table
+    assert "t2l minus it" in capsys.readouterr().out
+    # a benchmark without reference answers: one clear error (bad input: exit 1, one line)
+    assert main(["eval", str(run), "--likelihood-only", "--benchmarks", "arc_easy", "--adapters", "base",
+                 "--dtype", "float32", "-o", str(out)]) == 1
+    assert "has no reference answers" in capsys.readouterr().err

@@ -218,3 +218,30 @@ def answer_likelihoods(run: str | Path, benchmarks: Sequence[str], adapters: Seq
         tasks, values = evaluator.answer_likelihood(bench)
         out[bench.name] = {"tasks": tasks, **values}
     return out
+
+
+def likelihood_check(run: str | Path, benchmarks: Sequence[str], adapters: Sequence[str],
+                     output: str | Path | None = None, **settings) -> tuple[str, dict[str, Path]]:
+    """``t2l eval --likelihood-only``: ``answer_likelihoods`` as a table per benchmark, paired against
+    ``t2l`` (else the first adapter); writes likelihood.json and likelihood.md. Returns (Markdown, files)."""
+    import json
+
+    from t2l_framework.atomic import atomic_file
+    from t2l_framework.eval.report import likelihood_table
+
+    evaluator, benches, out = build_evaluator(run, benchmarks, adapters, output=output, **settings)
+    names = [a.name for a in evaluator.adapters]
+    reference = "t2l" if "t2l" in names else names[0]
+    payload, parts = {}, []
+    for bench in benches:
+        tasks, values = evaluator.answer_likelihood(bench)
+        payload[bench.name] = {"tasks": tasks, **values}
+        parts.append(likelihood_table(bench.name, tasks, values, reference))
+    md = "\n".join(parts)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "likelihood.json", "table": out / "likelihood.md"}
+    with atomic_file(files["json"]) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1))
+    with atomic_file(files["table"]) as tmp:
+        tmp.write_text(md)
+    return md, files

@@ -130,6 +130,27 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def likelihood_table(benchmark: str, tasks: list[str], values: dict[str, list[float]], reference: str) -> str:
+    """``t2l eval --likelihood-only``: each adapter's mean answer log-likelihood (nats/token) ± SE, and
+    ``reference`` minus each other adapter, paired over the same items, ± its paired SE and in SEs.
+    SEs are clustered by task when the items come from several tasks."""
+    from t2l_framework.eval.stats import clustered_mean_se, mean_se, paired_difference
+
+    clusters = tasks if len(set(tasks)) > 1 else None
+    se_kind = "task-clustered SE" if clusters else "SE"
+    lines = [f"**{benchmark}**: answer log-likelihood, nats/token ({len(tasks)} items, {len(set(tasks))} tasks)", "",
+             f"| adapter | answer log-lik ± {se_kind} | {reference} minus it | in SEs |", "|---|---:|---:|---:|"]
+    for name, v in values.items():
+        mean, se = clustered_mean_se(v, clusters) if clusters else mean_se(v)
+        if name == reference:
+            lines.append(f"| {name} | {mean:.3f} ± {se:.3f} | - | - |")
+            continue
+        diff, dse = paired_difference(values[reference], v, clusters)
+        ratio = f"{diff / dse:+.1f}" if dse > 0 and not math.isnan(dse) else "n/a"
+        lines.append(f"| {name} | {mean:.3f} ± {se:.3f} | {diff:+.3f} ± {dse:.3f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 def bar_chart(results: dict, path: Path) -> None:
     """Left: bars per benchmark and adapter (+ the shared-benchmark average), ± SE. Right: each
     adapter's paired difference against base per benchmark and on average, ± paired SE."""
