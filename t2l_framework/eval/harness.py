@@ -607,9 +607,10 @@ class Evaluator:
         return prompts, weights, truncated
 
     def answer_likelihood(self, bench: Benchmark) -> tuple[list[str], dict[str, list[float]]]:
-        """(each item's task, {adapter: per item ``answer_logprob``}) without generating: the fast check of a benchmark with
-        reference answers (kind 'rouge'), e.g. whether the adapters depend on the description. Each
-        adapter's descriptions are averaged per item, as ``run_benchmark`` averages scores."""
+        """(each item's task, {adapter: per item ``answer_logprob``}) without generating: the fast check
+        of a benchmark with reference answers (kind 'rouge'), e.g. whether the adapters depend on the
+        description. Each adapter's descriptions are averaged per item, as ``run_benchmark`` averages
+        scores."""
         if bench.kind != "rouge" or self._mode(bench) != "generate":
             raise T2LError(f"benchmark '{bench.name}' has no reference answers to score (kind '{bench.kind}')")
         examples = bench.examples(self.settings.limit, self._protocol(bench))
