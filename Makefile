@@ -47,7 +47,7 @@ demo-runs:
 	  exit $$status; \
 	fi
 
-demo-long: install  ## the demo with 3x the steps (288) for T2L and the multi-task LoRA; tables (a)-(g) (21 min on 2 bf16-native cores, ~50 min est. in float32; docs/demo.md)
+demo-long: install  ## the map's best cell: 76 tasks, 864 steps for T2L and the multi-task LoRA; tables (a)-(g) (~65 min on 2 bf16-native cores, est. 1.5-2.2 h in float32; docs/demo.md)
 	@$(MAKE) --no-print-directory demo-runs DEMO_T2L=smollm2_demo_long
 
 demo-eval:  ## after `make demo`: the ten benchmarks, 50 items each (~15 min on 2 cores)

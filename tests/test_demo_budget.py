@@ -176,7 +176,7 @@ def test_demo_baseline_does_the_same_work_as_t2l(t2l_recipe, mt_recipe):
     assert Path(t2l.eval.baseline_adapter).parent.name == mt_recipe.stem  # (e) is this pair's own baseline
     assert (t2l.training.mode, mt.training.mode) == ("sft", "lora")
     assert t2l.data == mt.data and t2l.trainer == mt.trainer and t2l.lora == mt.lora
-    same = ("lr", "weight_decay", "warmup_steps", "scheduler", "label_smoothing", "seed")
+    same = ("lr", "weight_decay", "warmup_steps", "warmup_ratio", "scheduler", "label_smoothing", "seed")
     assert all(t2l.training[k] == mt.training[k] for k in same)
     assert t2l.trainer.max_time and not t2l.training.allow_cut_short  # a safety net that fails loudly
 
@@ -221,11 +221,22 @@ def test_make_demo_passes_the_same_overrides_to_both_runs(tmp_path):
 
 @pytest.mark.skipif(not Path("/usr/bin/make").exists(), reason="make is not installed")
 def test_make_demo_long_trains_the_long_pair(tmp_path):
-    """`make demo-long` is demo-runs on the 288-step recipe pair (the stand-in t2l logs the calls)."""
+    """`make demo-long` is demo-runs on the long recipe pair (the stand-in t2l logs the calls), and that pair
+    is the scaling map's best cell: every eligible training task (the task-set rule's 'all'), 864 steps,
+    10% warm-up, otherwise the 96-step demo's settings."""
+    from t2l_framework.data.demo_task_sets import training_task_set
+
     log, fake = _fake_t2l(tmp_path, "exit 0")
     run = _make_demo_runs(fake, "DEMO_T2L=smollm2_demo_long")
     assert run.returncode == 0, run.stdout + run.stderr
     assert log.read_text().splitlines() == ["fit smollm2_demo_long_mtlora --overwrite", "fit smollm2_demo_long --overwrite"]
-    assert _demo_cfg(LONG).trainer.max_steps == 3 * _demo_cfg(DEMO).trainer.max_steps
+    long, demo = _demo_cfg(LONG), _demo_cfg(DEMO)
+    assert list(long.data.train_tasks) == training_task_set("all") and len(long.data.train_tasks) == 76
+    assert long.trainer.max_steps == 864 and long.training.warmup_ratio == 0.1
+    assert list(long.data.eval_tasks) == list(demo.data.eval_tasks)
+    for section in ("hypernet", "lora", "encoder", "base_model"):
+        assert long[section] == demo[section], section
+    same_training = ("lr", "weight_decay", "scheduler", "label_smoothing", "l2_penalty", "neftune_alpha", "seed")
+    assert all(long.training[k] == demo.training[k] for k in same_training)
     makefile = (ROOT / "Makefile").read_text()
     assert "demo-runs DEMO_T2L=smollm2_demo_long" in makefile.split("\ndemo-long:", 1)[1].split("\n\n")[0]
