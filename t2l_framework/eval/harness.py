@@ -401,15 +401,19 @@ class Evaluator:
                 caps.append(bench.max_prompt_tokens + extra)
         return caps
 
-    def run_benchmark(self, bench: Benchmark) -> dict[str, dict]:
-        """{adapter: {"score", "se", "n", "per_description", "cached", "truncated"}} + predictions."""
+    def _plan(self, bench: Benchmark) -> tuple[list[Example], list[_Unit]]:
+        """A benchmark's items and its units: every (adapter, description slot) to score them with."""
         examples = bench.examples(self.settings.limit, self._protocol(bench))
         if not examples:
             raise T2LError(f"benchmark '{bench.name}' has no examples")
         tasks = list(dict.fromkeys(e.task for e in examples))
         descs = {t: pick_descriptions(bench.descriptions(t), self.settings.n_descriptions, self.settings.seed, t)
                  for t in tasks}
-        units = self._units(bench, examples, descs)
+        return examples, self._units(bench, examples, descs)
+
+    def run_benchmark(self, bench: Benchmark) -> dict[str, dict]:
+        """{adapter: {"score", "se", "n", "per_description", "cached", "truncated"}} + predictions."""
+        examples, units = self._plan(bench)
         done: dict[int, dict] = {}
         for i, u in enumerate(units):
             hit = self.cache.get(u.key)
@@ -613,11 +617,7 @@ class Evaluator:
         scores."""
         if bench.kind != "rouge" or self._mode(bench) != "generate":
             raise T2LError(f"benchmark '{bench.name}' has no reference answers to score (kind '{bench.kind}')")
-        examples = bench.examples(self.settings.limit, self._protocol(bench))
-        tasks = list(dict.fromkeys(e.task for e in examples))
-        descs = {t: pick_descriptions(bench.descriptions(t), self.settings.n_descriptions, self.settings.seed, t)
-                 for t in tasks}
-        units = self._units(bench, examples, descs)
+        examples, units = self._plan(bench)
         self._attach_weights(units, examples)
         n, per_unit = len(examples), {}
         for idx, routing in self._batch_groups(units):
