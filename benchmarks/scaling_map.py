@@ -36,7 +36,6 @@ UNSEEN, SEEN = "Tasks never seen in training", "Training tasks, held-out instanc
 CONTRASTS = [("(c)-(d)", "t2l_other_task_description"), ("(c)-(e)", "mt_lora"),
              ("(c)-(f)", "t2l_random_description"), ("(c)-(g)", "t2l_generic_description")]
 PLOTTED = ["(c)-(d)", "(c)-(f)", "(c)-(e)"]
-LIKELIHOOD = "answer_logprob"  # eval.sni_report.LIKELIHOOD
 
 
 def cpu_kind() -> str:
@@ -62,7 +61,7 @@ def fit(recipe: str, overrides: list[str], log: Path) -> int:
 
 def cell_numbers(report_json: Path) -> dict:
     """(c) and each contrast in cSE per split, from a T2L run's report.json."""
-    from t2l_framework.eval.sni_report import paired_differences, rescore
+    from t2l_framework.eval.sni_report import LIKELIHOOD, paired_differences, rescore
 
     tables, training = rescore(report_json)
     out = {"training": training}
@@ -101,6 +100,7 @@ def backfill_likelihood(cell: Path) -> bool:
     (``assembly.evaluate.answer_likelihoods``), written into its report.json as the tables write it.
     False when the report's items are not the runs' splits (nothing is written then)."""
     from t2l_framework.assembly.evaluate import RUN_SPLITS, answer_likelihoods
+    from t2l_framework.eval.sni_report import LIKELIHOOD
 
     report_json = cell / "t2l" / "report.json"
     report = json.loads(report_json.read_text())

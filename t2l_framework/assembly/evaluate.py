@@ -213,6 +213,10 @@ def answer_likelihoods(run: str | Path, benchmarks: Sequence[str], adapters: Seq
     (``Evaluator.answer_likelihood``): how each adapter scores the items' reference answers, in a
     fraction of a full evaluation's time. ``settings``: ``evaluate``'s keyword arguments."""
     evaluator, benches, _ = build_evaluator(run, benchmarks, adapters, **settings)
+    return _likelihoods(evaluator, benches)
+
+
+def _likelihoods(evaluator, benches) -> dict[str, dict]:
     out = {}
     for bench in benches:
         tasks, values = evaluator.answer_likelihood(bench)
@@ -232,12 +236,9 @@ def likelihood_check(run: str | Path, benchmarks: Sequence[str], adapters: Seque
     evaluator, benches, out = build_evaluator(run, benchmarks, adapters, output=output, **settings)
     names = [a.name for a in evaluator.adapters]
     reference = "t2l" if "t2l" in names else names[0]
-    payload, parts = {}, []
-    for bench in benches:
-        tasks, values = evaluator.answer_likelihood(bench)
-        payload[bench.name] = {"tasks": tasks, **values}
-        parts.append(likelihood_table(bench.name, tasks, values, reference))
-    md = "\n".join(parts)
+    payload = _likelihoods(evaluator, benches)
+    md = "\n".join(likelihood_table(name, p["tasks"], {a: v for a, v in p.items() if a != "tasks"}, reference)
+                   for name, p in payload.items())
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / "likelihood.json", "table": out / "likelihood.md"}
     with atomic_file(files["json"]) as tmp:
