@@ -31,7 +31,7 @@ CUT_SHORT := 3
 # t2l fit exits 4 when the training loss diverged; like a cut-short run it has written its table.
 DIVERGED := 4
 DEMO_ARGS ?=
-# The recipe pair demo-runs trains: `make demo` the 96-step one, `make demo-long` the 288-step one.
+# The recipe pair demo-runs trains: `make demo` the 96-step one, `make demo-long` the 864-step one.
 DEMO_T2L ?= smollm2_demo
 DEMO_MTLORA ?= $(DEMO_T2L)_mtlora
 demo-runs:

@@ -16,6 +16,12 @@ also those of earlier calls with other grids.
 
     python benchmarks/scaling_map.py --tasks 10,30,all --steps 96,288,864 --out docs/scaling_map
     python benchmarks/scaling_map.py --tasks 10 --steps 8 --eval-instances 2 --out /tmp/map   # one tiny cell
+
+A cell trained elsewhere joins the map with ``--record``, once both runs' recipes are checked to be that cell:
+
+    make demo-long DEMO_ARGS="training.seed=7"
+    python benchmarks/scaling_map.py --tasks all --steps 864 --seed 7 --set training.warmup_ratio=0.1 \
+        --record runs/smollm2_demo_long --out docs/scaling_map
 """
 
 from __future__ import annotations
@@ -193,14 +199,70 @@ def run_cell(n_tasks: int | str, steps: int, args, out: Path) -> dict:
     times["t2l_s"] = time.perf_counter() - t0
     if rc not in (0, 3, 4):
         raise SystemExit(f"[map] {cell.name}: the T2L run failed (exit {rc}); see {cell / 't2l.log'}")
+    return _write_cell(cell, n_tasks, len(tasks), steps, args, times)
+
+
+def _write_cell(cell: Path, n_tasks: int | str, n: int, steps: int, args, times: dict, **extra) -> dict:
+    """The cell's ``cell.json`` from its runs under ``cell/t2l`` and ``cell/mt_lora``: what finishes it."""
     report = json.loads((cell / "t2l" / "report.json").read_text())
-    result = {"tasks": len(tasks), "task_set": n_tasks, "steps": steps, "seed": args.seed, "overrides": args.set,
-              "cpu": cpu_kind(),
+    result = {"tasks": n, "task_set": n_tasks, "steps": steps, "seed": args.seed, "overrides": args.set,
+              "cpu": cpu_kind(), **extra,
               "wall_s": round(sum(times.values()), 1), **{k: round(v, 1) for k, v in times.items()},
               "t2l_time_breakdown_s": report.get("seconds", {}), **cell_numbers(cell / "t2l" / "report.json"),
               "spread": adapter_spreads(cell / "t2l")}
-    done.write_text(json.dumps(result, indent=1))
+    (cell / "cell.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _setting(recipe, key: str):
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(recipe, key)
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def record_cell(n_tasks: int | str, steps: int, t2l_run: Path, args, out: Path) -> dict:
+    """A cell from a T2L run trained outside the map (e.g. by ``make demo-long``) and the multi-task
+    LoRA run its table compared against (the recipe's ``eval.baseline_adapter``). Both runs' recipes
+    must be the cell's grid point: its task set, steps and seed, and every ``--set`` value; anything
+    else (checkpoint interval, max_time) does not change what is trained. The runs are linked, not
+    copied, into the cell folder; the CPU is this machine's, so record on the machine that trained."""
+    from omegaconf import OmegaConf
+    import yaml
+
+    from t2l_framework.data.demo_task_sets import training_task_set
+
+    cell = out / "cells" / cell_name(n_tasks, steps, args.seed, args.set)
+    if (cell / "cell.json").is_file():
+        raise SystemExit(f"[map] {cell.name} is finished already ({cell / 'cell.json'}); remove it to record again")
+    t2l_run = t2l_run.resolve()
+    if not (t2l_run / "report.json").is_file():
+        raise SystemExit(f"[map] --record {t2l_run}: no report.json there (a T2L run with its end-of-training table)")
+    recipe = OmegaConf.load(t2l_run / "recipe.yaml")
+    baseline = _setting(recipe, "eval.baseline_adapter")
+    mt_run = (ROOT / baseline).resolve().parent if baseline else None
+    if mt_run is None or not (mt_run / "recipe.yaml").is_file():
+        raise SystemExit(f"[map] --record {t2l_run}: its eval.baseline_adapter ({baseline!r}) is not a run folder's "
+                         "adapter/, so the cell would have no (e)")
+    tasks = training_task_set(n_tasks if n_tasks == "all" else int(n_tasks))
+    wanted = {"data.train_tasks": tasks, "trainer.max_steps": steps, "training.seed": args.seed,
+              **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}}
+    for name, run in (("T2L", t2l_run), ("multi-task LoRA", mt_run)):
+        have = OmegaConf.load(run / "recipe.yaml")
+        for key, value in wanted.items():
+            if _setting(have, key) != value:
+                raise SystemExit(f"[map] --record: the {name} run {run} has {key}={_setting(have, key)!r}, the cell "
+                                 f"{cell.name} needs {value!r}")
+    status = json.loads((mt_run / "training_status.json").read_text()) if (mt_run / "training_status.json").is_file() else {}
+    cell.mkdir(parents=True, exist_ok=True)
+    for link, target in (("t2l", t2l_run), ("mt_lora", mt_run)):
+        if not (cell / link).exists():
+            (cell / link).symlink_to(target, target_is_directory=True)
+    report = json.loads((t2l_run / "report.json").read_text())
+    times = {"mt_lora_s": float(status.get("seconds", 0.0)),  # its training; its own process start is not counted
+             "t2l_s": float(sum(report.get("seconds", {}).values()))}
+    return _write_cell(cell, n_tasks, len(tasks), steps, args, times,
+                       recorded_from={"t2l": str(t2l_run), "mt_lora": str(mt_run)})
 
 
 def _cse(row: dict, label: str) -> str:
@@ -250,17 +312,23 @@ def plot(results: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.6), sharey=True)
-    results = [r for r in results if not r.get("overrides")]  # the plain grid; levers are in the table
+    def series(r: dict) -> tuple:  # one line per task count, seed and lever
+        return r["tasks"], r.get("seed"), tuple(r.get("overrides") or [])
+
     for ax, label in zip(axes, PLOTTED):
-        for n, seed in sorted({(r["tasks"], r.get("seed")) for r in results}, key=str):
+        for key in sorted({series(r) for r in results}, key=str):
+            n, seed, sets = key
             pts = sorted((r["steps"], r["unseen"][label]["cse"]) for r in results
-                         if (r["tasks"], r.get("seed")) == (n, seed)
-                         and r.get("unseen", {}).get(label, {}).get("cse") is not None)
+                         if series(r) == key and (r.get("unseen", {}).get(label) or {}).get("cse") is not None)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{n} tasks, seed {seed}")
+                ax.plot(*zip(*pts), marker="s" if sets else "o", ls=":" if sets else "-",
+                        label=f"{n} tasks, seed {seed}" + (f", {' '.join(sets)}" if sets else ""))
         ax.axhline(2.0, color="grey", ls="--", lw=0.8)
         ax.axhline(0.0, color="black", lw=0.5)
         ax.set_xscale("log")
+        steps = sorted({r["steps"] for r in results})
+        ax.set_xticks(steps, [str(n) for n in steps])  # the grid's budgets, not log-scale minor labels
+        ax.minorticks_off()
         ax.set_title(f"unseen: {label}")
         ax.set_xlabel("training steps (same for T2L and MT-LoRA)")
     axes[0].set_ylabel("paired difference in cSE (exact match)")
@@ -281,12 +349,21 @@ def main() -> int:
     p.add_argument("--max-time", default="", help="trainer.max_time per run, DD:HH:MM:SS (default: none)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one more override for both runs")
     p.add_argument("--out", default=str(ROOT / "docs" / "scaling_map"), help="output folder (resumable)")
+    p.add_argument("--record", default="", metavar="T2L_RUN",
+                   help="train nothing: record a T2L run trained outside the map (e.g. runs/smollm2_demo_long, with "
+                        "the multi-task LoRA run its recipe's eval.baseline_adapter names) as the cell of --tasks, "
+                        "--steps, --seed and --set, after checking both runs' recipes are that cell")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = [(n if n == "all" else int(n), int(s)) for n in args.tasks.split(",") for s in args.steps.split(",")]
+    if args.record and len(grid) != 1:
+        raise SystemExit("[map] --record takes one cell: one --tasks and one --steps value")
     for n, steps in grid:
-        run_cell(n, steps, args, out)
+        if args.record:
+            record_cell(n, steps, Path(args.record), args, out)
+        else:
+            run_cell(n, steps, args, out)
         results = finished_cells(out)
         print(write_table(results, out), flush=True)
         plot(results, out)

@@ -84,3 +84,72 @@ def test_likelihood_contrasts_are_read_from_the_report_and_back_filled_from_the_
             assert again["t2l:answer_logprob"] == __import__("pytest").approx(it["t2l:answer_logprob"], abs=1e-6)
     assert json.loads((cell / "cell.json").read_text())["unseen"]["(c)-(d)"]["ll_cse"] is not None
     assert "unseen answer log-lik cSE" in m.write_table([found], tmp_path / "map")
+
+
+def _recorded_runs(tmp_path, seed=7, steps=864, mt_steps=None, warmup=0.1):
+    """A T2L run and the multi-task LoRA run its recipe compares against, as `make demo-long` leaves them."""
+    from omegaconf import OmegaConf
+
+    from t2l_framework.data.demo_task_sets import training_task_set
+
+    runs = tmp_path / "runs"
+    mt, t2l = runs / "demo_long_mtlora", runs / "demo_long"
+    for run, n in ((mt, mt_steps or steps), (t2l, steps)):
+        (run / "adapter").mkdir(parents=True)
+        cfg = {"data": {"train_tasks": training_task_set("all")}, "trainer": {"max_steps": n, "max_time": "01:30:00"},
+               "training": {"seed": seed, "warmup_ratio": warmup, "checkpoint_every_n_steps": 288},
+               "eval": {"baseline_adapter": str(mt / "adapter") if run == t2l else ""}}
+        OmegaConf.save(OmegaConf.create(cfg), run / "recipe.yaml")
+    (mt / "training_status.json").write_text(json.dumps({"seconds": 1300.0}))
+    (t2l / "report.json").write_text(json.dumps({"tables": {}, "seconds": {"train (864 steps)": 1400.0, "table": 900.0}}))
+    return t2l, mt
+
+
+def _record_args(seed=7, sets=("training.warmup_ratio=0.1",)):
+    import argparse
+
+    return argparse.Namespace(seed=seed, set=list(sets))
+
+
+def test_a_run_trained_outside_the_map_is_recorded_as_its_cell(tmp_path, monkeypatch):
+    """`--record` links both runs into the cell named by the grid point and writes its cell.json from
+    them, so the cell is in the table like one the map trained."""
+    m = _scaling_map()
+    monkeypatch.setattr(m, "cell_numbers", lambda report: {"training": {}, "unseen": {"c_em": 0.1, "c_em_se": 0.01}})
+    monkeypatch.setattr(m, "adapter_spreads", lambda run: {})
+    t2l, mt = _recorded_runs(tmp_path)
+    out = tmp_path / "map"
+    cell = m.record_cell("all", 864, t2l, _record_args(), out)
+    folder = out / "cells" / m.cell_name("all", 864, 7, ["training.warmup_ratio=0.1"])
+    assert (folder / "t2l").resolve() == t2l.resolve() and (folder / "mt_lora").resolve() == mt.resolve()
+    assert cell["tasks"] == 76 and cell["seed"] == 7 and cell["overrides"] == ["training.warmup_ratio=0.1"]
+    assert cell["mt_lora_s"] == 1300.0 and cell["t2l_s"] == 2300.0 and cell["wall_s"] == 3600.0
+    assert cell["recorded_from"] == {"t2l": str(t2l.resolve()), "mt_lora": str(mt.resolve())}
+    [found] = m.finished_cells(out)
+    assert found["seed"] == 7 and "| 76 | 864 | 7 | training.warmup_ratio=0.1 |" in m.write_table([found], out)
+    with __import__("pytest").raises(SystemExit, match="finished already"):
+        m.record_cell("all", 864, t2l, _record_args(), out)
+
+
+def test_a_run_that_is_not_the_cell_is_refused_naming_the_setting(tmp_path):
+    """The seed, steps, task set and each --set value are checked on both runs: a run of another cell,
+    or a T2L run compared against a multi-task LoRA of other work, is not recorded."""
+    import pytest
+
+    m = _scaling_map()
+    t2l, _ = _recorded_runs(tmp_path / "a")
+    with pytest.raises(SystemExit, match="training.seed=7.*needs 42"):
+        m.record_cell("all", 864, t2l, _record_args(seed=42), tmp_path / "map")
+    with pytest.raises(SystemExit, match="trainer.max_steps=864.*needs 288"):
+        m.record_cell("all", 288, t2l, _record_args(), tmp_path / "map")
+    with pytest.raises(SystemExit, match="data.train_tasks"):
+        m.record_cell(30, 864, t2l, _record_args(), tmp_path / "map")
+    with pytest.raises(SystemExit, match="training.warmup_ratio=0.1.*needs 0.2"):
+        m.record_cell("all", 864, t2l, _record_args(sets=["training.warmup_ratio=0.2"]), tmp_path / "map")
+    t2l, mt = _recorded_runs(tmp_path / "b", mt_steps=288)
+    with pytest.raises(SystemExit, match="multi-task LoRA run .* trainer.max_steps=288"):
+        m.record_cell("all", 864, t2l, _record_args(), tmp_path / "map")
+    (t2l / "report.json").unlink()
+    with pytest.raises(SystemExit, match="no report.json"):
+        m.record_cell("all", 864, t2l, _record_args(), tmp_path / "map")
+    assert not (tmp_path / "map" / "cells").exists() or not any((tmp_path / "map" / "cells").glob("*/cell.json"))
