@@ -34,6 +34,7 @@ DEMO_ARGS ?=
 # The recipe pair demo-runs trains: `make demo` the 96-step one, `make demo-long` the 864-step one.
 DEMO_T2L ?= smollm2_demo
 DEMO_MTLORA ?= $(DEMO_T2L)_mtlora
+DEMO_NAME ?= make demo
 demo-runs:
 	@start=$$(date +%s); status=0; \
 	echo "== (e) multi-task LoRA baseline: same tasks, batch and steps as T2L (t2l fit $(DEMO_MTLORA))"; \
@@ -41,14 +42,14 @@ demo-runs:
 	if [ $$status -ne 0 ] && [ $$status -ne $(CUT_SHORT) ] && [ $$status -ne $(DIVERGED) ]; then exit $$status; fi; \
 	echo "== T2L hypernetwork, then the comparison table (t2l fit $(DEMO_T2L))"; \
 	$(BIN)/t2l fit $(DEMO_T2L) $(DEMO_ARGS) --overwrite || { rc=$$?; [ $$rc -eq $(CUT_SHORT) ] || [ $$rc -eq $(DIVERGED) ] || exit $$rc; status=$$rc; }; \
-	echo "== make demo: $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s"; \
+	echo "== $(DEMO_NAME): $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s"; \
 	if [ $$status -ne 0 ]; then \
-	  echo "make demo: FAILED: a run was cut short by its max_time safety net (exit 3) or diverged (exit 4); its rows are marked in the table" >&2; \
+	  echo "$(DEMO_NAME): FAILED: a run was cut short by its max_time safety net (exit 3) or diverged (exit 4); its rows are marked in the table" >&2; \
 	  exit $$status; \
 	fi
 
-demo-long: install  ## the map's best cell: 76 tasks, 864 steps for T2L and the multi-task LoRA; tables (a)-(g) (~65 min on 2 bf16-native cores, est. 1.5-2.2 h in float32; docs/demo.md)
-	@$(MAKE) --no-print-directory demo-runs DEMO_T2L=smollm2_demo_long
+demo-long: install  ## the map's best cell: 76 tasks, 864 steps for T2L and the multi-task LoRA; tables (a)-(g) (65-76 min measured on 2 bf16-native cores, est. 1.5-2.2 h in float32; docs/demo.md)
+	@$(MAKE) --no-print-directory demo-runs DEMO_T2L=smollm2_demo_long DEMO_NAME="make demo-long"
 
 demo-eval:  ## after `make demo`: the ten benchmarks, 50 items each (~15 min on 2 cores)
 	$(BIN)/t2l eval runs/smollm2_demo --limit 50

@@ -166,6 +166,20 @@ def adapter_spreads(t2l_run: Path) -> dict[str, float]:
     return {k: round(v, 4) for k, v in spreads(t2l_run).items()}
 
 
+def cell_overrides(tasks: list[str], steps: int, args, cell: Path) -> list[str]:
+    """What both runs of a cell set on the demo's recipes: the grid point, the cell's folder and, since
+    `make demo` leaves it off for time, the answer-likelihood column (the map reports it per cell)."""
+    common = [f"data.train_tasks=[{','.join(tasks)}]", f"trainer.max_steps={steps}", f"training.seed={args.seed}",
+              f"training.output_dir={cell}", f"trainer.max_time={args.max_time or 'null'}",
+              f"trainer.val_check_interval={max(steps, 1)}",
+              f"training.checkpoint_every_n_steps={max(steps, 1)}", "eval.answer_loglik=true"]
+    if args.eval_instances:
+        common.append(f"data.max_eval_instances={args.eval_instances}")
+    if args.seen_per_task:
+        common.append(f"eval.report_seen_per_task={args.seen_per_task}")
+    return common + list(args.set)
+
+
 def run_cell(n_tasks: int | str, steps: int, args, out: Path) -> dict:
     from t2l_framework.data.demo_task_sets import training_task_set
 
@@ -176,15 +190,7 @@ def run_cell(n_tasks: int | str, steps: int, args, out: Path) -> dict:
         return json.loads(done.read_text())
     cell.mkdir(parents=True, exist_ok=True)
     tasks = training_task_set(n_tasks if n_tasks == "all" else int(n_tasks))
-    common = [f"data.train_tasks=[{','.join(tasks)}]", f"trainer.max_steps={steps}", f"training.seed={args.seed}",
-              f"training.output_dir={cell}", f"trainer.max_time={args.max_time or 'null'}",
-              f"trainer.val_check_interval={max(steps, 1)}",
-              f"training.checkpoint_every_n_steps={max(steps, 1)}"]
-    if args.eval_instances:
-        common.append(f"data.max_eval_instances={args.eval_instances}")
-    if args.seen_per_task:
-        common.append(f"eval.report_seen_per_task={args.seen_per_task}")
-    common += args.set
+    common = cell_overrides(tasks, steps, args, cell)
     times = {}
     print(f"[map] {cell.name}: multi-task LoRA ({len(tasks)} tasks, {steps} steps)", flush=True)
     t0 = time.perf_counter()

@@ -153,3 +153,20 @@ def test_a_run_that_is_not_the_cell_is_refused_naming_the_setting(tmp_path):
     with pytest.raises(SystemExit, match="no report.json"):
         m.record_cell("all", 864, t2l, _record_args(), tmp_path / "map")
     assert not (tmp_path / "map" / "cells").exists() or not any((tmp_path / "map" / "cells").glob("*/cell.json"))
+
+
+def test_map_cells_score_the_answer_likelihood_that_make_demo_leaves_off(tmp_path):
+    """`make demo`'s recipe drops the likelihood column for its 30-minute float32 budget; a map cell,
+    trained from that recipe, turns it back on and keeps every grid setting and --set lever."""
+    import argparse
+
+    from t2l_framework.config import load_recipe
+
+    m = _scaling_map()
+    args = argparse.Namespace(seed=7, max_time="", eval_instances=2, seen_per_task=0, set=["training.lr=3e-3"])
+    overrides = m.cell_overrides(["lol_318", "lol_319"], 8, args, tmp_path / "cell")
+    assert load_recipe("smollm2_demo").eval.answer_loglik is False
+    cfg = load_recipe("smollm2_demo", overrides)
+    assert cfg.eval.answer_loglik is True and list(cfg.data.train_tasks) == ["lol_318", "lol_319"]
+    assert (cfg.trainer.max_steps, cfg.training.seed, cfg.training.lr, cfg.data.max_eval_instances) == (8, 7, 3e-3, 2)
+    assert load_recipe("smollm2_demo_long").eval.answer_loglik is True
