@@ -17,6 +17,13 @@ also those of earlier calls with other grids.
     python benchmarks/scaling_map.py --tasks 10,30,all --steps 96,288,864 --out docs/scaling_map
     python benchmarks/scaling_map.py --tasks 10 --steps 8 --eval-instances 2 --out /tmp/map   # one tiny cell
 
+A lever only T2L reads (``--set-t2l``: the hypernetwork, the encoder, the head-bias learning rate) is its
+own cell that shares the multi-task LoRA of the cell without it (trained there once, linked), so (e) is the
+same run for every such lever:
+
+    python benchmarks/scaling_map.py --tasks all --steps 864 --set training.warmup_ratio=0.1 \
+        --set-t2l training.lr_head_bias=0.2 --out docs/scaling_map
+
 A cell trained elsewhere joins the map with ``--record``, once both runs' recipes are checked to be that cell:
 
     make demo-long DEMO_ARGS="training.seed=7"
@@ -42,6 +49,9 @@ UNSEEN, SEEN = "Tasks never seen in training", "Training tasks, held-out instanc
 CONTRASTS = [("(c)-(d)", "t2l_other_task_description"), ("(c)-(e)", "mt_lora"),
              ("(c)-(f)", "t2l_random_description"), ("(c)-(g)", "t2l_generic_description")]
 PLOTTED = ["(c)-(d)", "(c)-(f)", "(c)-(e)"]
+# Overrides the multi-task LoRA run never reads (it has no hypernetwork and no encoder): ``--set-t2l`` takes
+# only these, so a cell with them can share the multi-task LoRA of the cell without them.
+T2L_ONLY = ("hypernet.", "encoder.", "training.lr_head_bias=")
 
 
 def cpu_kind() -> str:
@@ -128,10 +138,21 @@ def backfill_likelihood(cell: Path) -> bool:
     return True
 
 
-def cell_name(n_tasks: int | str, steps: int, seed: int, sets: list[str]) -> str:
-    """A cell's folder: its grid point, its seed and (when given) a hash of its extra overrides."""
+def cell_name(n_tasks: int | str, steps: int, seed: int, sets: list[str], t2l_sets: list[str] = ()) -> str:
+    """A cell's folder: its grid point, its seed and (when given) a hash of its extra overrides, those of
+    both runs and those of T2L alone (``T2L `` before each), so no two levers share a folder."""
     name = f"{n_tasks}_tasks-{steps}_steps-seed{seed}"
-    return name + (f"-{hashlib.sha1(chr(10).join(sets).encode()).hexdigest()[:8]}" if sets else "")
+    keys = list(sets) + [f"T2L {s}" for s in t2l_sets]
+    return name + (f"-{hashlib.sha1(chr(10).join(keys).encode()).hexdigest()[:8]}" if keys else "")
+
+
+def check_t2l_only(t2l_sets: list[str]) -> None:
+    """``--set-t2l`` takes only overrides the multi-task LoRA never reads; anything else would make the
+    shared (e) a run of other settings, so it is refused with the key named."""
+    for s in t2l_sets:
+        if "=" not in s or not s.startswith(T2L_ONLY):
+            raise SystemExit(f"[map] --set-t2l {s!r}: only hypernet.*, encoder.* and training.lr_head_bias=VALUE are "
+                             "T2L's alone (the multi-task LoRA would not read it); use --set for both runs")
 
 
 def finished_cells(out: Path) -> list[dict]:
@@ -149,7 +170,8 @@ def finished_cells(out: Path) -> list[dict]:
                 cell.update(cell_numbers(run / "report.json"))
                 path.write_text(json.dumps(cell, indent=1))
         cells.append(cell)
-    return sorted(cells, key=lambda r: (r["tasks"], r["steps"], r.get("seed", 0), r.get("overrides", [])))
+    return sorted(cells, key=lambda r: (r["tasks"], r["steps"], r.get("seed", 0), r.get("overrides", []),
+                                        r.get("t2l_overrides", [])))
 
 
 def _ll_cells(row: dict) -> str:
@@ -180,38 +202,59 @@ def cell_overrides(tasks: list[str], steps: int, args, cell: Path) -> list[str]:
     return common + list(args.set)
 
 
+def _mt_lora_finished(run: Path) -> bool:
+    status = run / "training_status.json"
+    return (run / "adapter").is_dir() and status.is_file() and json.loads(status.read_text()).get("mode") == "lora"
+
+
 def run_cell(n_tasks: int | str, steps: int, args, out: Path) -> dict:
     from t2l_framework.data.demo_task_sets import training_task_set
 
-    cell = out / "cells" / cell_name(n_tasks, steps, args.seed, args.set)
+    t2l_sets = list(getattr(args, "set_t2l", []))
+    cell = out / "cells" / cell_name(n_tasks, steps, args.seed, args.set, t2l_sets)
     done = cell / "cell.json"
     if done.is_file():
         print(f"[map] {cell.name}: finished earlier, skipped", flush=True)
         return json.loads(done.read_text())
     cell.mkdir(parents=True, exist_ok=True)
     tasks = training_task_set(n_tasks if n_tasks == "all" else int(n_tasks))
-    common = cell_overrides(tasks, steps, args, cell)
-    times = {}
-    print(f"[map] {cell.name}: multi-task LoRA ({len(tasks)} tasks, {steps} steps)", flush=True)
-    t0 = time.perf_counter()
-    rc = fit("smollm2_demo_mtlora", common + ["training.run_name=mt_lora"], cell / "mt_lora.log")
-    times["mt_lora_s"] = time.perf_counter() - t0
-    if rc not in (0, 3, 4):  # 3 cut short, 4 diverged: still a result, marked in the table
-        raise SystemExit(f"[map] {cell.name}: the multi-task LoRA run failed (exit {rc}); see {cell / 'mt_lora.log'}")
+    # The multi-task LoRA lives in the cell without the T2L-only levers (this cell when there are none).
+    mt_cell = out / "cells" / cell_name(n_tasks, steps, args.seed, args.set)
+    mt_cell.mkdir(parents=True, exist_ok=True)
+    times, extra = {}, {}
+    if _mt_lora_finished(mt_cell / "mt_lora"):
+        print(f"[map] {cell.name}: the multi-task LoRA of {mt_cell.name}, trained earlier, is used", flush=True)
+        # a resumed cell counts its own run's training; a lever sharing another cell's counts none
+        status = json.loads((mt_cell / "mt_lora" / "training_status.json").read_text())
+        times["mt_lora_s"] = float(status.get("seconds", 0.0)) if mt_cell == cell else 0.0
+    else:
+        print(f"[map] {cell.name}: multi-task LoRA ({len(tasks)} tasks, {steps} steps)", flush=True)
+        t0 = time.perf_counter()
+        rc = fit("smollm2_demo_mtlora", cell_overrides(tasks, steps, args, mt_cell) + ["training.run_name=mt_lora"],
+                 mt_cell / "mt_lora.log")
+        times["mt_lora_s"] = time.perf_counter() - t0
+        if rc not in (0, 3, 4):  # 3 cut short, 4 diverged: still a result, marked in the table
+            raise SystemExit(f"[map] {cell.name}: the multi-task LoRA run failed (exit {rc}); see {mt_cell / 'mt_lora.log'}")
+    if mt_cell != cell:
+        extra["mt_lora_shared_from"] = mt_cell.name
+        if not (cell / "mt_lora").exists():
+            (cell / "mt_lora").symlink_to(Path("..") / mt_cell.name / "mt_lora", target_is_directory=True)
     print(f"[map] {cell.name}: T2L + the table", flush=True)
     t0 = time.perf_counter()
-    rc = fit("smollm2_demo", common + ["training.run_name=t2l", f"eval.baseline_adapter={cell / 'mt_lora' / 'adapter'}"],
-             cell / "t2l.log")
+    rc = fit("smollm2_demo", cell_overrides(tasks, steps, args, cell) + t2l_sets
+             + ["training.run_name=t2l", f"eval.baseline_adapter={mt_cell / 'mt_lora' / 'adapter'}"], cell / "t2l.log")
     times["t2l_s"] = time.perf_counter() - t0
     if rc not in (0, 3, 4):
         raise SystemExit(f"[map] {cell.name}: the T2L run failed (exit {rc}); see {cell / 't2l.log'}")
-    return _write_cell(cell, n_tasks, len(tasks), steps, args, times)
+    return _write_cell(cell, n_tasks, len(tasks), steps, args, times, **extra)
 
 
 def _write_cell(cell: Path, n_tasks: int | str, n: int, steps: int, args, times: dict, **extra) -> dict:
     """The cell's ``cell.json`` from its runs under ``cell/t2l`` and ``cell/mt_lora``: what finishes it."""
     report = json.loads((cell / "t2l" / "report.json").read_text())
+    t2l_sets = list(getattr(args, "set_t2l", []))
     result = {"tasks": n, "task_set": n_tasks, "steps": steps, "seed": args.seed, "overrides": args.set,
+              **({"t2l_overrides": t2l_sets} if t2l_sets else {}),
               "cpu": cpu_kind(), **extra,
               "wall_s": round(sum(times.values()), 1), **{k: round(v, 1) for k, v in times.items()},
               "t2l_time_breakdown_s": report.get("seconds", {}), **cell_numbers(cell / "t2l" / "report.json"),
@@ -238,7 +281,8 @@ def record_cell(n_tasks: int | str, steps: int, t2l_run: Path, args, out: Path) 
 
     from t2l_framework.data.demo_task_sets import training_task_set
 
-    cell = out / "cells" / cell_name(n_tasks, steps, args.seed, args.set)
+    t2l_sets = list(getattr(args, "set_t2l", []))
+    cell = out / "cells" / cell_name(n_tasks, steps, args.seed, args.set, t2l_sets)
     if (cell / "cell.json").is_file():
         raise SystemExit(f"[map] {cell.name} is finished already ({cell / 'cell.json'}); remove it to record again")
     t2l_run = t2l_run.resolve()
@@ -251,9 +295,10 @@ def record_cell(n_tasks: int | str, steps: int, t2l_run: Path, args, out: Path) 
         raise SystemExit(f"[map] --record {t2l_run}: its eval.baseline_adapter ({baseline!r}) is not a run folder's "
                          "adapter/, so the cell would have no (e)")
     tasks = training_task_set(n_tasks if n_tasks == "all" else int(n_tasks))
-    wanted = {"data.train_tasks": tasks, "trainer.max_steps": steps, "training.seed": args.seed,
-              **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}}
-    for name, run in (("T2L", t2l_run), ("multi-task LoRA", mt_run)):
+    both = {"data.train_tasks": tasks, "trainer.max_steps": steps, "training.seed": args.seed,
+            **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}}
+    t2l_only = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in t2l_sets)}
+    for name, run, wanted in (("T2L", t2l_run, {**both, **t2l_only}), ("multi-task LoRA", mt_run, both)):
         have = OmegaConf.load(run / "recipe.yaml")
         for key, value in wanted.items():
             if _setting(have, key) != value:
@@ -265,9 +310,12 @@ def record_cell(n_tasks: int | str, steps: int, t2l_run: Path, args, out: Path) 
         if not (cell / link).exists():
             (cell / link).symlink_to(target, target_is_directory=True)
     report = json.loads((t2l_run / "report.json").read_text())
-    times = {"mt_lora_s": float(status.get("seconds", 0.0)),  # its training; its own process start is not counted
+    # its training (its own process start is not counted); none for a T2L-only lever, whose (e) is shared
+    times = {"mt_lora_s": 0.0 if t2l_sets else float(status.get("seconds", 0.0)),
              "t2l_s": float(sum(report.get("seconds", {}).values()))}
-    return _write_cell(cell, n_tasks, len(tasks), steps, args, times,
+    extra = {"mt_lora_shared_from": mt_run.parent.name if mt_run.parent.parent == (out / "cells").resolve()
+             else str(mt_run)} if t2l_sets else {}
+    return _write_cell(cell, n_tasks, len(tasks), steps, args, times, **extra,
                        recorded_from={"t2l": str(t2l_run), "mt_lora": str(mt_run)})
 
 
@@ -283,6 +331,14 @@ def _spread(row: dict) -> str:
     return f"{v['training tasks']:.3f} / " + (f"{v['random letters']:.3f}" if "random letters" in v else "-")
 
 
+def _overrides(row: dict) -> str:
+    """A cell's overrides for the table and legend; T2L-only ones marked, and where its (e) comes from."""
+    words = list(row.get("overrides") or []) + [f"T2L: {s}" for s in row.get("t2l_overrides") or []]
+    if row.get("mt_lora_shared_from"):
+        words.append(f"((e) shared with {row['mt_lora_shared_from']})")
+    return " ".join(words) or "-"
+
+
 def write_table(results: list[dict], out: Path) -> str:
     lines = ["| tasks | steps | seed | overrides | unseen (c) EM | " + " | ".join(f"{l} cSE" for l, _ in CONTRASTS)
              + " | unseen answer log-lik cSE (d) / (e) / (f) / (g) | in-dist (c) EM | in-dist (c)-(e) cSE | "
@@ -294,7 +350,7 @@ def write_table(results: list[dict], out: Path) -> str:
         bad = any(str(v).startswith("DIVERGED") for v in r.get("training", {}).values())
         lines.append(f"| {r['tasks']} | {r['steps']}{' (cut short)' if cut else ''}{' (DIVERGED)' if bad else ''} | "
                      f"{r.get('seed', '-')} | "
-                     f"{' '.join(r.get('overrides') or []) or '-'} | "
+                     f"{_overrides(r)} | "
                      f"{u.get('c_em', float('nan')):.3f} ± {u.get('c_em_se', float('nan')):.3f} | "
                      + " | ".join(_cse(u, l) for l, _ in CONTRASTS)
                      + f" | {_ll_cells(u)} | {s.get('c_em', float('nan')):.3f} | {_cse(s, '(c)-(e)')} | {_spread(r)} | "
@@ -319,7 +375,7 @@ def plot(results: list[dict], out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.6), sharey=True)
     def series(r: dict) -> tuple:  # one line per task count, seed and lever
-        return r["tasks"], r.get("seed"), tuple(r.get("overrides") or [])
+        return r["tasks"], r.get("seed"), tuple(r.get("overrides") or []) + tuple(r.get("t2l_overrides") or [])
 
     for ax, label in zip(axes, PLOTTED):
         for key in sorted({series(r) for r in results}, key=str):
@@ -354,12 +410,16 @@ def main() -> int:
     p.add_argument("--seen-per-task", type=int, default=0, help="in-distribution items per task (0 = the recipe's 4)")
     p.add_argument("--max-time", default="", help="trainer.max_time per run, DD:HH:MM:SS (default: none)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one more override for both runs")
+    p.add_argument("--set-t2l", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more override for T2L alone (hypernet.*, encoder.*, training.lr_head_bias): the cell "
+                        "shares the multi-task LoRA of the cell without these, training it there once if needed")
     p.add_argument("--out", default=str(ROOT / "docs" / "scaling_map"), help="output folder (resumable)")
     p.add_argument("--record", default="", metavar="T2L_RUN",
                    help="train nothing: record a T2L run trained outside the map (e.g. runs/smollm2_demo_long, with "
                         "the multi-task LoRA run its recipe's eval.baseline_adapter names) as the cell of --tasks, "
-                        "--steps, --seed and --set, after checking both runs' recipes are that cell")
+                        "--steps, --seed, --set and --set-t2l, after checking both runs' recipes are that cell")
     args = p.parse_args()
+    check_t2l_only(args.set_t2l)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = [(n if n == "all" else int(n), int(s)) for n in args.tasks.split(",") for s in args.steps.split(",")]

@@ -170,3 +170,73 @@ def test_map_cells_score_the_answer_likelihood_that_make_demo_leaves_off(tmp_pat
     assert cfg.eval.answer_loglik is True and list(cfg.data.train_tasks) == ["lol_318", "lol_319"]
     assert (cfg.trainer.max_steps, cfg.training.seed, cfg.training.lr, cfg.data.max_eval_instances) == (8, 7, 3e-3, 2)
     assert load_recipe("smollm2_demo_long").eval.answer_loglik is True
+
+
+def test_t2l_only_levers_share_the_multi_task_lora_of_the_cell_without_them(tmp_path, monkeypatch):
+    """Two `--set-t2l` levers of one grid point train the multi-task LoRA once, in the plain cell's folder,
+    and compare against that same run; each lever's own T2L run gets its override, the MT LoRA never."""
+    import argparse
+
+    m = _scaling_map()
+    calls = []
+
+    def fake_fit(recipe, overrides, log):
+        calls.append((recipe, overrides))
+        out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("training.output_dir=")))
+        name = next(o.split("=", 1)[1] for o in overrides if o.startswith("training.run_name="))
+        run = out / name
+        (run / "adapter").mkdir(parents=True)
+        if name == "mt_lora":
+            (run / "training_status.json").write_text(json.dumps({"mode": "lora", "seconds": 50.0}))
+        else:
+            (run / "report.json").write_text(json.dumps({"seconds": {"train": 20.0}}))
+        return 0
+
+    clock = iter(range(0, 1000, 10))  # each run takes 10 s of wall time
+    monkeypatch.setattr(m, "time", __import__("types").SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr(m, "fit", fake_fit)
+    monkeypatch.setattr(m, "cell_numbers", lambda report: {"training": {}, "unseen": {"c_em": 0.1, "c_em_se": 0.01}})
+    monkeypatch.setattr(m, "adapter_spreads", lambda run: {})
+    out = tmp_path / "map"
+    base = dict(seed=42, max_time="", eval_instances=2, seen_per_task=0, set=["training.warmup_ratio=0.1"])
+    rows = [m.run_cell(10, 8, argparse.Namespace(**base, set_t2l=[lever]), out)
+            for lever in ("training.lr_head_bias=0.2", "hypernet.head=shared")]
+    mt_runs = [o for r, o in calls if r == "smollm2_demo_mtlora"]
+    assert len(mt_runs) == 1 and not any(o.startswith(("hypernet.", "training.lr_head_bias")) for o in mt_runs[0])
+    plain = out / "cells" / m.cell_name(10, 8, 42, ["training.warmup_ratio=0.1"])
+    t2l_runs = [o for r, o in calls if r == "smollm2_demo"]
+    assert "training.lr_head_bias=0.2" in t2l_runs[0] and "hypernet.head=shared" in t2l_runs[1]
+    assert all(f"eval.baseline_adapter={plain / 'mt_lora' / 'adapter'}" in o for o in t2l_runs)
+    for row, lever in zip(rows, ("training.lr_head_bias=0.2", "hypernet.head=shared")):
+        cell = out / "cells" / m.cell_name(10, 8, 42, ["training.warmup_ratio=0.1"], [lever])
+        assert cell != plain and (cell / "mt_lora").resolve() == (plain / "mt_lora").resolve()
+        assert row["t2l_overrides"] == [lever] and row["mt_lora_shared_from"] == plain.name
+    assert rows[0]["mt_lora_s"] == 10.0 and rows[1]["mt_lora_s"] == 0.0  # trained by the first, shared by the second
+    table = m.write_table(m.finished_cells(out), out)
+    assert f"training.warmup_ratio=0.1 T2L: hypernet.head=shared ((e) shared with {plain.name})" in table
+
+
+def test_set_t2l_refuses_what_the_multi_task_lora_would_read_and_record_checks_it_on_t2l_only(tmp_path, monkeypatch):
+    import argparse
+
+    import pytest
+
+    m = _scaling_map()
+    m.check_t2l_only(["hypernet.head=shared", "encoder.model=x", "training.lr_head_bias=0.2"])
+    for bad in ("trainer.max_steps=10", "data.n_tasks_per_batch=4", "training.lr=1e-3", "hypernet"):
+        with pytest.raises(SystemExit, match="--set-t2l"):
+            m.check_t2l_only([bad])
+    monkeypatch.setattr(m, "cell_numbers", lambda report: {"training": {}, "unseen": {"c_em": 0.1, "c_em_se": 0.01}})
+    monkeypatch.setattr(m, "adapter_spreads", lambda run: {})
+    t2l, mt = _recorded_runs(tmp_path)
+    args = argparse.Namespace(seed=7, set=["training.warmup_ratio=0.1"], set_t2l=["training.lr_head_bias=0.2"])
+    with pytest.raises(SystemExit, match=r"T2L run .* training.lr_head_bias=None.*needs 0.2"):
+        m.record_cell("all", 864, t2l, args, tmp_path / "map")
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(t2l / "recipe.yaml")
+    cfg.training.lr_head_bias = 0.2
+    OmegaConf.save(cfg, t2l / "recipe.yaml")
+    cell = m.record_cell("all", 864, t2l, args, tmp_path / "map")  # the MT LoRA need not have it
+    assert cell["t2l_overrides"] == ["training.lr_head_bias=0.2"] and cell["mt_lora_s"] == 0.0
+    assert cell["mt_lora_shared_from"] == str(mt.resolve())
