@@ -375,7 +375,7 @@ def plot(results: list[dict], out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.6), sharey=True)
     def series(r: dict) -> tuple:  # one line per task count, seed and lever
-        return r["tasks"], r.get("seed"), tuple(r.get("overrides") or []) + tuple(r.get("t2l_overrides") or [])
+        return r["tasks"], r.get("seed"), tuple(r.get("overrides") or []) + tuple(f"T2L: {s}" for s in r.get("t2l_overrides") or [])
 
     for ax, label in zip(axes, PLOTTED):
         for key in sorted({series(r) for r in results}, key=str):
@@ -394,8 +394,14 @@ def plot(results: list[dict], out: Path) -> None:
         ax.set_title(f"unseen: {label}")
         ax.set_xlabel("training steps (same for T2L and MT-LoRA)")
     axes[0].set_ylabel("paired difference in cSE (exact match)")
-    axes[-1].legend(fontsize=8)
-    fig.tight_layout()
+    legend = {}  # every series once, below the panels (inside one, it hides the points)
+    for ax in axes:
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(text, handle)
+    rows = (len(legend) + 1) // 2
+    fig.set_size_inches(4.2 * len(PLOTTED), 3.6 + 0.22 * rows)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.22 * rows / (3.6 + 0.22 * rows) + 0.02, 1, 1))
     fig.savefig(out / "scaling_map.png", dpi=110)
     plt.close(fig)
 
