@@ -202,6 +202,11 @@ def cell_overrides(tasks: list[str], steps: int, args, cell: Path) -> list[str]:
     return common + list(args.set)
 
 
+def _t2l_sets(args) -> list[str]:
+    """The ``--set-t2l`` overrides (an args namespace built by hand may have none)."""
+    return list(getattr(args, "set_t2l", []))
+
+
 def _mt_lora_finished(run: Path) -> bool:
     status = run / "training_status.json"
     return (run / "adapter").is_dir() and status.is_file() and json.loads(status.read_text()).get("mode") == "lora"
@@ -210,7 +215,7 @@ def _mt_lora_finished(run: Path) -> bool:
 def run_cell(n_tasks: int | str, steps: int, args, out: Path) -> dict:
     from t2l_framework.data.demo_task_sets import training_task_set
 
-    t2l_sets = list(getattr(args, "set_t2l", []))
+    t2l_sets = _t2l_sets(args)
     cell = out / "cells" / cell_name(n_tasks, steps, args.seed, args.set, t2l_sets)
     done = cell / "cell.json"
     if done.is_file():
@@ -252,7 +257,7 @@ def run_cell(n_tasks: int | str, steps: int, args, out: Path) -> dict:
 def _write_cell(cell: Path, n_tasks: int | str, n: int, steps: int, args, times: dict, **extra) -> dict:
     """The cell's ``cell.json`` from its runs under ``cell/t2l`` and ``cell/mt_lora``: what finishes it."""
     report = json.loads((cell / "t2l" / "report.json").read_text())
-    t2l_sets = list(getattr(args, "set_t2l", []))
+    t2l_sets = _t2l_sets(args)
     result = {"tasks": n, "task_set": n_tasks, "steps": steps, "seed": args.seed, "overrides": args.set,
               **({"t2l_overrides": t2l_sets} if t2l_sets else {}),
               "cpu": cpu_kind(), **extra,
@@ -281,7 +286,7 @@ def record_cell(n_tasks: int | str, steps: int, t2l_run: Path, args, out: Path) 
 
     from t2l_framework.data.demo_task_sets import training_task_set
 
-    t2l_sets = list(getattr(args, "set_t2l", []))
+    t2l_sets = _t2l_sets(args)
     cell = out / "cells" / cell_name(n_tasks, steps, args.seed, args.set, t2l_sets)
     if (cell / "cell.json").is_file():
         raise SystemExit(f"[map] {cell.name} is finished already ({cell / 'cell.json'}); remove it to record again")
@@ -332,7 +337,7 @@ def _spread(row: dict) -> str:
 
 
 def _overrides(row: dict) -> str:
-    """A cell's overrides for the table and legend; T2L-only ones marked, and where its (e) comes from."""
+    """A cell's overrides for the table: T2L-only ones marked, and where its (e) comes from."""
     words = list(row.get("overrides") or []) + [f"T2L: {s}" for s in row.get("t2l_overrides") or []]
     if row.get("mt_lora_shared_from"):
         words.append(f"((e) shared with {row['mt_lora_shared_from']})")
