@@ -529,6 +529,17 @@ def _section_problem(cfg: DictConfig, data: Any, prefix: str = "") -> str | None
     return None
 
 
+def _empty_strings(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """``key=`` on a string field means the empty string (OmegaConf's dotlist reads it as null, which a
+    ``str`` field refuses), so ``eval.baseline_adapter=`` turns a recipe's path off as a user expects."""
+    out = []
+    for item in overrides:
+        key, value = item.split("=", 1)
+        current = OmegaConf.select(cfg, key.strip(), default=None, throw_on_missing=False)
+        out.append(f"{key}=''" if value == "" and isinstance(current, str) else item)
+    return out
+
+
 def _merge(cfg: DictConfig, other: Any, origin: str, untrusted: bool = False) -> DictConfig:
     section = _section_problem(cfg, other)
     if section:
@@ -602,7 +613,7 @@ def load_recipe(path_or_name: str | Path | None = None, overrides: list[str] | N
             if "=" not in item:
                 raise T2LError(f"override '{item}' is not of the form key=value (for example trainer.max_steps=10)")
         try:
-            dot = OmegaConf.from_dotlist(list(overrides))
+            dot = OmegaConf.from_dotlist(_empty_strings(cfg, overrides))
         except OmegaConfBaseException as exc:
             raise T2LError(f"command-line overrides: {str(exc).splitlines()[0]}") from None
         cfg = _merge(cfg, dot, "command-line override")

@@ -42,6 +42,14 @@ def test_overrides_apply_in_dotlist_form():
     assert cfg.hypernet.head == "chunked" and cfg.trainer.max_steps == 10
 
 
+def test_an_empty_override_of_a_string_field_is_the_empty_string():
+    cfg = load_recipe("smollm2_demo", ["eval.baseline_adapter=", "training.run_name="], check_files=False)
+    assert cfg.eval.baseline_adapter == "" and cfg.training.run_name == ""
+    assert load_recipe("smollm2_demo", check_files=False).eval.baseline_adapter  # the recipe sets one
+    with pytest.raises(T2LError, match="wrong type for 'trainer.max_steps'"):
+        load_recipe("smollm2_demo", ["trainer.max_steps="], check_files=False)
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "recipe.yaml"
     p.write_text(text)
