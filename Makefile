@@ -48,7 +48,7 @@ demo-runs:
 	  exit $$status; \
 	fi
 
-demo-long: install  ## the map's best cell: 76 tasks, 864 steps for T2L and the multi-task LoRA; tables (a)-(g) (65-76 min measured on 2 bf16-native cores, est. 1.5-2.2 h in float32; docs/demo.md)
+demo-long: install  ## the map's best cell: 76 tasks, 864 steps for T2L and the multi-task LoRA; tables (a)-(g) (65-76 min measured on 2 bf16-native cores, 117 min in float32 on 2 AVX-512 cores; docs/demo.md)
 	@$(MAKE) --no-print-directory demo-runs DEMO_T2L=smollm2_demo_long DEMO_NAME="make demo-long"
 
 demo-eval:  ## after `make demo`: the ten benchmarks, 50 items each (~15 min on 2 cores)
