@@ -123,3 +123,24 @@ def test_answer_likelihood_column_is_clustered_paired_and_round_trips(tmp_path):
     # a table where one condition lacks it (an older report, a plugin) shows the two text metrics only
     mixed = {"t2l": results["t2l"], "base": score(["x"] * 4, items)}
     assert "answer log-lik" not in markdown_table("T", mixed) and "answer_logprob" not in paired_differences(mixed)["base"]
+
+
+def test_rescore_without_some_tasks_drops_their_items_from_every_table(tmp_path, capsys):
+    from t2l_framework.eval.sni_report import main
+
+    items = _items(["a", "a", "b", "b"])
+    results = {"t2l": score(["yes", "yes", "no", "no"], items), "base": score(["no", "no", "yes", "yes"], items)}
+    write_report(tmp_path, {"Unseen": results}, {"Unseen": items})
+    whole, _ = rescore(tmp_path / "report.json")
+    assert whole["Unseen"]["t2l"]["em"] == 0.5
+    without_b, _ = rescore(tmp_path / "report.json", exclude_tasks=["b"])
+    assert without_b["Unseen"]["t2l"]["em"] == 1.0 and without_b["Unseen"]["base"]["em"] == 0.0
+    assert without_b["Unseen"]["t2l"]["tasks"] == ["a", "a"]
+    assert main([str(tmp_path / "report.json"), "--exclude-tasks", "b"]) == 0
+    assert "without the items of b" in capsys.readouterr().out
+    # a task the report does not hold is one clear error, not an empty table
+    assert main([str(tmp_path / "report.json"), "--exclude-tasks", "zz"]) == 1
+    assert "no items of task(s) zz" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{")
+    assert main([str(tmp_path / "broken.json")]) == 1
+    assert "not a readable report.json" in capsys.readouterr().err

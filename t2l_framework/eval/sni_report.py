@@ -27,6 +27,7 @@ from typing import Sequence
 
 from t2l_framework.atomic import atomic_file
 from t2l_framework.data.description_controls import GENERIC_DESCRIPTION
+from t2l_framework.errors import T2LError
 from t2l_framework.eval.stats import clustered_mean_se, paired_difference
 from t2l_framework.eval.text_metrics import exact_match, rouge_l
 
@@ -238,14 +239,25 @@ def write_report(out_dir: Path, tables: dict[str, dict], items: dict[str, list[d
     return md
 
 
-def rescore(report_json: Path) -> tuple[dict[str, dict], dict[str, str]]:
-    """Rebuild the tables (with paired differences) and the training column from a saved report.json."""
+def rescore(report_json: Path, exclude_tasks: Sequence[str] = ()) -> tuple[dict[str, dict], dict[str, str]]:
+    """Rebuild the tables (with paired differences) and the training column from a saved report.json.
+
+    exclude_tasks: tasks whose items are left out of every table, e.g. to see how much of a
+    difference rests on a few tasks (multiple choice at chance); each must be in the report.
+    """
     data = json.loads(Path(report_json).read_text())
     if "tables" not in data:  # reports written before the training column: titles at the top level
         data = {"tables": data, "training": {}}
+    known = {it["task"] for section in data["tables"].values() for it in section["items"]}
+    unknown = sorted(set(exclude_tasks) - known)
+    if unknown:
+        raise T2LError(f"{report_json}: no items of task(s) {', '.join(unknown)} to exclude "
+                       f"(its tasks: {', '.join(sorted(known))})")
     tables = {}
     for title, section in data["tables"].items():
-        items = section["items"]
+        items = [it for it in section["items"] if it["task"] not in set(exclude_tasks)]
+        if not items:
+            continue
         tables[title] = {name: score([it[name] for it in items], items,
                                      [it[f"{name}:{LIKELIHOOD}"] for it in items]
                                      if all(f"{name}:{LIKELIHOOD}" in it for it in items) else None)
@@ -253,11 +265,36 @@ def rescore(report_json: Path) -> tuple[dict[str, dict], dict[str, str]]:
     return tables, data.get("training", {})
 
 
-if __name__ == "__main__":
+def main(argv: Sequence[str] | None = None) -> int:
+    """Re-print the tables of saved report.json files, optionally without some tasks."""
+    import argparse
     import sys
 
-    for path in sys.argv[1:]:
-        tables, training = rescore(Path(path))
+    parser = argparse.ArgumentParser(
+        prog="python -m t2l_framework.eval.sni_report", description=main.__doc__,
+        epilog="example: python -m t2l_framework.eval.sni_report runs/smollm2_demo_long/report.json "
+               "--exclude-tasks lol_701,lol_706,lol_710,lol_726")
+    parser.add_argument("reports", nargs="+", type=Path, metavar="REPORT_JSON")
+    parser.add_argument("--exclude-tasks", default="", metavar="T1,T2",
+                        help="tasks left out of every table (comma-separated task ids)")
+    args = parser.parse_args(argv)
+    exclude = [t.strip() for t in args.exclude_tasks.split(",") if t.strip()]
+    for path in args.reports:
+        try:
+            tables, training = rescore(path, exclude)
+        except T2LError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except (OSError, ValueError, KeyError) as e:  # unreadable, not JSON, or not a report
+            print(f"error: {path}: not a readable report.json ({type(e).__name__}: {e})", file=sys.stderr)
+            return 1
+        if exclude:
+            print(f"without the items of {', '.join(exclude)}\n")
         print(render(tables, training))
         for title, res in tables.items():
             print("\n" + per_task_table(title, res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
