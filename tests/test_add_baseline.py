@@ -47,6 +47,7 @@ def test_the_baseline_answers_join_the_table_as_condition_e(tmp_path):
     assert unseen["mt_lora"]["em"] == 0.75 and unseen["t2l"]["em"] == 0.5  # (c) stays the table's own
     assert unseen["mt_lora"]["answer_logprob"] == -1.0
     assert training["mt_lora"].startswith("10 of 10 steps")
+    assert list(unseen) == ["base", "t2l", "mt_lora"]  # (e) in its place in the table, not last
     assert "(e) multi-task LoRA" in (run / "report.md").read_text()
 
 

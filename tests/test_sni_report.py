@@ -63,11 +63,12 @@ def test_training_column_and_cut_short_warning():
 
 def test_report_round_trips_through_json(tmp_path):
     items = [{"task": "t", "answers": ["yes"]}, {"task": "u", "answers": ["no"]}]
-    results = {"t2l": score(["yes", "no"], items), "base": score(["maybe", "no"], items)}
+    # in the table's order, as final_report writes them (rescore puts them in that order)
+    results = {"base": score(["maybe", "no"], items), "t2l": score(["yes", "no"], items)}
     training = {"t2l": "4 of 4 steps (32 examples), 9 s"}
     md = write_report(tmp_path, {"Seen": results}, {"Seen": items}, training)
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["tables"]["Seen"]["items"][0] == {"task": "t", "answers": ["yes"], "t2l": "yes", "base": "maybe"}
+    assert saved["tables"]["Seen"]["items"][0] == {"task": "t", "answers": ["yes"], "base": "maybe", "t2l": "yes"}
     assert saved["training"] == training
     tables, again_training = rescore(tmp_path / "report.json")
     assert tables["Seen"]["t2l"]["em"] == 1.0 and tables["Seen"]["base"]["em"] == 0.5

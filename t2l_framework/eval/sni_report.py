@@ -41,6 +41,7 @@ CONDITIONS = {
     "t2l_generic_description": f"(g) T2L, one generic description ('{GENERIC_DESCRIPTION}')",
     "arrow": "(h) Arrow routing over the LoRA library",
 }
+_ORDER = {name: i for i, name in enumerate(CONDITIONS)}
 # Conditions made by this run's hypernetwork: their training column is the run's own.
 T2L_CONDITIONS = ("t2l", "t2l_other_task_description", "t2l_random_description", "t2l_generic_description")
 METRICS = ("em", "rouge_l")
@@ -258,10 +259,12 @@ def rescore(report_json: Path, exclude_tasks: Sequence[str] = ()) -> tuple[dict[
         items = [it for it in section["items"] if it["task"] not in set(exclude_tasks)]
         if not items:
             continue
+        # in the table's (a)-(h) order, also for a condition added later (benchmarks/add_baseline.py)
+        names = sorted((n for n in section if n != "items"), key=lambda n: _ORDER.get(n, len(_ORDER)))
         tables[title] = {name: score([it[name] for it in items], items,
                                      [it[f"{name}:{LIKELIHOOD}"] for it in items]
                                      if all(f"{name}:{LIKELIHOOD}" in it for it in items) else None)
-                         for name in section if name != "items"}
+                         for name in names}
     return tables, data.get("training", {})
 
 
