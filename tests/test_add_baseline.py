@@ -1,22 +1,16 @@
 """benchmarks/add_baseline.py: a multi-task LoRA trained after a T2L run becomes its table's (e)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from t2l_framework.eval.sni_report import rescore, score, write_report
 from t2l_framework.training.training_status import TrainingStatus
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.benchmark_scripts import load_benchmark
 
 
 def _add_baseline():
-    spec = importlib.util.spec_from_file_location("add_baseline", ROOT / "benchmarks" / "add_baseline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("add_baseline")
 
 
 def _run(tmp_path):

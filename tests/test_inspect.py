@@ -61,14 +61,9 @@ def test_adapter_spread_is_the_share_of_energy_off_the_mean():
 
 
 def test_adapter_spread_script_reads_a_run(world):
-    import importlib.util
-    from pathlib import Path
+    from tests.benchmark_scripts import load_benchmark
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "adapter_spread.py"
-    spec = importlib.util.spec_from_file_location("adapter_spread", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    row = mod.spreads(world["run"])
+    row = load_benchmark("adapter_spread").spreads(world["run"])
     assert set(row) >= {"training tasks", "within a task"}
     assert all(0.0 <= v <= 1.0 for v in row.values())
 

@@ -1,18 +1,14 @@
 """benchmarks/scaling_map.py's bookkeeping: cell folders keep seeds and levers apart, and the table
 is rebuilt from every finished cell, also those of an earlier call with another grid."""
 
-import importlib.util
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.benchmark_scripts import load_benchmark
 
 
 def _scaling_map():
-    spec = importlib.util.spec_from_file_location("scaling_map", ROOT / "benchmarks" / "scaling_map.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("scaling_map")
 
 
 def _cell(tasks, steps, seed, overrides, c_em):
