@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from t2l_framework.assembly.evaluate import RUN_SPLITS  # noqa: E402
 from t2l_framework.atomic import atomic_file  # noqa: E402
-from t2l_framework.eval.sni_report import FOOTNOTE, LIKELIHOOD, per_task_table, render, rescore  # noqa: E402
+from t2l_framework.eval.sni_report import LIKELIHOOD, render, report_markdown, rescore  # noqa: E402
 from t2l_framework.training.training_status import TrainingStatus  # noqa: E402
 
 BASELINE = "mt_lora"
@@ -62,9 +62,8 @@ def merge(t2l_run: Path, predictions: Path, mt_run: Path) -> dict[str, int]:
     with atomic_file(report_file) as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     tables, training = rescore(report_file)
-    per_task = "\n\n".join(per_task_table(title, res) for title, res in tables.items() if res)
     with atomic_file(t2l_run / "report.md") as tmp:
-        tmp.write_text(render(tables, training) + "\n\n" + FOOTNOTE + "\n\n" + per_task + "\n")
+        tmp.write_text(report_markdown(render(tables, training), tables))
     return agree
 
 

@@ -215,6 +215,12 @@ def time_breakdown(seconds: dict[str, float], total: float | None = None) -> str
     return "\n".join([f"time: {format_seconds(total)} in all"] + lines)
 
 
+def report_markdown(rendered: str, tables: dict[str, dict]) -> str:
+    """report.md: the tables as ``render`` gave them, the footnote, then exact match per task."""
+    per_task = "\n\n".join(per_task_table(title, res) for title, res in tables.items() if res)
+    return rendered + "\n\n" + FOOTNOTE + "\n\n" + per_task + "\n"
+
+
 def write_report(out_dir: Path, tables: dict[str, dict], items: dict[str, list[dict]],
                  training: dict[str, str] | None = None, seconds: dict[str, float] | None = None) -> str:
     """Write report.md and report.json (per-item predictions, training per condition, the time
@@ -232,9 +238,9 @@ def write_report(out_dir: Path, tables: dict[str, dict], items: dict[str, list[d
             for i, it in enumerate(items[title])]
         payload["tables"][title] = section
     # Both built before either is written; each replaces its older file whole, or not at all.
-    per_task = "\n\n".join(per_task_table(title, res) for title, res in tables.items() if res)
+    text = report_markdown(md, tables)
     with atomic_file(out_dir / "report.md") as tmp:
-        tmp.write_text(md + "\n\n" + FOOTNOTE + "\n\n" + per_task + "\n")
+        tmp.write_text(text)
     with atomic_file(out_dir / "report.json") as tmp:
         tmp.write_text(json.dumps(payload, indent=1))
     return md
