@@ -256,13 +256,14 @@ def rescore(report_json: Path, exclude_tasks: Sequence[str] = ()) -> tuple[dict[
     if "tables" not in data:  # reports written before the training column: titles at the top level
         data = {"tables": data, "training": {}}
     known = {it["task"] for section in data["tables"].values() for it in section["items"]}
-    unknown = sorted(set(exclude_tasks) - known)
+    excluded = set(exclude_tasks)
+    unknown = sorted(excluded - known)
     if unknown:
         raise T2LError(f"{report_json}: no items of task(s) {', '.join(unknown)} to exclude "
                        f"(its tasks: {', '.join(sorted(known))})")
     tables = {}
     for title, section in data["tables"].items():
-        items = [it for it in section["items"] if it["task"] not in set(exclude_tasks)]
+        items = [it for it in section["items"] if it["task"] not in excluded]
         if not items:
             continue
         # in the table's (a)-(h) order, also for a condition added later (benchmarks/add_baseline.py)
